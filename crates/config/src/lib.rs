@@ -1,0 +1,281 @@
+//! Typed configuration.
+//!
+//! The file (`./config.yml`, or the one named by `CONFIG_PATH`) is first rendered as a
+//! minijinja template with two functions, `env("NAME")` (an error naming the variable when it
+//! is unset) and `env_or("NAME", "default")`, then parsed as YAML into the structs below.
+//! Every key has a default, unknown keys are errors, and every error names the file, the key
+//! and, where the parser knows it, the line. Secrets are wrapped in [`Secret`] and the database
+//! URL in [`DatabaseUrl`], whose `Debug` and `Display` never show a password.
+
+mod secret;
+mod template;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use secret::{DatabaseUrl, Secret};
+
+/// The environment variable naming the config file.
+pub const CONFIG_PATH_VAR: &str = "CONFIG_PATH";
+/// The config file read when `CONFIG_PATH` is unset.
+pub const DEFAULT_PATH: &str = "config.yml";
+
+/// The whole configuration of every role.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub notify: NotifyConfig,
+    pub api: ApiConfig,
+    pub worker: WorkerConfig,
+    pub janitor: JanitorConfig,
+    pub log: LogConfig,
+}
+
+/// Postgres, used by every role.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user[:password]@host:port/dbname[?options]`.
+    pub url: DatabaseUrl,
+    /// Password, when it is not in the URL (keeps it out of the URL and of logs).
+    pub password: Option<Secret<String>>,
+    /// Connections in the pool of each process (the listening connection is extra).
+    pub pool_size: usize,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: DatabaseUrl::new("postgres://postgres@127.0.0.1:5432/caddy_builds"),
+            password: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The process's single listening connection and its fan-out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    /// Backstop: how often the listener reads the log's tail even without notifications, so
+    /// that a lost notification delays a waiter by at most this much.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// Longest wait between reconnection attempts of the listening connection.
+    #[serde(with = "humantime_serde")]
+    pub max_reconnect_backoff: Duration,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        NotifyConfig {
+            poll_interval: Duration::from_secs(5),
+            max_reconnect_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// How long open connections may take to finish after a shutdown signal.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8234)),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Build workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// This worker's id in leases and events; empty means `<hostname>-<pid>`.
+    pub id: String,
+    /// How long a claim is valid without renewal.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// Backstop: an idle worker tries to claim this often even without a notification.
+    #[serde(with = "humantime_serde")]
+    pub claim_poll_interval: Duration,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: String::new(),
+            lease: Duration::from_secs(60),
+            claim_poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The janitor (migrations, rescue, retries, clean-up).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JanitorConfig {
+    /// Run database migrations when the janitor starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for JanitorConfig {
+    fn default() -> Self {
+        JanitorConfig {
+            migrate_on_start: true,
+        }
+    }
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` (for people) or `json` (for log collectors).
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `info,cbs_store=debug`; `RUST_LOG` overrides it.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A config that cannot be used; the message names the file and what is wrong in it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {file}: cannot read it: {source}")]
+    Read {
+        file: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {file}: {message}")]
+    Template { file: PathBuf, message: String },
+    #[error("config file {file}: {message}")]
+    Yaml { file: PathBuf, message: String },
+}
+
+/// Where the config comes from: `CONFIG_PATH`, else `./config.yml`, else built-in defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    File(PathBuf),
+    Defaults,
+}
+
+impl Source {
+    /// `CONFIG_PATH` if set (the file must exist), else `./config.yml` if it exists.
+    pub fn locate() -> Source {
+        match std::env::var_os(CONFIG_PATH_VAR) {
+            Some(p) if !p.is_empty() => Source::File(PathBuf::from(p)),
+            _ if Path::new(DEFAULT_PATH).exists() => Source::File(PathBuf::from(DEFAULT_PATH)),
+            _ => Source::Defaults,
+        }
+    }
+}
+
+impl Config {
+    /// Loads the config from where [`Source::locate`] says, with the process environment.
+    pub fn load() -> Result<(Config, Source), ConfigError> {
+        let source = Source::locate();
+        let config = match &source {
+            Source::File(path) => Config::from_file(path)?,
+            Source::Defaults => Config::default(),
+        };
+        Ok((config, source))
+    }
+
+    /// Reads, renders and parses one file with the process environment.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Config::from_str_with_env(&text, path, |name| std::env::var(name).ok())
+    }
+
+    /// Renders `text` with `env` as the environment, then parses it. `file` names the source
+    /// in errors.
+    pub fn from_str_with_env(
+        text: &str,
+        file: &Path,
+        env: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Result<Config, ConfigError> {
+        let rendered =
+            template::render(text, file, std::sync::Arc::new(env)).map_err(|message| {
+                ConfigError::Template {
+                    file: file.to_owned(),
+                    message,
+                }
+            })?;
+        parse_yaml(&rendered).map_err(|message| ConfigError::Yaml {
+            file: file.to_owned(),
+            message,
+        })
+    }
+
+    /// This worker's id: the configured one, or `<hostname>-<pid>`.
+    pub fn worker_id(&self) -> String {
+        if !self.worker.id.is_empty() {
+            return self.worker.id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .ok()
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "worker".into());
+        format!("{host}-{}", std::process::id())
+    }
+}
+
+/// YAML to [`Config`], with the key path and line of the first error.
+fn parse_yaml(text: &str) -> Result<Config, String> {
+    // An empty file (or one of only comments) means "all defaults".
+    if text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#')
+    }) {
+        return Ok(Config::default());
+    }
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let key = if path == "." || path.is_empty() {
+            String::new()
+        } else {
+            format!("key `{path}`: ")
+        };
+        format!("{key}{inner}")
+    })
+}
+
+#[cfg(test)]
+mod tests;

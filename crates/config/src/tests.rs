@@ -1,0 +1,138 @@
+//! Config loading: template, YAML, defaults and the messages of every error.
+
+use super::*;
+use std::collections::HashMap;
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let env: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::from_str_with_env(text, Path::new("test.yml"), move |name| {
+        env.get(name).cloned()
+    })
+}
+
+fn err(text: &str, env: &[(&str, &str)]) -> String {
+    load(text, env)
+        .expect_err("config must be refused")
+        .to_string()
+}
+
+#[test]
+fn env_and_env_or_expand() {
+    let cfg = load(
+        "database:\n  url: \"postgres://u@{{ env('DB_HOST') }}:5432/x\"\n  pool_size: {{ env_or('POOL', '3') }}\napi:\n  listen: \"{{ env_or('LISTEN', '0.0.0.0:9000') }}\"\n",
+        &[("DB_HOST", "db.internal"), ("LISTEN", "127.0.0.1:7000")],
+    )
+    .unwrap();
+    assert_eq!(cfg.database.url.expose(), "postgres://u@db.internal:5432/x");
+    assert_eq!(cfg.database.pool_size, 3);
+    assert_eq!(cfg.api.listen.to_string(), "127.0.0.1:7000");
+}
+
+#[test]
+fn unset_variable_is_named_with_its_line() {
+    let msg = err(
+        "log:\n  filter: info\ndatabase:\n  url: \"{{ env('NOPE_DB_URL') }}\"\n",
+        &[],
+    );
+    assert!(msg.starts_with("config file test.yml: "), "{msg}");
+    assert!(
+        msg.contains("environment variable NOPE_DB_URL is not set"),
+        "{msg}"
+    );
+    assert!(msg.contains("line 4"), "{msg}");
+}
+
+#[test]
+fn unknown_key_is_named_with_path_and_line() {
+    let msg = err("api:\n  listen: 127.0.0.1:1\n  lisen: 127.0.0.1:2\n", &[]);
+    assert!(msg.starts_with("config file test.yml: "), "{msg}");
+    assert!(msg.contains("key `api.lisen`"), "{msg}");
+    assert!(msg.contains("unknown field `lisen`"), "{msg}");
+    assert!(msg.contains("line 3"), "{msg}");
+
+    let msg = err("databse: {}\n", &[]);
+    assert!(msg.contains("unknown field `databse`"), "{msg}");
+}
+
+#[test]
+fn wrong_types_are_named() {
+    let cases = [
+        ("worker:\n  lease: soon\n", "key `worker.lease`"),
+        ("api:\n  listen: nowhere\n", "key `api.listen`"),
+        ("database:\n  pool_size: -1\n", "key `database.pool_size`"),
+        ("log:\n  format: xml\n", "key `log.format`"),
+        ("{{ broken\n", "template error at line 1"),
+    ];
+    for (text, want) in cases {
+        let msg = err(text, &[]);
+        assert!(msg.contains(want), "{text:?}: {msg}");
+    }
+}
+
+#[test]
+fn empty_file_means_defaults() {
+    let cfg = load("# nothing here\n\n", &[]).unwrap();
+    assert_eq!(cfg.api.listen.port(), 8234);
+    assert_eq!(cfg.worker.lease, Duration::from_secs(60));
+}
+
+#[test]
+fn example_and_test_configs_parse() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    for name in ["config.example.yml", "config.test.yml"] {
+        let text = std::fs::read_to_string(root.join(name)).unwrap();
+        let cfg = Config::from_str_with_env(&text, Path::new(name), |_| None)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cfg.database.pool_size > 0, "{name}");
+    }
+}
+
+#[test]
+fn example_documents_every_key() {
+    // Every key of the defaults appears in config.example.yml (documented there).
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join("config.example.yml")).unwrap();
+    let keys = [
+        "database:",
+        "url:",
+        "password:",
+        "pool_size:",
+        "connect_timeout:",
+        "notify:",
+        "poll_interval:",
+        "max_reconnect_backoff:",
+        "api:",
+        "listen:",
+        "shutdown_grace:",
+        "worker:",
+        "id:",
+        "lease:",
+        "claim_poll_interval:",
+        "janitor:",
+        "migrate_on_start:",
+        "log:",
+        "format:",
+        "filter:",
+    ];
+    for key in keys {
+        assert!(text.contains(key), "config.example.yml lacks {key}");
+    }
+}
+
+#[test]
+fn secrets_never_show_in_debug() {
+    let cfg = load(
+        "database:\n  url: postgres://app:hunter2@db/x?sslmode=disable&password=hunter3\n  password: hunter4\n",
+        &[],
+    )
+    .unwrap();
+    let dbg = format!("{cfg:?} {}", cfg.database.url);
+    for secret in ["hunter2", "hunter3", "hunter4"] {
+        assert!(!dbg.contains(secret), "{secret} leaked: {dbg}");
+    }
+    assert!(dbg.contains("postgres://app:[redacted]@db/x"), "{dbg}");
+    assert_eq!(cfg.database.password.unwrap().expose(), "hunter4");
+}

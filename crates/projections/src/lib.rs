@@ -1,0 +1,379 @@
+//! Read models folded from the event log.
+//!
+//! [`apply`] is a pure fold: the state of a build after an event depends only on the state
+//! before it and the event. The store runs it before every append and writes the result in
+//! the same transaction; `janitor rebuild-projections` runs it over the whole log and compares.
+//! The fold is also where the state machine is enforced: an event that does not fit the state
+//! (a success for an attempt that lost its lease, a second claim, ...) is refused here, before
+//! anything is written.
+//!
+//! ```text
+//!  requested ──> queued ──claimed──> running ──succeeded──> succeeded
+//!                  ^  ^                │  │
+//!                  │  └─requeued───────┘  └──failed──> failed ──gave_up──> gave_up
+//!                  │   (lease expired,              │  (retryable and out of attempts)
+//!                  │    preempted)                  │
+//!                  └──────────requeued (retry)──────┘ (retryable)
+//!  cancelled from queued, running or a retryable failed; requeued (forced) reopens
+//!  failed, gave_up and cancelled builds.
+//! ```
+
+use cbs_domain::{BuildKey, BuildRequest};
+use cbs_events::{Artifact, Event, EventType, FailureKind, RequeueReason};
+use chrono::{DateTime, SubsecRound, Utc};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// Where a build is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Waiting for a worker (from `available_at` on).
+    Queued,
+    /// A worker holds the lease of the current attempt.
+    Running,
+    Succeeded,
+    /// The last attempt failed; see `last_error.kind` for whether it will be retried.
+    Failed,
+    Cancelled,
+    GaveUp,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Queued,
+        Status::Running,
+        Status::Succeeded,
+        Status::Failed,
+        Status::Cancelled,
+        Status::GaveUp,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+            Status::GaveUp => "gave_up",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status name that does not exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown build status {0:?}")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Status::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// The last failure of a build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LastError {
+    pub attempt: u32,
+    pub kind: FailureKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    pub message: String,
+}
+
+/// The `builds` read model: one row per build.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuildState {
+    pub key: BuildKey,
+    pub status: Status,
+    pub request: BuildRequest,
+    /// Claims so far; the current (or last) attempt's number.
+    pub attempt: u32,
+    /// Failed attempts (the count that max attempts limits).
+    pub failures: u32,
+    /// Worker holding the lease while running.
+    pub owner: Option<String>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// While queued: the earliest time a worker may claim it (retry backoff).
+    pub available_at: DateTime<Utc>,
+    /// The step the running attempt is in.
+    pub current_step: Option<String>,
+    pub last_error: Option<LastError>,
+    pub artifact: Option<Artifact>,
+    /// Sequence number of the last event folded in.
+    pub last_seq: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl BuildState {
+    /// No event can change the build any more without a forced reopen.
+    pub fn is_terminal(&self) -> bool {
+        match self.status {
+            Status::Succeeded | Status::Cancelled | Status::GaveUp => true,
+            Status::Failed => self
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.kind == FailureKind::Permanent),
+            Status::Queued | Status::Running => false,
+        }
+    }
+}
+
+/// Why an event does not fit the build's state. Nothing is written when the fold refuses.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FoldError {
+    #[error("build {key}: the first event must be `requested`, got `{got}`")]
+    NotRequested { key: BuildKey, got: EventType },
+    #[error("build {key} was already requested")]
+    AlreadyRequested { key: BuildKey },
+    #[error("build {key}: event {got} does not follow event {last_seq}")]
+    SequenceGap {
+        key: BuildKey,
+        last_seq: u32,
+        got: u32,
+    },
+    /// The writer's attempt is no longer the build's current one: its lease was taken away.
+    #[error("build {key}: attempt {writer_attempt} was fenced off; the build is at attempt {current_attempt} ({status})")]
+    Fenced {
+        key: BuildKey,
+        writer_attempt: u32,
+        current_attempt: u32,
+        status: Status,
+    },
+    #[error("build {key}: `{event}` cannot happen while the build is {status}")]
+    InvalidTransition {
+        key: BuildKey,
+        status: Status,
+        event: EventType,
+    },
+}
+
+/// Times in the read model have the database's precision (microseconds), so a state folded
+/// in memory equals the one read back from storage.
+fn micros(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.trunc_subsecs(6)
+}
+
+/// Folds one event into a build's state. `prev` is `None` before the first event.
+///
+/// `seq` and `recorded_at` are the event's place and time in the log, so that folding the
+/// stored log always gives back the same state.
+pub fn apply(
+    prev: Option<&BuildState>,
+    key: &BuildKey,
+    seq: u32,
+    recorded_at: DateTime<Utc>,
+    event: &Event,
+) -> Result<BuildState, FoldError> {
+    let recorded_at = micros(recorded_at);
+    let Some(prev) = prev else {
+        return match event {
+            Event::Requested(r) if seq == 1 => Ok(BuildState {
+                key: key.clone(),
+                status: Status::Queued,
+                request: r.request.clone(),
+                attempt: 0,
+                failures: 0,
+                owner: None,
+                lease_expires_at: None,
+                available_at: recorded_at,
+                current_step: None,
+                last_error: None,
+                artifact: None,
+                last_seq: 1,
+                created_at: recorded_at,
+                updated_at: recorded_at,
+            }),
+            Event::Requested(_) => Err(FoldError::SequenceGap {
+                key: key.clone(),
+                last_seq: 0,
+                got: seq,
+            }),
+            other => Err(FoldError::NotRequested {
+                key: key.clone(),
+                got: other.event_type(),
+            }),
+        };
+    };
+    if seq != prev.last_seq + 1 {
+        return Err(FoldError::SequenceGap {
+            key: key.clone(),
+            last_seq: prev.last_seq,
+            got: seq,
+        });
+    }
+    let invalid = || FoldError::InvalidTransition {
+        key: key.clone(),
+        status: prev.status,
+        event: event.event_type(),
+    };
+    // Events of one attempt are refused once a later attempt began or the attempt ended.
+    let fence = |attempt: u32, allowed: &[Status]| {
+        if attempt != prev.attempt {
+            Err(FoldError::Fenced {
+                key: key.clone(),
+                writer_attempt: attempt,
+                current_attempt: prev.attempt,
+                status: prev.status,
+            })
+        } else if !allowed.contains(&prev.status) {
+            // The same attempt, but it already ended: for its writer this is fencing too.
+            Err(FoldError::Fenced {
+                key: key.clone(),
+                writer_attempt: attempt,
+                current_attempt: prev.attempt,
+                status: prev.status,
+            })
+        } else {
+            Ok(())
+        }
+    };
+
+    let mut next = prev.clone();
+    next.last_seq = seq;
+    next.updated_at = recorded_at;
+    match event {
+        Event::Requested(_) => {
+            return Err(FoldError::AlreadyRequested { key: key.clone() });
+        }
+        Event::Claimed(c) => {
+            if prev.status != Status::Queued {
+                return Err(invalid());
+            }
+            if c.attempt != prev.attempt + 1 {
+                return Err(FoldError::Fenced {
+                    key: key.clone(),
+                    writer_attempt: c.attempt,
+                    current_attempt: prev.attempt,
+                    status: prev.status,
+                });
+            }
+            next.status = Status::Running;
+            next.attempt = c.attempt;
+            next.owner = Some(c.worker.clone());
+            next.lease_expires_at = Some(micros(c.lease_expires_at));
+            next.current_step = None;
+        }
+        Event::StepStarted(s) => {
+            fence(s.attempt, &[Status::Running])?;
+            next.current_step = Some(s.step.clone());
+        }
+        Event::StepFinished(s) => {
+            fence(s.attempt, &[Status::Running])?;
+        }
+        Event::Succeeded(s) => {
+            fence(s.attempt, &[Status::Running])?;
+            next.status = Status::Succeeded;
+            next.artifact = Some(s.artifact.clone());
+            next.owner = None;
+            next.lease_expires_at = None;
+            next.current_step = None;
+        }
+        Event::Failed(f) => {
+            fence(f.attempt, &[Status::Running])?;
+            next.status = Status::Failed;
+            next.failures = prev.failures + 1;
+            next.last_error = Some(LastError {
+                attempt: f.attempt,
+                kind: f.kind,
+                step: f.step.clone(),
+                message: f.message.clone(),
+            });
+            next.owner = None;
+            next.lease_expires_at = None;
+            next.current_step = None;
+        }
+        Event::Requeued(r) => {
+            match r.reason {
+                RequeueReason::LeaseExpired | RequeueReason::Preempted => {
+                    fence(r.attempt, &[Status::Running])?;
+                }
+                RequeueReason::Retry => {
+                    fence(r.attempt, &[Status::Failed])?;
+                    if prev.is_terminal() {
+                        return Err(invalid());
+                    }
+                }
+                RequeueReason::Forced => {
+                    if r.attempt != prev.attempt {
+                        return Err(FoldError::Fenced {
+                            key: key.clone(),
+                            writer_attempt: r.attempt,
+                            current_attempt: prev.attempt,
+                            status: prev.status,
+                        });
+                    }
+                    let reopenable = matches!(
+                        prev.status,
+                        Status::Failed | Status::GaveUp | Status::Cancelled
+                    );
+                    if !reopenable {
+                        return Err(invalid());
+                    }
+                    // A forced build starts counting failures afresh.
+                    next.failures = 0;
+                }
+            }
+            next.status = Status::Queued;
+            next.available_at = micros(r.not_before);
+            next.owner = None;
+            next.lease_expires_at = None;
+            next.current_step = None;
+        }
+        Event::Cancelled(_) => {
+            let cancellable = match prev.status {
+                Status::Queued | Status::Running => true,
+                Status::Failed => !prev.is_terminal(),
+                Status::Succeeded | Status::Cancelled | Status::GaveUp => false,
+            };
+            if !cancellable {
+                return Err(invalid());
+            }
+            next.status = Status::Cancelled;
+            next.owner = None;
+            next.lease_expires_at = None;
+            next.current_step = None;
+        }
+        Event::GaveUp(g) => {
+            fence(g.attempt, &[Status::Running, Status::Failed])?;
+            if prev.is_terminal() {
+                return Err(invalid());
+            }
+            next.status = Status::GaveUp;
+            next.owner = None;
+            next.lease_expires_at = None;
+            next.current_step = None;
+        }
+    }
+    Ok(next)
+}
+
+/// Folds a build's whole history, in sequence order.
+pub fn replay<'a>(
+    key: &BuildKey,
+    events: impl IntoIterator<Item = (u32, DateTime<Utc>, &'a Event)>,
+) -> Result<Option<BuildState>, FoldError> {
+    let mut state: Option<BuildState> = None;
+    for (seq, at, event) in events {
+        state = Some(apply(state.as_ref(), key, seq, at, event)?);
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,334 @@
+//! The state machine as a table: a history of events, then the expected outcome.
+
+use super::*;
+use cbs_domain::BuildRequest;
+use cbs_events::{
+    Cancelled, Claimed, Failed, GaveUp, Requested, Requeued, StepFinished, StepStarted, Succeeded,
+};
+use chrono::TimeZone;
+
+fn key() -> BuildKey {
+    BuildKey::digest(b"test")
+}
+
+fn t(s: i64) -> DateTime<Utc> {
+    Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+}
+
+fn requested() -> Event {
+    Event::Requested(Requested {
+        request: BuildRequest {
+            os: "linux".into(),
+            arch: "amd64".into(),
+            arm: None,
+            caddy_version: "v2.8.4".into(),
+            plugins: vec![],
+            replacements: vec![],
+        },
+    })
+}
+
+fn claimed(attempt: u32) -> Event {
+    Event::Claimed(Claimed {
+        worker: format!("w{attempt}"),
+        attempt,
+        lease_expires_at: t(100),
+    })
+}
+
+fn step(attempt: u32) -> Event {
+    Event::StepStarted(StepStarted {
+        attempt,
+        step: "compile".into(),
+    })
+}
+
+fn step_done(attempt: u32) -> Event {
+    Event::StepFinished(StepFinished {
+        attempt,
+        step: "compile".into(),
+        duration_ms: 5,
+        exit_code: Some(0),
+    })
+}
+
+fn succeeded(attempt: u32) -> Event {
+    Event::Succeeded(Succeeded {
+        attempt,
+        artifact: Artifact {
+            location: "builds/x".into(),
+            size: 1,
+            sha256: "00".repeat(32),
+        },
+    })
+}
+
+fn failed(attempt: u32, kind: FailureKind) -> Event {
+    Event::Failed(Failed {
+        attempt,
+        kind,
+        step: Some("compile".into()),
+        message: "boom".into(),
+    })
+}
+
+fn requeued(attempt: u32, reason: RequeueReason) -> Event {
+    Event::Requeued(Requeued {
+        attempt,
+        reason,
+        not_before: t(50),
+    })
+}
+
+fn cancelled() -> Event {
+    Event::Cancelled(Cancelled { reason: "x".into() })
+}
+
+fn gave_up(attempt: u32) -> Event {
+    Event::GaveUp(GaveUp {
+        attempt,
+        failures: attempt,
+        message: "boom".into(),
+    })
+}
+
+/// Folds `history`; returns the state or the error of the first refused event.
+fn run(history: &[Event]) -> Result<BuildState, FoldError> {
+    let mut state = None;
+    for (i, e) in history.iter().enumerate() {
+        state = Some(apply(state.as_ref(), &key(), i as u32 + 1, t(i as i64), e)?);
+    }
+    Ok(state.expect("non-empty history"))
+}
+
+#[test]
+fn accepted_histories_end_in_the_expected_status() {
+    use FailureKind::*;
+    use RequeueReason::*;
+    let cases: Vec<(&str, Vec<Event>, Status)> = vec![
+        ("new build", vec![requested()], Status::Queued),
+        ("claimed", vec![requested(), claimed(1)], Status::Running),
+        (
+            "happy path",
+            vec![requested(), claimed(1), step(1), step_done(1), succeeded(1)],
+            Status::Succeeded,
+        ),
+        (
+            "permanent failure",
+            vec![requested(), claimed(1), failed(1, Permanent)],
+            Status::Failed,
+        ),
+        (
+            "retry then success",
+            vec![
+                requested(),
+                claimed(1),
+                failed(1, Retryable),
+                requeued(1, Retry),
+                claimed(2),
+                succeeded(2),
+            ],
+            Status::Succeeded,
+        ),
+        (
+            "lease expired then success",
+            vec![
+                requested(),
+                claimed(1),
+                requeued(1, LeaseExpired),
+                claimed(2),
+                succeeded(2),
+            ],
+            Status::Succeeded,
+        ),
+        (
+            "preempted",
+            vec![requested(), claimed(1), requeued(1, Preempted)],
+            Status::Queued,
+        ),
+        (
+            "gave up after failures",
+            vec![requested(), claimed(1), failed(1, Retryable), gave_up(1)],
+            Status::GaveUp,
+        ),
+        (
+            "gave up on an expired lease",
+            vec![requested(), claimed(1), gave_up(1)],
+            Status::GaveUp,
+        ),
+        (
+            "cancel queued",
+            vec![requested(), cancelled()],
+            Status::Cancelled,
+        ),
+        (
+            "cancel running",
+            vec![requested(), claimed(1), cancelled()],
+            Status::Cancelled,
+        ),
+        (
+            "force reopens a permanent failure",
+            vec![
+                requested(),
+                claimed(1),
+                failed(1, Permanent),
+                requeued(1, Forced),
+            ],
+            Status::Queued,
+        ),
+        (
+            "force reopens a cancelled build that never ran",
+            vec![requested(), cancelled(), requeued(0, Forced), claimed(1)],
+            Status::Running,
+        ),
+    ];
+    for (name, history, want) in cases {
+        let state = run(&history).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(state.status, want, "{name}");
+        assert_eq!(state.last_seq as usize, history.len(), "{name}");
+    }
+}
+
+#[test]
+fn refused_histories_name_the_reason() {
+    use FailureKind::*;
+    use RequeueReason::*;
+    let cases: Vec<(&str, Vec<Event>, &str)> = vec![
+        (
+            "claim before request",
+            vec![claimed(1)],
+            "first event must be `requested`",
+        ),
+        (
+            "requested twice",
+            vec![requested(), requested()],
+            "already requested",
+        ),
+        (
+            "double claim",
+            vec![requested(), claimed(1), claimed(2)],
+            "`claimed` cannot happen while the build is running",
+        ),
+        (
+            "claim skips an attempt",
+            vec![requested(), claimed(2)],
+            "attempt 2 was fenced off",
+        ),
+        (
+            "success of a fenced attempt",
+            vec![
+                requested(),
+                claimed(1),
+                requeued(1, LeaseExpired),
+                claimed(2),
+                succeeded(1),
+            ],
+            "attempt 1 was fenced off; the build is at attempt 2 (running)",
+        ),
+        (
+            "step of a requeued attempt",
+            vec![requested(), claimed(1), requeued(1, Preempted), step(1)],
+            "attempt 1 was fenced off; the build is at attempt 1 (queued)",
+        ),
+        (
+            "success twice",
+            vec![requested(), claimed(1), succeeded(1), succeeded(1)],
+            "fenced off",
+        ),
+        (
+            "fail after success",
+            vec![requested(), claimed(1), succeeded(1), failed(1, Retryable)],
+            "fenced off",
+        ),
+        (
+            "retry a permanent failure",
+            vec![
+                requested(),
+                claimed(1),
+                failed(1, Permanent),
+                requeued(1, Retry),
+            ],
+            "cannot happen while the build is failed",
+        ),
+        (
+            "give up a permanent failure",
+            vec![requested(), claimed(1), failed(1, Permanent), gave_up(1)],
+            "cannot happen while the build is failed",
+        ),
+        (
+            "cancel a success",
+            vec![requested(), claimed(1), succeeded(1), cancelled()],
+            "`cancelled` cannot happen while the build is succeeded",
+        ),
+        (
+            "force a success",
+            vec![requested(), claimed(1), succeeded(1), requeued(1, Forced)],
+            "`requeued` cannot happen while the build is succeeded",
+        ),
+        (
+            "force a running build",
+            vec![requested(), claimed(1), requeued(1, Forced)],
+            "cannot happen while the build is running",
+        ),
+    ];
+    for (name, history, want) in cases {
+        let err = run(&history).expect_err(name).to_string();
+        assert!(err.contains(want), "{name}: {err}");
+    }
+}
+
+#[test]
+fn sequence_numbers_must_follow_without_gaps() {
+    let s1 = apply(None, &key(), 1, t(0), &requested()).unwrap();
+    let err = apply(Some(&s1), &key(), 3, t(1), &claimed(1)).unwrap_err();
+    assert_eq!(
+        err,
+        FoldError::SequenceGap {
+            key: key(),
+            last_seq: 1,
+            got: 3
+        }
+    );
+    assert!(apply(None, &key(), 2, t(0), &requested()).is_err());
+}
+
+#[test]
+fn fold_tracks_lease_owner_step_error_and_artifact() {
+    use FailureKind::*;
+    let s = run(&[requested(), claimed(1), step(1)]).unwrap();
+    assert_eq!(s.owner.as_deref(), Some("w1"));
+    assert_eq!(s.lease_expires_at, Some(t(100)));
+    assert_eq!(s.current_step.as_deref(), Some("compile"));
+    assert_eq!(s.created_at, t(0));
+    assert_eq!(s.updated_at, t(2));
+
+    let s = run(&[requested(), claimed(1), step(1), failed(1, Retryable)]).unwrap();
+    assert_eq!(s.owner, None);
+    assert_eq!(s.lease_expires_at, None);
+    assert_eq!(s.current_step, None);
+    assert_eq!(s.failures, 1);
+    assert!(!s.is_terminal());
+    assert_eq!(s.last_error.as_ref().unwrap().message, "boom");
+
+    let s = run(&[
+        requested(),
+        claimed(1),
+        failed(1, Retryable),
+        requeued(1, RequeueReason::Retry),
+    ])
+    .unwrap();
+    assert_eq!(s.available_at, t(50));
+    assert_eq!(s.failures, 1);
+
+    let s = run(&[requested(), claimed(1), succeeded(1)]).unwrap();
+    assert!(s.is_terminal());
+    assert_eq!(s.artifact.unwrap().size, 1);
+}
+
+#[test]
+fn status_names_round_trip() {
+    for s in Status::ALL {
+        assert_eq!(s.as_str().parse::<Status>().unwrap(), s);
+    }
+    assert!("done".parse::<Status>().is_err());
+}

@@ -1,0 +1,53 @@
+//! The command line.
+
+use clap::{Parser, Subcommand};
+
+/// A build server for custom Caddy binaries.
+///
+/// Configuration comes from ./config.yml or the file named by CONFIG_PATH (see
+/// config.example.yml); without either, built-in local defaults are used.
+#[derive(Debug, Parser)]
+#[command(name = "caddy-build-server", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Api,
+    /// Claim and run builds.
+    Worker,
+    /// Run migrations, then the maintenance services; or a maintenance command.
+    Janitor {
+        #[command(subcommand)]
+        command: Option<JanitorCommand>,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Every role in one process (a single machine).
+    All,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JanitorCommand {
+    /// Recompute the projections from the event log and report every difference.
+    RebuildProjections {
+        /// Overwrite the rows that differ with the recomputed ones.
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Build cycles per second and dispatch latency of the queue (writes to the configured
+    /// database: point it at a scratch database).
+    Queue(crate::bench::QueueArgs),
+}

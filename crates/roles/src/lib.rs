@@ -1,0 +1,130 @@
+//! The roles of caddy-build-server: api, worker, janitor, and `all` of them in one process.
+//!
+//! Each role is `run(app, ..., shutdown)`, so tests start it in-process with their own config
+//! and a listener on port 0. Only this crate knows HTTP, the command line and signals.
+
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod janitor;
+pub mod shutdown;
+pub mod worker;
+
+use anyhow::Context;
+use cbs_config::{Config, LogFormat, Source};
+use cbs_store::{Hub, Store};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use cli::{BenchCommand, Command, JanitorCommand};
+
+/// What every role shares in one process: config, store, and the one listening connection.
+#[derive(Clone, Debug)]
+pub struct App {
+    pub config: Config,
+    pub store: Store,
+    pub hub: Hub,
+}
+
+impl App {
+    /// Connects (lazily) and starts the process's listening connection.
+    pub fn new(config: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
+        let store = Store::new(&config.database).context("database config")?;
+        let hub = Hub::start(
+            store.connector().clone(),
+            config.notify.clone(),
+            shutdown.clone(),
+        );
+        Ok(App { config, store, hub })
+    }
+}
+
+/// Runs the command line's subcommand.
+pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
+    let (config, source) = Config::load()?;
+    init_logging(&config);
+    match &source {
+        Source::File(p) => info!(config = %p.display(), "config loaded"),
+        Source::Defaults => info!("no config.yml and no CONFIG_PATH: using built-in defaults"),
+    }
+    let shutdown = shutdown::on_signals();
+    match cli.command {
+        Command::Migrate => {
+            let store = Store::new(&config.database)?;
+            let applied = cbs_store::migrate::run(store.connector())
+                .await
+                .with_context(|| format!("migrating {}", store.connector().display()))?;
+            info!(applied, "migrations done");
+            Ok(())
+        }
+        Command::Janitor {
+            command: Some(JanitorCommand::RebuildProjections { fix }),
+        } => {
+            let store = Store::new(&config.database)?;
+            janitor::rebuild_projections(&store, fix).await
+        }
+        Command::Janitor { command: None } => {
+            let app = App::new(config, &shutdown)?;
+            janitor::run(app, shutdown).await
+        }
+        Command::Api => {
+            let app = App::new(config, &shutdown)?;
+            let listener = api::bind(&app.config).await?;
+            api::run(app, listener, shutdown).await
+        }
+        Command::Worker => {
+            let app = App::new(config, &shutdown)?;
+            worker::run(app, shutdown).await
+        }
+        Command::All => run_all(config, shutdown).await,
+        Command::Bench {
+            command: BenchCommand::Queue(args),
+        } => {
+            let app = App::new(config, &shutdown)?;
+            bench::queue(app, args, shutdown).await
+        }
+    }
+}
+
+/// Every role in one process: migrations first, then api, worker and janitor side by side.
+/// The first role to fail stops the others.
+pub async fn run_all(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let app = App::new(config, &shutdown)?;
+    janitor::migrate(&app).await?;
+    let listener = api::bind(&app.config).await?;
+    let stop = shutdown.child_token();
+    let result = tokio::try_join!(
+        async {
+            let r = api::run(app.clone(), listener, stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = worker::run(app.clone(), stop.clone()).await;
+            stop.cancel();
+            r
+        },
+        async {
+            let r = janitor::run_services(app.clone(), stop.clone()).await;
+            stop.cancel();
+            r
+        },
+    );
+    stop.cancel();
+    result.map(|_| ())
+}
+
+fn init_logging(config: &Config) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&config.log.filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second init (tests calling main twice) is harmless: keep the first.
+    let _ = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,116 @@
+//! Connections: one Postgres config, used for the pool, the listener, the notifier and
+//! migrations.
+
+use std::fmt;
+use std::time::Duration;
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::StoreError;
+
+/// Opens connections to the configured database.
+#[derive(Clone)]
+pub struct PgConnector {
+    config: tokio_postgres::Config,
+    /// For logs: the URL without its password.
+    display: String,
+}
+
+impl fmt::Debug for PgConnector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PgConnector({})", self.display)
+    }
+}
+
+impl PgConnector {
+    pub fn new(db: &cbs_config::DatabaseConfig) -> Result<PgConnector, StoreError> {
+        // The parser's own errors may quote the URL; say only which part is wrong.
+        let mut config: tokio_postgres::Config = db.url.expose().parse().map_err(|_| {
+            StoreError::Config(format!(
+                "database.url is not a valid Postgres URL: {}",
+                db.url
+            ))
+        })?;
+        if let Some(pw) = db.password.as_ref().filter(|p| !p.expose().is_empty()) {
+            config.password(pw.expose());
+        }
+        config
+            .connect_timeout(db.connect_timeout)
+            // Find dead peers (a cut network) without waiting for the kernel's two hours.
+            .keepalives(true)
+            .keepalives_idle(Duration::from_secs(30))
+            .keepalives_interval(Duration::from_secs(10))
+            .keepalives_retries(3);
+        if config.get_application_name().is_none() {
+            config.application_name("caddy-build-server");
+        }
+        Ok(PgConnector {
+            config,
+            display: db.url.redacted(),
+        })
+    }
+
+    /// The database URL without its password, for logs.
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    /// A pool of `size` connections.
+    pub(crate) fn pool(&self, size: usize) -> Result<deadpool_postgres::Pool, StoreError> {
+        let manager = deadpool_postgres::Manager::from_config(
+            self.config.clone(),
+            NoTls,
+            deadpool_postgres::ManagerConfig {
+                recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+            },
+        );
+        let timeout = self.config.get_connect_timeout().copied();
+        deadpool_postgres::Pool::builder(manager)
+            .max_size(size.max(1))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .create_timeout(timeout)
+            .wait_timeout(timeout.map(|t| t * 2))
+            .build()
+            .map_err(|e| StoreError::Config(format!("database pool: {e}")))
+    }
+
+    /// One new connection outside the pool. `setup` runs first (e.g. session settings).
+    /// The connection's driver runs as a task; `messages` receives its notifications.
+    pub async fn connect_with_messages(
+        &self,
+        setup: &str,
+    ) -> Result<(Client, tokio::sync::mpsc::UnboundedReceiver<Message>), StoreError> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut stream = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+            use futures::StreamExt;
+            while let Some(msg) = stream.next().await {
+                let out = match msg {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        Message::Notification(n.payload().to_owned())
+                    }
+                    Ok(_) => continue,
+                    Err(e) => Message::Closed(Some(e.to_string())),
+                };
+                let closed = matches!(out, Message::Closed(_));
+                if tx.send(out).is_err() || closed {
+                    return;
+                }
+            }
+            let _ = tx.send(Message::Closed(None));
+        });
+        if !setup.is_empty() {
+            client.batch_execute(setup).await?;
+        }
+        Ok((client, rx))
+    }
+}
+
+/// What a connection's driver reports besides query results.
+#[derive(Debug)]
+pub enum Message {
+    Notification(String),
+    /// The connection ended, with the error if there was one.
+    Closed(Option<String>),
+}

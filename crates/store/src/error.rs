@@ -1,0 +1,36 @@
+//! The store's error type.
+
+use cbs_domain::BuildKey;
+use cbs_projections::FoldError;
+
+/// What can go wrong in the store. `Conflict` and `Rejected` are the caller's to handle;
+/// the rest are infrastructure failures (retry later).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to the build first; re-read and decide again.
+    #[error("build {key}: another writer appended event {expected_seq} first")]
+    Conflict { key: BuildKey, expected_seq: u32 },
+    /// The event does not fit the build's state (including a fenced-off attempt).
+    #[error(transparent)]
+    Rejected(#[from] FoldError),
+    #[error("build {0} does not exist")]
+    NotFound(BuildKey),
+    /// A stored row cannot be read back (a bug or a manual edit).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    #[error("database: {0}")]
+    Db(#[from] tokio_postgres::Error),
+    #[error("database pool: {0}")]
+    Pool(#[from] deadpool_postgres::PoolError),
+    #[error("database migrations: {0}")]
+    Migration(String),
+    #[error("database config: {0}")]
+    Config(String),
+}
+
+impl StoreError {
+    /// The writer's attempt was fenced off: its lease is gone, it must stop.
+    pub fn is_fenced(&self) -> bool {
+        matches!(self, StoreError::Rejected(FoldError::Fenced { .. }))
+    }
+}

@@ -1,0 +1,285 @@
+//! The process's single listening connection and its in-process fan-out.
+//!
+//! Every NOTIFY wakes every listening backend, so each process holds exactly ONE listening
+//! connection, and any number of waiters (long-polls, SSE streams, idle workers) subscribe
+//! here instead. A waiter subscribes first, then reads the log, then waits: it cannot miss
+//! an event committed between its read and its wait.
+//!
+//! Notifications are hints and can be lost (the sender died, the connection dropped). So the
+//! hub also follows the log itself: it keeps a cursor in the global log and reads the tail
+//! (a) after every (re)connection, before anything else, and (b) every `poll_interval` as a
+//! backstop. Whatever it finds is dispatched exactly like a notification. After each
+//! reconnection it also bumps an epoch that makes every waiter re-read from the log.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cbs_config::NotifyConfig;
+use cbs_domain::BuildKey;
+use cbs_events::{EventType, GlobalCursor};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::connect::{Message, PgConnector};
+use crate::{queries, StoreError};
+
+/// Rows per read of the log's tail.
+const TAIL_PAGE: u32 = 5_000;
+
+/// The fan-out; clone it freely, all clones share one listening connection.
+#[derive(Clone, Debug)]
+pub struct Hub {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// Newest known seq of each build somebody waits for.
+    builds: Mutex<HashMap<BuildKey, watch::Sender<u32>>>,
+    /// Bumped when a build may have become claimable.
+    queue: watch::Sender<u64>,
+    /// Bumped after every (re)connection: waiters re-read from the log.
+    epoch: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn dispatch(&self, key: &str, seq: u32, claimable: bool) {
+        if claimable {
+            self.queue.send_modify(|n| *n = n.wrapping_add(1));
+        }
+        let builds = self.builds.lock().expect("hub map lock");
+        if let Some(tx) = builds.get(key) {
+            tx.send_if_modified(|known| {
+                let newer = seq > *known;
+                if newer {
+                    *known = seq;
+                }
+                newer
+            });
+        }
+    }
+
+    /// Parses a payload of `key:seq[:q]` entries; malformed entries are ignored (they can
+    /// only come from someone else's NOTIFY on our channel).
+    fn dispatch_payload(&self, payload: &str) {
+        for entry in payload.split_ascii_whitespace() {
+            let mut parts = entry.split(':');
+            let (Some(key), Some(seq)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(seq) = seq.parse::<u32>() else {
+                continue;
+            };
+            let claimable = parts.next() == Some("q");
+            self.dispatch(key, seq, claimable);
+        }
+    }
+
+    /// Forgets builds nobody waits for any more.
+    fn prune(&self) {
+        let mut builds = self.builds.lock().expect("hub map lock");
+        builds.retain(|_, tx| tx.receiver_count() > 0);
+    }
+}
+
+/// Waits for news of one build.
+#[derive(Debug)]
+pub struct BuildWaiter {
+    seq: watch::Receiver<u32>,
+    epoch: watch::Receiver<u64>,
+}
+
+impl BuildWaiter {
+    /// Returns when the build may have new events (a notification, a backstop read, or a
+    /// reconnection of the hub). Read the log after it returns; it may return spuriously.
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            r = self.seq.changed() => {
+                // The sender lives while we hold a receiver; if the hub is gone, do not spin.
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+            r = self.epoch.changed() => {
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+        }
+    }
+
+    /// The newest sequence number the hub has seen for this build (0 if none yet).
+    pub fn latest_seq(&self) -> u32 {
+        *self.seq.borrow()
+    }
+}
+
+/// Waits for builds becoming claimable.
+#[derive(Debug)]
+pub struct QueueWaiter {
+    queue: watch::Receiver<u64>,
+    epoch: watch::Receiver<u64>,
+}
+
+impl QueueWaiter {
+    /// Returns when a build may have become claimable (or the hub reconnected).
+    pub async fn changed(&mut self) {
+        tokio::select! {
+            r = self.queue.changed() => {
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+            r = self.epoch.changed() => {
+                if r.is_err() { std::future::pending::<()>().await }
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Starts the listening task; it runs until `shutdown` is cancelled.
+    pub fn start(connector: PgConnector, config: NotifyConfig, shutdown: CancellationToken) -> Hub {
+        let shared = Arc::new(Shared {
+            builds: Mutex::new(HashMap::new()),
+            queue: watch::Sender::new(0),
+            epoch: watch::Sender::new(0),
+        });
+        tokio::spawn(listen_forever(shared.clone(), connector, config, shutdown));
+        Hub { shared }
+    }
+
+    /// Subscribes to one build. Subscribe BEFORE reading the log, then wait.
+    pub fn watch_build(&self, key: &BuildKey) -> BuildWaiter {
+        let mut builds = self.shared.builds.lock().expect("hub map lock");
+        let seq = builds
+            .entry(key.clone())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        BuildWaiter {
+            seq,
+            epoch: self.shared.epoch.subscribe(),
+        }
+    }
+
+    /// Subscribes to "a build may be claimable".
+    pub fn watch_queue(&self) -> QueueWaiter {
+        QueueWaiter {
+            queue: self.shared.queue.subscribe(),
+            epoch: self.shared.epoch.subscribe(),
+        }
+    }
+
+    /// A receiver of the connection epoch: it changes after every (re)connection, once the
+    /// hub is listening and has caught up with the log. Tests wait on it.
+    pub fn epoch(&self) -> watch::Receiver<u64> {
+        self.shared.epoch.subscribe()
+    }
+
+    /// Builds with at least one waiter (for metrics and tests).
+    pub fn watched_builds(&self) -> usize {
+        self.shared.prune();
+        self.shared.builds.lock().expect("hub map lock").len()
+    }
+}
+
+async fn listen_forever(
+    shared: Arc<Shared>,
+    connector: PgConnector,
+    config: NotifyConfig,
+    shutdown: CancellationToken,
+) {
+    let mut cursor: Option<GlobalCursor> = None;
+    let first_backoff = Duration::from_millis(20);
+    let mut backoff = first_backoff;
+    loop {
+        let mut connected = false;
+        let result = tokio::select! {
+            r = session(&shared, &connector, &config, &mut cursor, &mut connected) => r,
+            _ = shutdown.cancelled() => return,
+        };
+        if connected {
+            backoff = first_backoff;
+        }
+        if let Err(e) = result {
+            warn!(error = %e, database = connector.display(), retry_in = ?backoff, "listening connection lost");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        backoff = (backoff * 2).min(config.max_reconnect_backoff.max(first_backoff));
+    }
+}
+
+/// One connection's life: LISTEN, catch up, then dispatch until it breaks.
+async fn session(
+    shared: &Shared,
+    connector: &PgConnector,
+    config: &NotifyConfig,
+    cursor: &mut Option<GlobalCursor>,
+    connected: &mut bool,
+) -> Result<(), StoreError> {
+    let (client, mut messages) = connector.connect_with_messages("").await?;
+    // LISTEN first, then read: an event committed in between is both notified and read.
+    queries::listen(&client).await?;
+    let start = match *cursor {
+        Some(c) => c,
+        None => queries::tail_start(&client).await?,
+    };
+    *cursor = Some(catch_up(shared, &client, start).await?);
+    *connected = true;
+    shared.epoch.send_modify(|n| *n += 1);
+    info!(database = connector.display(), "listening for build events");
+
+    let mut backstop = tokio::time::interval(config.poll_interval);
+    backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    backstop.reset();
+    loop {
+        tokio::select! {
+            msg = messages.recv() => match msg {
+                Some(Message::Notification(payload)) => shared.dispatch_payload(&payload),
+                Some(Message::Closed(err)) => {
+                    return Err(StoreError::Config(format!(
+                        "listening connection closed{}",
+                        err.map(|e| format!(": {e}")).unwrap_or_default()
+                    )))
+                }
+                None => return Err(StoreError::Config("listening connection closed".into())),
+            },
+            _ = backstop.tick() => {
+                let c = cursor.expect("set above");
+                // A dead connection shows here at the latest (keepalives aside).
+                let read = tokio::time::timeout(config.poll_interval.max(Duration::from_secs(5)), catch_up(shared, &client, c));
+                match read.await {
+                    Ok(r) => *cursor = Some(r?),
+                    Err(_) => return Err(StoreError::Config("backstop read of the log timed out".into())),
+                }
+                shared.prune();
+            }
+        }
+    }
+}
+
+/// Reads the log's tail after `from` and dispatches it; returns the new cursor.
+async fn catch_up(
+    shared: &Shared,
+    client: &tokio_postgres::Client,
+    from: GlobalCursor,
+) -> Result<GlobalCursor, StoreError> {
+    let mut cursor = from;
+    loop {
+        let page = queries::tail(client, cursor, TAIL_PAGE).await?;
+        let n = page.len();
+        for e in page {
+            let claimable = e
+                .event_type
+                .parse::<EventType>()
+                .is_ok_and(EventType::makes_claimable);
+            shared.dispatch(&e.key, e.seq, claimable);
+            cursor = e.cursor;
+        }
+        if n < TAIL_PAGE as usize {
+            if n > 0 {
+                debug!(events = n, %cursor, "log tail read");
+            }
+            return Ok(cursor);
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! The build store: the only crate that speaks SQL.
+//!
+//! - [`Store`] appends events and updates the `builds` projection in the same statement,
+//!   claims builds with `FOR UPDATE SKIP LOCKED`, and reads builds, histories and the global
+//!   feed. Every write is a single autocommit statement, so a build cycle costs one commit
+//!   (one WAL flush) per event and no more.
+//! - After each commit the store hands `(key, seq)` to the [`notify`] sender, which NOTIFYs
+//!   on a separate connection (see there why).
+//! - [`Hub`] is the process's one listening connection and its in-process fan-out.
+//! - [`migrate`] applies the embedded migrations under an advisory lock.
+//!
+//! All statements live in [`queries`], one documented function each.
+
+mod connect;
+mod error;
+mod hub;
+pub mod migrate;
+pub mod notify;
+mod queries;
+mod rebuild;
+
+use std::time::Duration;
+
+use cbs_domain::{BuildKey, BuildRequest};
+use cbs_events::{Event, GlobalCursor, RecordedEvent, Requested};
+use cbs_projections::{apply, BuildState};
+use chrono::Utc;
+
+pub use connect::PgConnector;
+pub use error::StoreError;
+pub use hub::{BuildWaiter, Hub, QueueWaiter};
+pub use rebuild::{Difference, RebuildReport};
+
+/// The result of asking for a build.
+#[derive(Debug, Clone)]
+pub struct RequestOutcome {
+    pub build: BuildState,
+    /// `true` if this call created the build, `false` if it existed already.
+    pub created: bool,
+}
+
+/// Handle to the build store; cheap to clone, share one per process.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: deadpool_postgres::Pool,
+    notifier: notify::Notifier,
+    connector: PgConnector,
+}
+
+impl Store {
+    /// A store for the configured database. Connections are made when first needed.
+    pub fn new(config: &cbs_config::DatabaseConfig) -> Result<Store, StoreError> {
+        let connector = PgConnector::new(config)?;
+        let pool = connector.pool(config.pool_size)?;
+        let notifier = notify::Notifier::start(connector.clone());
+        Ok(Store {
+            pool,
+            notifier,
+            connector,
+        })
+    }
+
+    /// How to open more connections to the same database (the listener, migrations).
+    pub fn connector(&self) -> &PgConnector {
+        &self.connector
+    }
+
+    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Records a request for a build unless one with this key exists (concurrent identical
+    /// requests create exactly one build).
+    pub async fn request_build(
+        &self,
+        key: &BuildKey,
+        request: &BuildRequest,
+    ) -> Result<RequestOutcome, StoreError> {
+        let event = Event::Requested(Requested {
+            request: request.clone(),
+        });
+        let now = Utc::now();
+        let state = apply(None, key, 1, now, &event)?;
+        let client = self.client().await?;
+        if queries::insert_build(&client, &state, &event).await? {
+            self.notifier.note(key, 1, true);
+            return Ok(RequestOutcome {
+                build: state,
+                created: true,
+            });
+        }
+        let build = queries::get_build(&client, key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        Ok(RequestOutcome {
+            build,
+            created: false,
+        })
+    }
+
+    /// Appends `event` to a build whose current state the caller holds as `prev`.
+    ///
+    /// The event is folded into `prev` first (the fold refuses events that do not fit, e.g.
+    /// from a fenced attempt); then the event and the new projection row are written in one
+    /// statement that succeeds only if the build is still at `prev.last_seq`. A concurrent
+    /// writer therefore gets [`StoreError::Conflict`], never a duplicate or a gap.
+    pub async fn append(&self, prev: &BuildState, event: Event) -> Result<BuildState, StoreError> {
+        let seq = prev.last_seq + 1;
+        let next = apply(Some(prev), &prev.key, seq, Utc::now(), &event)?;
+        let client = self.client().await?;
+        if !queries::append_event(&client, prev.last_seq, &next, &event).await? {
+            return Err(StoreError::Conflict {
+                key: prev.key.clone(),
+                expected_seq: seq,
+            });
+        }
+        self.notifier
+            .note(&next.key, seq, event.event_type().makes_claimable());
+        Ok(next)
+    }
+
+    /// Appends `event` to the build's latest state, re-reading and retrying when another
+    /// writer got in between. Events of one attempt (a worker's writes) carry its number, so
+    /// the fold refuses them with [`cbs_projections::FoldError::Fenced`] once the lease was
+    /// taken away, whatever happened in between.
+    pub async fn append_latest(
+        &self,
+        key: &BuildKey,
+        event: Event,
+    ) -> Result<BuildState, StoreError> {
+        const TRIES: usize = 8;
+        for _ in 1..TRIES {
+            let prev = self
+                .build(key)
+                .await?
+                .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+            match self.append(&prev, event.clone()).await {
+                Err(StoreError::Conflict { .. }) => continue,
+                other => return other,
+            }
+        }
+        let prev = self
+            .build(key)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        self.append(&prev, event).await
+    }
+
+    /// Claims the oldest available queued build for `worker`, in one statement that also
+    /// appends the `claimed` event. `None` when nothing is available.
+    pub async fn claim(
+        &self,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<BuildState>, StoreError> {
+        let client = self.client().await?;
+        let claimed = queries::claim(&client, worker, lease).await?;
+        if let Some(b) = &claimed {
+            self.notifier.note(&b.key, b.last_seq, false);
+        }
+        Ok(claimed)
+    }
+
+    /// The current state of one build.
+    pub async fn build(&self, key: &BuildKey) -> Result<Option<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::get_build(&client, key).await
+    }
+
+    /// A build's events with `seq > after`, oldest first, at most `limit`.
+    pub async fn events(
+        &self,
+        key: &BuildKey,
+        after: u32,
+        limit: u32,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        queries::build_events(&client, key, after, limit).await
+    }
+
+    /// The global log after `cursor`, in commit-safe order (events of transactions still
+    /// running are not returned yet, and nothing before them is skipped), at most `limit`,
+    /// optionally only the given event types.
+    pub async fn feed(
+        &self,
+        after: GlobalCursor,
+        limit: u32,
+        types: &[cbs_events::EventType],
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let client = self.client().await?;
+        queries::feed(&client, after, limit, types).await
+    }
+
+    /// Recomputes every build's projection from the log and compares it with the stored one;
+    /// with `fix`, overwrites the stored rows that differ (in one transaction).
+    pub async fn rebuild_projections(&self, fix: bool) -> Result<RebuildReport, StoreError> {
+        let mut client = self.client().await?;
+        rebuild::rebuild(&mut client, fix).await
+    }
+
+    /// `Ok` when the database answers and every migration is applied.
+    pub async fn ready(&self) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        migrate::check_applied(&client).await
+    }
+
+    /// Server settings that decide write performance, with the server version.
+    pub async fn server_settings(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let client = self.client().await?;
+        queries::server_settings(
+            &client,
+            &[
+                "fsync",
+                "synchronous_commit",
+                "wal_sync_method",
+                "full_page_writes",
+                "shared_buffers",
+                "commit_delay",
+                "max_connections",
+            ],
+        )
+        .await
+    }
+}

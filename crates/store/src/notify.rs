@@ -1,0 +1,168 @@
+//! Sends the notifications that wake waiters, after the events they announce are committed.
+//!
+//! Why not NOTIFY inside the writing transaction: a transaction that notifies takes a
+//! database-wide lock at commit and holds it through its WAL flush, so notifying writers
+//! cannot share a flush and the log's write rate collapses (REFERENCE section 5). Instead, a
+//! write commits on its own, and this task then sends `pg_notify` on a dedicated connection
+//! whose transactions are `synchronous_commit = off`: they write no data, so nothing is lost
+//! by not waiting for the flush, and the lock is held for microseconds. Entries that arrive
+//! together are coalesced into one NOTIFY (one per transaction, under the 8000-byte limit).
+//!
+//! A notification is a hint. If this process dies between a commit and its notification,
+//! the listeners' backstop poll of the log's tail still finds the event.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cbs_domain::BuildKey;
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+use crate::connect::PgConnector;
+use crate::queries;
+
+/// Room for entries in one payload (Postgres allows just under 8000 bytes).
+const MAX_PAYLOAD: usize = 7000;
+
+/// Queues notifications for the sending task. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Notifier {
+    tx: mpsc::UnboundedSender<Note>,
+}
+
+#[derive(Debug)]
+struct Note {
+    key: BuildKey,
+    seq: u32,
+    claimable: bool,
+}
+
+impl Notifier {
+    /// Starts the sending task; it ends when every `Notifier` clone is dropped.
+    pub(crate) fn start(connector: PgConnector) -> Notifier {
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(run(connector, rx));
+        Notifier { tx }
+    }
+
+    /// Announces that build `key` has event `seq` (committed). `claimable` wakes idle
+    /// workers too.
+    pub(crate) fn note(&self, key: &BuildKey, seq: u32, claimable: bool) {
+        // Fails only when the task is gone (runtime shutting down): nothing left to wake.
+        let _ = self.tx.send(Note {
+            key: key.clone(),
+            seq,
+            claimable,
+        });
+    }
+}
+
+/// Builds payloads from waiting notes: the newest seq per build, claimable if any was.
+fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> String {
+    let mut latest: HashMap<BuildKey, (u32, bool)> = HashMap::new();
+    let mut size = 0;
+    let mut add = |n: Note| {
+        let e = latest.entry(n.key).or_insert((0, false));
+        e.0 = e.0.max(n.seq);
+        e.1 |= n.claimable;
+    };
+    add(first);
+    // Each entry takes at most 64 + 1 + 10 + 2 + 1 bytes.
+    while size + 80 < MAX_PAYLOAD {
+        match rx.try_recv() {
+            Ok(n) => {
+                add(n);
+                size += 80;
+            }
+            Err(_) => break,
+        }
+    }
+    let mut payload = String::with_capacity(latest.len() * 80);
+    for (key, (seq, claimable)) in latest {
+        if !payload.is_empty() {
+            payload.push(' ');
+        }
+        payload.push_str(key.as_str());
+        payload.push(':');
+        payload.push_str(&seq.to_string());
+        if claimable {
+            payload.push_str(":q");
+        }
+    }
+    payload
+}
+
+async fn run(connector: PgConnector, mut rx: mpsc::UnboundedReceiver<Note>) {
+    let mut client = None;
+    let mut backoff = Duration::from_millis(50);
+    while let Some(first) = rx.recv().await {
+        let payload = next_payload(first, &mut rx);
+        if client.is_none() {
+            match connector
+                .connect_with_messages(queries::NOTIFIER_SETUP)
+                .await
+            {
+                Ok((c, _messages)) => {
+                    client = Some(c);
+                    backoff = Duration::from_millis(50);
+                }
+                Err(e) => {
+                    // Dropped: listeners find these events with their backstop poll.
+                    warn!(error = %e, "cannot connect to send notifications");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            }
+        }
+        let Some(c) = &client else { continue };
+        if let Err(e) = queries::notify(c, &payload).await {
+            debug!(error = %e, "notification not sent; reconnecting");
+            client = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_keeps_the_newest_seq_per_build_and_the_claimable_flag() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let a = BuildKey::digest(b"a");
+        let b = BuildKey::digest(b"b");
+        for (k, seq, q) in [(&a, 2, false), (&b, 1, true), (&a, 3, false)] {
+            tx.send(Note {
+                key: k.clone(),
+                seq,
+                claimable: q,
+            })
+            .unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let payload = next_payload(first, &mut rx);
+        let mut entries: Vec<&str> = payload.split(' ').collect();
+        entries.sort();
+        let mut want = vec![format!("{a}:3"), format!("{b}:1:q")];
+        want.sort();
+        assert_eq!(entries, want);
+    }
+
+    #[test]
+    fn payload_stays_under_the_postgres_limit() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        for i in 0..1000u32 {
+            tx.send(Note {
+                key: BuildKey::digest(&i.to_be_bytes()),
+                seq: u32::MAX,
+                claimable: true,
+            })
+            .unwrap();
+        }
+        let first = rx.try_recv().unwrap();
+        let payload = next_payload(first, &mut rx);
+        assert!(payload.len() < 8000, "{}", payload.len());
+        assert!(!rx.is_empty(), "the rest waits for the next payload");
+    }
+}

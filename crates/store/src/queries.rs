@@ -1,0 +1,552 @@
+//! Every SQL statement of the project, one documented function each.
+//!
+//! Hot statements go through deadpool's statement cache (`prepare_cached`), so a write is
+//! one round trip. Writes are single statements (autocommit): the event and its projection
+//! row commit together, with one WAL flush.
+
+use std::time::Duration;
+
+use cbs_domain::BuildKey;
+use cbs_events::{Event, EventType, GlobalCursor, RecordedEvent, SCHEMA_VERSION};
+use cbs_projections::{BuildState, Status};
+use deadpool_postgres::ClientWrapper;
+use postgres_types::Json;
+use tokio_postgres::{Client, Row};
+
+use crate::StoreError;
+
+/// The notification channel. Payloads are `key:seq` entries (`key:seq:q` when the event made
+/// the build claimable) separated by spaces; never event bodies.
+pub(crate) const CHANNEL: &str = "cbs_events";
+
+/// Columns of a `builds` row, in the order [`build_from_row`] reads them.
+const BUILD_COLUMNS: &str = "key, status, request, attempt, failures, owner, lease_expires_at, \
+     available_at, current_step, last_error, artifact, last_seq, created_at, updated_at";
+
+/// Columns of a `build_events` row, in the order [`event_from_row`] reads them.
+const EVENT_COLUMNS: &str = "position, tx_id::text, build_key, seq, event_type, schema_version, \
+     payload, recorded_at";
+
+fn to_i32(v: u32, what: &str) -> Result<i32, StoreError> {
+    i32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} is out of range")))
+}
+
+fn to_u32(v: i32, what: &str) -> Result<u32, StoreError> {
+    u32::try_from(v).map_err(|_| StoreError::Corrupt(format!("{what} {v} is negative")))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("projection values serialize to JSON")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    v: serde_json::Value,
+    what: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt(format!("{what}: {e}")))
+}
+
+/// Reads a `builds` row selected with [`BUILD_COLUMNS`].
+pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
+    let key: String = row.try_get(0)?;
+    let key: BuildKey = key
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("builds.key: {e}")))?;
+    let status: String = row.try_get(1)?;
+    let status: Status = status
+        .parse()
+        .map_err(|e| StoreError::Corrupt(format!("builds.status: {e}")))?;
+    let last_error: Option<serde_json::Value> = row.try_get(9)?;
+    let artifact: Option<serde_json::Value> = row.try_get(10)?;
+    Ok(BuildState {
+        status,
+        request: from_json(row.try_get(2)?, "builds.request")?,
+        attempt: to_u32(row.try_get(3)?, "builds.attempt")?,
+        failures: to_u32(row.try_get(4)?, "builds.failures")?,
+        owner: row.try_get(5)?,
+        lease_expires_at: row.try_get(6)?,
+        available_at: row.try_get(7)?,
+        current_step: row.try_get(8)?,
+        last_error: last_error
+            .map(|v| from_json(v, "builds.last_error"))
+            .transpose()?,
+        artifact: artifact
+            .map(|v| from_json(v, "builds.artifact"))
+            .transpose()?,
+        last_seq: to_u32(row.try_get(11)?, "builds.last_seq")?,
+        created_at: row.try_get(12)?,
+        updated_at: row.try_get(13)?,
+        key,
+    })
+}
+
+/// Reads a `build_events` row selected with [`EVENT_COLUMNS`].
+pub(crate) fn event_from_row(row: &Row) -> Result<RecordedEvent, StoreError> {
+    let tx: String = row.try_get(1)?;
+    let key: String = row.try_get(2)?;
+    let event_type: String = row.try_get(4)?;
+    let payload: serde_json::Value = row.try_get(6)?;
+    Ok(RecordedEvent {
+        position: row.try_get(0)?,
+        tx_id: tx
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("build_events.tx_id {tx:?}")))?,
+        key: key
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("build_events.build_key: {e}")))?,
+        seq: to_u32(row.try_get(3)?, "build_events.seq")?,
+        recorded_at: row.try_get(7)?,
+        event: Event::decode(&event_type, row.try_get(5)?, payload)
+            .map_err(|e| StoreError::Corrupt(format!("build_events: {e}")))?,
+    })
+}
+
+/// Inserts a new build's projection row and its first event, unless the key exists.
+/// Returns whether it was inserted. Concurrent inserts of one key wait for each other and
+/// exactly one wins (`ON CONFLICT DO NOTHING`).
+pub(crate) async fn insert_build(
+    c: &ClientWrapper,
+    state: &BuildState,
+    event: &Event,
+) -> Result<bool, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "WITH b AS (
+                INSERT INTO builds (key, status, request, attempt, failures, owner,
+                    lease_expires_at, available_at, current_step, last_error, artifact,
+                    last_seq, created_at, updated_at)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                ON CONFLICT (key) DO NOTHING
+                RETURNING key
+            )
+            INSERT INTO build_events (build_key, seq, event_type, schema_version, payload,
+                recorded_at)
+            SELECT key, $12, $15, $16, $17, $14 FROM b",
+        )
+        .await?;
+    let n = c
+        .execute(
+            &stmt,
+            &[
+                &state.key.as_str(),
+                &state.status.as_str(),
+                &Json(json(&state.request)),
+                &to_i32(state.attempt, "attempt")?,
+                &to_i32(state.failures, "failures")?,
+                &state.owner,
+                &state.lease_expires_at,
+                &state.available_at,
+                &state.current_step,
+                &state.last_error.as_ref().map(|e| Json(json(e))),
+                &state.artifact.as_ref().map(|a| Json(json(a))),
+                &to_i32(state.last_seq, "seq")?,
+                &state.created_at,
+                &state.updated_at,
+                &event.event_type().as_str(),
+                &SCHEMA_VERSION,
+                &Json(event.encode()),
+            ],
+        )
+        .await?;
+    Ok(n == 1)
+}
+
+/// Writes `event` as number `next.last_seq` and the projection row `next`, only if the
+/// build is still at `expected_last_seq`. Returns `false` (and writes nothing) otherwise.
+///
+/// A concurrent writer that updated the row first holds its lock until commit; this
+/// statement then re-checks `last_seq` against the committed row and matches nothing. The
+/// unique `(build_key, seq)` constraint is the second line of defence.
+pub(crate) async fn append_event(
+    c: &ClientWrapper,
+    expected_last_seq: u32,
+    next: &BuildState,
+    event: &Event,
+) -> Result<bool, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "WITH b AS (
+                UPDATE builds SET status = $3, attempt = $4, failures = $5, owner = $6,
+                    lease_expires_at = $7, available_at = $8, current_step = $9,
+                    last_error = $10, artifact = $11, last_seq = $12, updated_at = $13
+                WHERE key = $1 AND last_seq = $2
+                RETURNING key
+            )
+            INSERT INTO build_events (build_key, seq, event_type, schema_version, payload,
+                recorded_at)
+            SELECT key, $12, $14, $15, $16, $13 FROM b",
+        )
+        .await?;
+    let result = c
+        .execute(
+            &stmt,
+            &[
+                &next.key.as_str(),
+                &to_i32(expected_last_seq, "seq")?,
+                &next.status.as_str(),
+                &to_i32(next.attempt, "attempt")?,
+                &to_i32(next.failures, "failures")?,
+                &next.owner,
+                &next.lease_expires_at,
+                &next.available_at,
+                &next.current_step,
+                &next.last_error.as_ref().map(|e| Json(json(e))),
+                &next.artifact.as_ref().map(|a| Json(json(a))),
+                &to_i32(next.last_seq, "seq")?,
+                &next.updated_at,
+                &event.event_type().as_str(),
+                &SCHEMA_VERSION,
+                &Json(event.encode()),
+            ],
+        )
+        .await;
+    match result {
+        Ok(n) => Ok(n == 1),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The claim: takes the oldest available queued build (skipping rows other claimers hold),
+/// marks it running for `worker` with a new attempt and lease, and appends the `claimed`
+/// event, all in one statement.
+///
+/// This statement is the one place where the fold of an event (`claimed`) is also written
+/// in SQL, so that the claim needs no second round trip; `rebuild-projections` and the tests
+/// check it against [`cbs_projections::apply`].
+pub(crate) async fn claim(
+    c: &ClientWrapper,
+    worker: &str,
+    lease: Duration,
+) -> Result<Option<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "WITH next AS (
+                SELECT key FROM builds
+                WHERE status = 'queued' AND available_at <= now()
+                ORDER BY available_at, key
+                LIMIT 1
+                FOR UPDATE SKIP LOCKED
+            ), claimed AS (
+                UPDATE builds b SET status = 'running', attempt = b.attempt + 1, owner = $1,
+                    lease_expires_at = now() + make_interval(secs => $2),
+                    current_step = NULL, last_seq = b.last_seq + 1, updated_at = now()
+                FROM next WHERE b.key = next.key
+                RETURNING b.*
+            ), event AS (
+                INSERT INTO build_events (build_key, seq, event_type, schema_version, payload,
+                    recorded_at)
+                SELECT key, last_seq, 'claimed', $3,
+                    jsonb_build_object('worker', owner, 'attempt', attempt,
+                        'lease_expires_at', lease_expires_at),
+                    updated_at
+                FROM claimed
+            )
+            SELECT {BUILD_COLUMNS} FROM claimed"
+        ))
+        .await?;
+    let row = c
+        .query_opt(&stmt, &[&worker, &lease.as_secs_f64(), &SCHEMA_VERSION])
+        .await?;
+    row.as_ref().map(build_from_row).transpose()
+}
+
+/// One build's projection row.
+pub(crate) async fn get_build(
+    c: &ClientWrapper,
+    key: &BuildKey,
+) -> Result<Option<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE key = $1"
+        ))
+        .await?;
+    let row = c.query_opt(&stmt, &[&key.as_str()]).await?;
+    row.as_ref().map(build_from_row).transpose()
+}
+
+/// A build's events after `after`, in sequence order. Per-build reads need no snapshot
+/// tricks: sequence numbers are gap-free and assigned under the build's row lock.
+pub(crate) async fn build_events(
+    c: &ClientWrapper,
+    key: &BuildKey,
+    after: u32,
+    limit: u32,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM build_events
+             WHERE build_key = $1 AND seq > $2 ORDER BY seq LIMIT $3"
+        ))
+        .await?;
+    let rows = c
+        .query(
+            &stmt,
+            &[
+                &key.as_str(),
+                &i32::try_from(after).unwrap_or(i32::MAX),
+                &i64::from(limit),
+            ],
+        )
+        .await?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// The global log after `after` in `(tx_id, position)` order, only below the oldest
+/// transaction still running: every event returned belongs to a finished transaction, and no
+/// event can later appear before the last one returned. Empty `types` means all types.
+pub(crate) async fn feed(
+    c: &ClientWrapper,
+    after: GlobalCursor,
+    limit: u32,
+    types: &[EventType],
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM build_events
+             WHERE (tx_id, position) > ($1::text::xid8, $2)
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+               AND (cardinality($3::text[]) = 0 OR event_type = ANY($3))
+             ORDER BY tx_id, position
+             LIMIT $4"
+        ))
+        .await?;
+    let types: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
+    let rows = c
+        .query(
+            &stmt,
+            &[
+                &after.tx_id.to_string(),
+                &after.position,
+                &types,
+                &i64::from(limit),
+            ],
+        )
+        .await?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// One entry of the log's tail as the listener needs it.
+#[derive(Debug, Clone)]
+pub(crate) struct TailEntry {
+    pub cursor: GlobalCursor,
+    pub key: String,
+    pub seq: u32,
+    pub event_type: String,
+}
+
+/// The cursor before which every event is already visible now: where a new listener starts.
+pub(crate) async fn tail_start(c: &Client) -> Result<GlobalCursor, StoreError> {
+    let row = c
+        .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])
+        .await?;
+    let xmin: String = row.try_get(0)?;
+    let xmin: u64 = xmin
+        .parse()
+        .map_err(|_| StoreError::Corrupt(format!("snapshot xmin {xmin:?}")))?;
+    Ok(GlobalCursor {
+        tx_id: xmin.saturating_sub(1),
+        position: i64::MAX,
+    })
+}
+
+/// Like [`feed`], but only what the listener dispatches, on its own connection.
+pub(crate) async fn tail(
+    c: &Client,
+    after: GlobalCursor,
+    limit: u32,
+) -> Result<Vec<TailEntry>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT tx_id::text, position, build_key, seq, event_type FROM build_events
+             WHERE (tx_id, position) > ($1::text::xid8, $2)
+               AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY tx_id, position
+             LIMIT $3",
+            &[&after.tx_id.to_string(), &after.position, &i64::from(limit)],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            let tx: String = r.try_get(0)?;
+            Ok(TailEntry {
+                cursor: GlobalCursor {
+                    tx_id: tx
+                        .parse()
+                        .map_err(|_| StoreError::Corrupt(format!("tx_id {tx:?}")))?,
+                    position: r.try_get(1)?,
+                },
+                key: r.try_get(2)?,
+                seq: to_u32(r.try_get(3)?, "seq")?,
+                event_type: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+/// Subscribes the listening connection to the channel.
+pub(crate) async fn listen(c: &Client) -> Result<(), StoreError> {
+    c.batch_execute(&format!("LISTEN {CHANNEL}")).await?;
+    Ok(())
+}
+
+/// Session settings of the notifying connection: its transactions write no data, so they
+/// need not wait for a WAL flush (see `notify`).
+pub(crate) const NOTIFIER_SETUP: &str = "SET synchronous_commit = off";
+
+/// Sends one notification (a batch of `key:seq` entries) in its own transaction.
+pub(crate) async fn notify(c: &Client, payload: &str) -> Result<(), StoreError> {
+    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
+        .await?;
+    Ok(())
+}
+
+/// A page of projection rows with keys after `after`, in key order (for the rebuild).
+pub(crate) async fn builds_page(
+    c: &tokio_postgres::Transaction<'_>,
+    after: &str,
+    limit: u32,
+) -> Result<Vec<BuildState>, StoreError> {
+    let rows = c
+        .query(
+            &format!("SELECT {BUILD_COLUMNS} FROM builds WHERE key > $1 ORDER BY key LIMIT $2"),
+            &[&after, &i64::from(limit)],
+        )
+        .await?;
+    rows.iter().map(build_from_row).collect()
+}
+
+/// Every event of the given builds, by build and sequence (for the rebuild).
+pub(crate) async fn events_of_builds(
+    c: &tokio_postgres::Transaction<'_>,
+    keys: &[&str],
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {EVENT_COLUMNS} FROM build_events WHERE build_key = ANY($1)
+                 ORDER BY build_key, seq"
+            ),
+            &[&keys],
+        )
+        .await?;
+    rows.iter().map(event_from_row).collect()
+}
+
+/// Keys that have events but no projection row (for the rebuild).
+pub(crate) async fn keys_without_projection(
+    c: &tokio_postgres::Transaction<'_>,
+) -> Result<Vec<String>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT DISTINCT e.build_key FROM build_events e
+             WHERE NOT EXISTS (SELECT 1 FROM builds b WHERE b.key = e.build_key)
+             ORDER BY 1",
+            &[],
+        )
+        .await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
+
+/// Replaces (or inserts) a projection row with a recomputed one.
+pub(crate) async fn overwrite_build(
+    c: &tokio_postgres::Transaction<'_>,
+    s: &BuildState,
+) -> Result<(), StoreError> {
+    c.execute(
+        "INSERT INTO builds (key, status, request, attempt, failures, owner, lease_expires_at,
+            available_at, current_step, last_error, artifact, last_seq, created_at, updated_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+         ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, request = EXCLUDED.request,
+            attempt = EXCLUDED.attempt, failures = EXCLUDED.failures, owner = EXCLUDED.owner,
+            lease_expires_at = EXCLUDED.lease_expires_at, available_at = EXCLUDED.available_at,
+            current_step = EXCLUDED.current_step, last_error = EXCLUDED.last_error,
+            artifact = EXCLUDED.artifact, last_seq = EXCLUDED.last_seq,
+            created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
+        &[
+            &s.key.as_str(),
+            &s.status.as_str(),
+            &Json(json(&s.request)),
+            &to_i32(s.attempt, "attempt")?,
+            &to_i32(s.failures, "failures")?,
+            &s.owner,
+            &s.lease_expires_at,
+            &s.available_at,
+            &s.current_step,
+            &s.last_error.as_ref().map(|e| Json(json(e))),
+            &s.artifact.as_ref().map(|a| Json(json(a))),
+            &to_i32(s.last_seq, "seq")?,
+            &s.created_at,
+            &s.updated_at,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Removes a projection row that has no events behind it.
+pub(crate) async fn delete_build(
+    c: &tokio_postgres::Transaction<'_>,
+    key: &str,
+) -> Result<(), StoreError> {
+    c.execute("DELETE FROM builds WHERE key = $1", &[&key])
+        .await?;
+    Ok(())
+}
+
+/// Takes the lock that serializes migrations across processes (held until released or the
+/// session ends).
+pub(crate) async fn lock_migrations(c: &Client) -> Result<(), StoreError> {
+    c.execute(
+        "SELECT pg_advisory_lock(hashtext('caddy-build-server migrations'))",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Releases [`lock_migrations`].
+pub(crate) async fn unlock_migrations(c: &Client) -> Result<(), StoreError> {
+    c.execute(
+        "SELECT pg_advisory_unlock(hashtext('caddy-build-server migrations'))",
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The newest applied migration version, `None` before the first migration.
+pub(crate) async fn applied_migration(c: &Client) -> Result<Option<i32>, StoreError> {
+    let exists: bool = c
+        .query_one(
+            "SELECT to_regclass('refinery_schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let row = c
+        .query_one("SELECT max(version) FROM refinery_schema_history", &[])
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// The named server settings and the server version (benchmarks print them).
+pub(crate) async fn server_settings(
+    c: &ClientWrapper,
+    names: &[&str],
+) -> Result<Vec<(String, String)>, StoreError> {
+    let rows = c
+        .query(
+            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY($1)
+             UNION ALL SELECT 'server_version', version()
+             ORDER BY 1",
+            &[&names],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}

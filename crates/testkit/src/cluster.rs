@@ -1,0 +1,269 @@
+//! A throwaway Postgres cluster for one test process.
+
+use std::ffi::CString;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A running cluster; stopped and removed when the process exits.
+#[derive(Debug)]
+pub struct Cluster {
+    port: u16,
+    dir: PathBuf,
+}
+
+/// What the exit hook must stop and remove.
+static RUNNING: Mutex<Option<(libc::pid_t, PathBuf)>> = Mutex::new(None);
+
+const DIR_PREFIX: &str = "cbs-pg-";
+
+impl Cluster {
+    /// Starts a cluster: initdb, then `postgres` on a free loopback port.
+    pub fn start() -> Result<Cluster, String> {
+        let bin = bindir()?;
+        remove_stale_clusters();
+        let dir = tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir()
+            .map_err(|e| format!("temp dir for postgres: {e}"))?
+            .keep();
+        std::fs::write(dir.join("owner.pid"), std::process::id().to_string())
+            .map_err(|e| format!("write owner.pid: {e}"))?;
+        let user = RunAs::for_postgres()?;
+        user.chown(&dir)?;
+        let data = dir.join("data");
+
+        let out = command(&bin.join("initdb"), &user)
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .map_err(|e| format!("run initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "initdb failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+
+        let port = free_port()?;
+        let postgres = bin.join("postgres");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (data2, dir2) = (data.clone(), dir.clone());
+        // The parent-death signal fires when the THREAD that forked the server ends, so the
+        // server is started from a thread that lives as long as the process.
+        std::thread::Builder::new()
+            .name("test-postgres".into())
+            .spawn(move || {
+                let mut cmd = command(&postgres, &user);
+                cmd.arg("-D")
+                    .arg(&data2)
+                    .args(["-p", &port.to_string(), "-k"])
+                    .arg(&dir2)
+                    .args([
+                        "-c",
+                        "listen_addresses=127.0.0.1",
+                        // Throwaway data: no flushes. Benchmarks use a durable cluster.
+                        "-c",
+                        "fsync=off",
+                        "-c",
+                        "full_page_writes=off",
+                        "-c",
+                        "max_connections=400",
+                        "-c",
+                        "shared_buffers=128MB",
+                    ])
+                    .stdout(Stdio::null())
+                    .stderr(
+                        std::fs::File::create(dir2.join("postgres.log"))
+                            .map(Stdio::from)
+                            .unwrap_or_else(|_| Stdio::null()),
+                    );
+                // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+                unsafe {
+                    cmd.pre_exec(|| {
+                        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGQUIT) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        Ok(())
+                    });
+                }
+                let child = cmd.spawn();
+                let _ = tx.send(child.map(|c| c.id()));
+                loop {
+                    std::thread::park();
+                }
+            })
+            .map_err(|e| format!("spawn postgres thread: {e}"))?;
+        let pid = rx
+            .recv()
+            .map_err(|e| format!("postgres thread: {e}"))?
+            .map_err(|e| format!("start postgres: {e}"))?;
+        *RUNNING.lock().expect("lock") = Some((pid as libc::pid_t, dir.clone()));
+        // SAFETY: registers a plain extern "C" function.
+        unsafe {
+            libc::atexit(stop_at_exit);
+        }
+        wait_ready(&data, &dir, pid)?;
+        Ok(Cluster { port, dir })
+    }
+
+    /// Connection URL of database `db` (as the `postgres` superuser).
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// The cluster's directory (data, socket, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+extern "C" fn stop_at_exit() {
+    let Ok(mut guard) = RUNNING.lock() else {
+        return;
+    };
+    if let Some((pid, dir)) = guard.take() {
+        // SAFETY: plain syscalls on our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGQUIT);
+            let mut status = 0;
+            libc::waitpid(pid, &mut status, 0);
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Removes clusters left behind by test processes that were killed.
+fn remove_stale_clusters() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().starts_with(DIR_PREFIX) {
+            continue;
+        }
+        let owner = std::fs::read_to_string(entry.path().join("owner.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse::<i32>().ok());
+        // SAFETY: signal 0 only checks whether the process exists.
+        let alive = owner.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        if !alive {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// Waits until the server accepts connections (postmaster.pid says "ready").
+fn wait_ready(data: &Path, dir: &Path, pid: u32) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) {
+            if text.lines().nth(7).is_some_and(|l| l.trim() == "ready") {
+                return Ok(());
+            }
+        }
+        // SAFETY: signal 0 only checks whether the process exists.
+        if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 || Instant::now() > deadline {
+            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+            return Err(format!("test postgres did not start:\n{log}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| format!("free port: {e}"))?;
+    Ok(l.local_addr()
+        .map_err(|e| format!("free port: {e}"))?
+        .port())
+}
+
+/// Directory of the Postgres server binaries.
+fn bindir() -> Result<PathBuf, String> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if p.join("initdb").exists() && p.join("postgres").exists() {
+            return Ok(p);
+        }
+    }
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|p| p.join("postgres").exists())
+        .collect();
+    found.sort();
+    found.pop().ok_or_else(|| {
+        "no Postgres server binaries (initdb, postgres) found: install the postgresql package, or set TEST_DATABASE_URL".to_string()
+    })
+}
+
+/// The user the server runs as: `postgres` when we are root (it refuses root), else us.
+#[derive(Debug, Clone, Copy)]
+struct RunAs {
+    ids: Option<(libc::uid_t, libc::gid_t)>,
+}
+
+impl RunAs {
+    fn for_postgres() -> Result<RunAs, String> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Ok(RunAs { ids: None });
+        }
+        let name = CString::new("postgres").expect("no NUL");
+        // SAFETY: getpwnam returns a pointer to static storage or NULL; read at once.
+        let pw = unsafe { libc::getpwnam(name.as_ptr()) };
+        if pw.is_null() {
+            return Err(
+                "running as root, but there is no `postgres` user to run the test server as".into(),
+            );
+        }
+        // SAFETY: non-null pointer from getpwnam.
+        let (uid, gid) = unsafe { ((*pw).pw_uid, (*pw).pw_gid) };
+        Ok(RunAs {
+            ids: Some((uid, gid)),
+        })
+    }
+
+    fn chown(&self, path: &Path) -> Result<(), String> {
+        if let Some((uid, gid)) = self.ids {
+            std::os::unix::fs::chown(path, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// A command that runs as `user` (setgid/setuid between fork and exec).
+fn command(program: &Path, user: &RunAs) -> Command {
+    let mut cmd = Command::new(program);
+    cmd.env_remove("PGDATA").env("LC_ALL", "C");
+    if let Some((uid, gid)) = user.ids {
+        // SAFETY: setgroups/setgid/setuid are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
+}

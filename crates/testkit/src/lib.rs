@@ -1,0 +1,187 @@
+//! Test support: real Postgres for integration tests.
+//!
+//! If `TEST_DATABASE_URL` is set, tests use that server (the URL's database is only used to
+//! connect; each test gets its own database). Otherwise the first test of a test binary starts
+//! a throwaway cluster from the machine's Postgres binaries (`initdb` and `postgres` in a temp
+//! dir, on a free loopback port) that lives as long as the test process: the server is
+//! started with a parent-death signal, so it stops even when the test process is killed, and
+//! its directory is removed at exit.
+//!
+//! Every test gets a fresh database cloned from a template that was migrated once
+//! (`CREATE DATABASE ... TEMPLATE`, a file copy: milliseconds).
+
+#![allow(unsafe_code)] // setuid and prctl between fork and exec, see `spawn_postgres`.
+
+mod cluster;
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cbs_config::{DatabaseConfig, DatabaseUrl};
+use tokio::sync::OnceCell;
+
+pub use cluster::Cluster;
+
+/// The name of the migrated template database.
+const TEMPLATE: &str = "cbs_template";
+
+/// One test's own migrated database.
+#[derive(Debug)]
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDb {
+    /// A fresh migrated database for one test.
+    pub async fn new() -> TestDb {
+        let server = server().await;
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "t_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin_client(&server.admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
+            .await
+            .unwrap_or_else(|e| panic!("create test database {name}: {e}"));
+        TestDb {
+            url: server.url_for(&name),
+            name,
+        }
+    }
+
+    /// A database config for this database.
+    pub fn config(&self) -> DatabaseConfig {
+        DatabaseConfig {
+            url: DatabaseUrl::new(self.url.clone()),
+            password: None,
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// A plain client, for statements a test runs by hand.
+    pub async fn client(&self) -> tokio_postgres::Client {
+        admin_client(&self.url).await
+    }
+
+    /// A client of the server's admin database (to terminate backends, for example).
+    pub async fn admin(&self) -> tokio_postgres::Client {
+        admin_client(&server().await.admin_url).await
+    }
+}
+
+struct Server {
+    /// URL of the `postgres` database, for CREATE DATABASE.
+    admin_url: String,
+    /// The URL with `{db}` where the database name goes.
+    base: String,
+    /// Keeps our own cluster alive (None with TEST_DATABASE_URL).
+    _cluster: Option<Cluster>,
+}
+
+impl Server {
+    fn url_for(&self, db: &str) -> String {
+        self.base.replace("{db}", db)
+    }
+}
+
+async fn admin_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connect to test postgres: {e}"));
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    client
+}
+
+/// The server of this test process, started (and its template migrated) on first use.
+async fn server() -> &'static Server {
+    static SERVER: OnceCell<Server> = OnceCell::const_new();
+    SERVER
+        .get_or_init(|| async {
+            // Started on a thread of its own: the runtime of the first test may end before
+            // later tests run, and the server must outlive it.
+            let server = std::thread::spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(start_server())
+            })
+            .join()
+            .expect("start test postgres");
+            server
+        })
+        .await
+}
+
+async fn start_server() -> Server {
+    let (base, cluster) = match std::env::var("TEST_DATABASE_URL") {
+        Ok(url) if !url.is_empty() => (with_database(&url, "{db}"), None),
+        _ => {
+            let cluster = Cluster::start().unwrap_or_else(|e| panic!("{e}"));
+            (cluster.url("{db}"), Some(cluster))
+        }
+    };
+    let admin_url = base.replace("{db}", "postgres");
+    let admin = admin_client(&admin_url).await;
+    // One template per test process; a leftover from an earlier run is replaced.
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {TEMPLATE} WITH (FORCE)"))
+        .await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {TEMPLATE}"))
+        .await
+        .unwrap_or_else(|e| panic!("create template database: {e}"));
+    let config = DatabaseConfig {
+        url: DatabaseUrl::new(base.replace("{db}", TEMPLATE)),
+        password: None,
+        pool_size: 1,
+        connect_timeout: Duration::from_secs(5),
+    };
+    let connector = cbs_store::PgConnector::new(&config).expect("template config");
+    cbs_store::migrate::run(&connector)
+        .await
+        .unwrap_or_else(|e| panic!("migrate template: {e}"));
+    Server {
+        admin_url,
+        base,
+        _cluster: cluster,
+    }
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = head.find("://").map_or(0, |i| i + 3);
+    let base = match head[scheme_end..].find('/') {
+        Some(i) => &head[..scheme_end + i],
+        None => head,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::with_database;
+
+    #[test]
+    fn replaces_the_database_of_a_url() {
+        assert_eq!(
+            with_database("postgres://u:p@h:1/x?sslmode=disable", "y"),
+            "postgres://u:p@h:1/y?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "y"), "postgres://h/y");
+    }
+}

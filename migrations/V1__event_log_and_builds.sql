@@ -1,0 +1,66 @@
+-- The build event log (the source of truth) and the `builds` projection (a read model that
+-- is updated in the same transaction as each append and can be rebuilt from the log).
+
+CREATE TABLE build_events (
+    -- Global position. Unique, but not commit order: readers of the global log page by
+    -- (tx_id, position) below the oldest running transaction instead (see the store's feed).
+    position       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    build_key      text        NOT NULL CHECK (build_key ~ '^[0-9a-f]{64}$'),
+    -- Per-build sequence number: 1, 2, 3, ... The unique constraint makes a concurrent
+    -- writer of the same number fail instead of writing a duplicate.
+    seq            integer     NOT NULL CHECK (seq >= 1),
+    event_type     text        NOT NULL,
+    schema_version smallint    NOT NULL,
+    payload        jsonb       NOT NULL,
+    recorded_at    timestamptz NOT NULL,
+    -- The writing transaction. Assigned by the database, never by the writer.
+    tx_id          xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    CONSTRAINT build_events_key_seq UNIQUE (build_key, seq)
+);
+
+-- Paging the global log in commit-safe order.
+CREATE INDEX build_events_tx_position ON build_events (tx_id, position);
+-- Download counts and audit queries by type.
+CREATE INDEX build_events_type_position ON build_events (event_type, position);
+
+-- The log is append-only: the database itself refuses to change or remove events.
+CREATE FUNCTION build_events_refuse_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'build_events is append-only: % is not allowed', TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+CREATE TRIGGER build_events_append_only
+    BEFORE UPDATE OR DELETE ON build_events
+    FOR EACH ROW EXECUTE FUNCTION build_events_refuse_change();
+
+CREATE TRIGGER build_events_no_truncate
+    BEFORE TRUNCATE ON build_events
+    FOR EACH STATEMENT EXECUTE FUNCTION build_events_refuse_change();
+
+-- The projection: one row per build, the fold of its events (crates/projections).
+CREATE TABLE builds (
+    key              text        PRIMARY KEY CHECK (key ~ '^[0-9a-f]{64}$'),
+    status           text        NOT NULL CHECK (status IN
+                         ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'gave_up')),
+    request          jsonb       NOT NULL,
+    attempt          integer     NOT NULL CHECK (attempt >= 0),
+    failures         integer     NOT NULL CHECK (failures >= 0),
+    owner            text,
+    lease_expires_at timestamptz,
+    available_at     timestamptz NOT NULL,
+    current_step     text,
+    last_error       jsonb,
+    artifact         jsonb,
+    last_seq         integer     NOT NULL,
+    created_at       timestamptz NOT NULL,
+    updated_at       timestamptz NOT NULL,
+    CHECK ((status = 'running') = (owner IS NOT NULL AND lease_expires_at IS NOT NULL))
+);
+
+-- The claim: the oldest available queued build. Partial, so it holds only the queue.
+CREATE INDEX builds_claimable ON builds (available_at, key) WHERE status = 'queued';
+-- Rescue of expired leases.
+CREATE INDEX builds_running_lease ON builds (lease_expires_at) WHERE status = 'running';
