@@ -216,7 +216,9 @@ async fn session(
     cursor: &mut Option<GlobalCursor>,
     connected: &mut bool,
 ) -> Result<(), StoreError> {
-    let (client, mut messages) = connector.connect_with_messages("").await?;
+    let (client, mut messages) = connector
+        .connect_with_messages(queries::LISTENER_SETUP)
+        .await?;
     // LISTEN first, then read: an event committed in between is both notified and read.
     queries::listen(&client).await?;
     let start = match *cursor {

@@ -31,6 +31,11 @@ pub use error::StoreError;
 pub use hub::{BuildWaiter, Hub, QueueWaiter};
 pub use rebuild::{Difference, RebuildReport};
 
+/// The time recorded with an event (the writer's clock; the claim uses the database's).
+fn now() -> chrono::DateTime<Utc> {
+    Utc::now()
+}
+
 /// The result of asking for a build.
 #[derive(Debug, Clone)]
 pub struct RequestOutcome {
@@ -79,8 +84,7 @@ impl Store {
         let event = Event::Requested(Requested {
             request: request.clone(),
         });
-        let now = Utc::now();
-        let state = apply(None, key, 1, now, &event)?;
+        let state = apply(None, key, 1, now(), &event)?;
         let client = self.client().await?;
         if queries::insert_build(&client, &state, &event).await? {
             self.notifier.note(key, 1, true);
@@ -106,7 +110,7 @@ impl Store {
     /// writer therefore gets [`StoreError::Conflict`], never a duplicate or a gap.
     pub async fn append(&self, prev: &BuildState, event: Event) -> Result<BuildState, StoreError> {
         let seq = prev.last_seq + 1;
-        let next = apply(Some(prev), &prev.key, seq, Utc::now(), &event)?;
+        let next = apply(Some(prev), &prev.key, seq, now(), &event)?;
         let client = self.client().await?;
         if !queries::append_event(&client, prev.last_seq, &next, &event).await? {
             return Err(StoreError::Conflict {
@@ -119,31 +123,34 @@ impl Store {
         Ok(next)
     }
 
-    /// Appends `event` to the build's latest state, re-reading and retrying when another
-    /// writer got in between. Events of one attempt (a worker's writes) carry its number, so
-    /// the fold refuses them with [`cbs_projections::FoldError::Fenced`] once the lease was
-    /// taken away, whatever happened in between.
+    /// Appends `event` to the build's latest state: locks the build's row, folds, writes,
+    /// commits. For writers that do not hold the current state, or that compete for a build
+    /// (workers, the janitor, cancellation). Events of one attempt carry its number, so the
+    /// fold refuses them with [`cbs_projections::FoldError::Fenced`] once the lease was taken
+    /// away, whatever happened in between.
     pub async fn append_latest(
         &self,
         key: &BuildKey,
         event: Event,
     ) -> Result<BuildState, StoreError> {
-        const TRIES: usize = 8;
-        for _ in 1..TRIES {
-            let prev = self
-                .build(key)
-                .await?
-                .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-            match self.append(&prev, event.clone()).await {
-                Err(StoreError::Conflict { .. }) => continue,
-                other => return other,
-            }
-        }
-        let prev = self
-            .build(key)
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let prev = queries::lock_build(&tx, key)
             .await?
             .ok_or_else(|| StoreError::NotFound(key.clone()))?;
-        self.append(&prev, event).await
+        let seq = prev.last_seq + 1;
+        // On a refusal the transaction is dropped, which rolls it back.
+        let next = apply(Some(&prev), key, seq, now(), &event)?;
+        if !queries::append_event(&tx, prev.last_seq, &next, &event).await? {
+            return Err(StoreError::Corrupt(format!(
+                "build {key}: event {seq} exists although the row was locked at {}",
+                prev.last_seq
+            )));
+        }
+        tx.commit().await?;
+        self.notifier
+            .note(key, seq, event.event_type().makes_claimable());
+        Ok(next)
     }
 
     /// Claims the oldest available queued build for `worker`, in one statement that also

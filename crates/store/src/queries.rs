@@ -9,7 +9,7 @@ use std::time::Duration;
 use cbs_domain::BuildKey;
 use cbs_events::{Event, EventType, GlobalCursor, RecordedEvent, SCHEMA_VERSION};
 use cbs_projections::{BuildState, Status};
-use deadpool_postgres::ClientWrapper;
+use deadpool_postgres::GenericClient;
 use postgres_types::Json;
 use tokio_postgres::{Client, Row};
 
@@ -105,7 +105,7 @@ pub(crate) fn event_from_row(row: &Row) -> Result<RecordedEvent, StoreError> {
 /// Returns whether it was inserted. Concurrent inserts of one key wait for each other and
 /// exactly one wins (`ON CONFLICT DO NOTHING`).
 pub(crate) async fn insert_build(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     state: &BuildState,
     event: &Event,
 ) -> Result<bool, StoreError> {
@@ -158,7 +158,7 @@ pub(crate) async fn insert_build(
 /// statement then re-checks `last_seq` against the committed row and matches nothing. The
 /// unique `(build_key, seq)` constraint is the second line of defence.
 pub(crate) async fn append_event(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     expected_last_seq: u32,
     next: &BuildState,
     event: &Event,
@@ -215,7 +215,7 @@ pub(crate) async fn append_event(
 /// in SQL, so that the claim needs no second round trip; `rebuild-projections` and the tests
 /// check it against [`cbs_projections::apply`].
 pub(crate) async fn claim(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     worker: &str,
     lease: Duration,
 ) -> Result<Option<BuildState>, StoreError> {
@@ -253,7 +253,7 @@ pub(crate) async fn claim(
 
 /// One build's projection row.
 pub(crate) async fn get_build(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     key: &BuildKey,
 ) -> Result<Option<BuildState>, StoreError> {
     let stmt = c
@@ -265,10 +265,24 @@ pub(crate) async fn get_build(
     row.as_ref().map(build_from_row).transpose()
 }
 
+/// One build's projection row, locked until the end of the transaction `c` is in.
+pub(crate) async fn lock_build(
+    c: &impl GenericClient,
+    key: &BuildKey,
+) -> Result<Option<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds WHERE key = $1 FOR UPDATE"
+        ))
+        .await?;
+    let row = c.query_opt(&stmt, &[&key.as_str()]).await?;
+    row.as_ref().map(build_from_row).transpose()
+}
+
 /// A build's events after `after`, in sequence order. Per-build reads need no snapshot
 /// tricks: sequence numbers are gap-free and assigned under the build's row lock.
 pub(crate) async fn build_events(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     key: &BuildKey,
     after: u32,
     limit: u32,
@@ -296,7 +310,7 @@ pub(crate) async fn build_events(
 /// transaction still running: every event returned belongs to a finished transaction, and no
 /// event can later appear before the last one returned. Empty `types` means all types.
 pub(crate) async fn feed(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     after: GlobalCursor,
     limit: u32,
     types: &[EventType],
@@ -392,7 +406,11 @@ pub(crate) async fn listen(c: &Client) -> Result<(), StoreError> {
 
 /// Session settings of the notifying connection: its transactions write no data, so they
 /// need not wait for a WAL flush (see `notify`).
-pub(crate) const NOTIFIER_SETUP: &str = "SET synchronous_commit = off";
+pub(crate) const NOTIFIER_SETUP: &str =
+    "SET synchronous_commit = off; SET application_name = 'caddy-build-server notifier'";
+
+/// Session settings of the listening connection: a name operators (and tests) can find.
+pub(crate) const LISTENER_SETUP: &str = "SET application_name = 'caddy-build-server listener'";
 
 /// Sends one notification (a batch of `key:seq` entries) in its own transaction.
 pub(crate) async fn notify(c: &Client, payload: &str) -> Result<(), StoreError> {
@@ -535,7 +553,7 @@ pub(crate) async fn applied_migration(c: &Client) -> Result<Option<i32>, StoreEr
 
 /// The named server settings and the server version (benchmarks print them).
 pub(crate) async fn server_settings(
-    c: &ClientWrapper,
+    c: &impl GenericClient,
     names: &[&str],
 ) -> Result<Vec<(String, String)>, StoreError> {
     let rows = c

@@ -53,6 +53,26 @@ impl TestDb {
         }
     }
 
+    /// An empty database (not migrated), for migration tests.
+    pub async fn empty() -> TestDb {
+        let server = server().await;
+        static COUNTER: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "e_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let admin = admin_client(&server.admin_url).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap_or_else(|e| panic!("create test database {name}: {e}"));
+        TestDb {
+            url: server.url_for(&name),
+            name,
+        }
+    }
+
     /// A database config for this database.
     pub fn config(&self) -> DatabaseConfig {
         DatabaseConfig {
