@@ -514,7 +514,7 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
     let db = TestDb::new().await;
     let store = store(&db).await;
     store.request_build(&key(10), &request(10)).await.unwrap();
-    let page = store.feed(GlobalCursor::default(), 100, &[]).await.unwrap();
+    let page = feed_until(&store, GlobalCursor::default(), 1).await;
     assert_eq!(page.len(), 1);
     let cursor = page[0].cursor();
 
@@ -543,7 +543,9 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
     );
 
     tx.commit().await.unwrap();
-    let page = store.feed(cursor, 100, &[]).await.unwrap();
+    // Other tests share the cluster, and their running transactions hold the feed back
+    // too (transaction ids are cluster-wide): read until both events are out.
+    let page = feed_until(&store, cursor, 2).await;
     let keys: Vec<&BuildKey> = page.iter().map(|e| &e.key).collect();
     assert_eq!(
         keys,
@@ -559,8 +561,24 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
         .unwrap();
     assert!(only_claims.is_empty());
     let first = store.feed(GlobalCursor::default(), 1, &[]).await.unwrap();
-    let rest = store.feed(first[0].cursor(), 100, &[]).await.unwrap();
+    let rest = feed_until(&store, first[0].cursor(), 2).await;
     assert_eq!(first.len() + rest.len(), 3);
+}
+
+/// Reads the feed after `cursor` until it returns `n` events (deadline [`DEADLINE`]).
+async fn feed_until(
+    store: &Store,
+    cursor: GlobalCursor,
+    n: usize,
+) -> Vec<cbs_events::RecordedEvent> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let page = store.feed(cursor, 100, &[]).await.unwrap();
+        if page.len() >= n || tokio::time::Instant::now() > deadline {
+            return page;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn hub(db: &TestDb, poll: Duration, shutdown: &CancellationToken) -> Hub {
