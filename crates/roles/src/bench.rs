@@ -56,9 +56,6 @@ fn fresh_key() -> BuildKey {
 
 /// Runs the benchmark and prints a report.
 pub async fn queue(app: App, args: QueueArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
-    cbs_store::migrate::run(app.store.connector())
-        .await
-        .context("migrating the benchmark database")?;
     let mut out = String::from("# bench queue\n\nPostgres settings:\n");
     for (name, value) in app.store.server_settings().await? {
         out.push_str(&format!("  {name} = {value}\n"));
@@ -71,6 +68,15 @@ pub async fn queue(app: App, args: QueueArgs, shutdown: CancellationToken) -> an
         .await
         .context("the listening connection did not come up within 10 s")??;
 
+    let (from_commit, from_start) =
+        dispatch(&app, args.dispatch_samples, args.idle_claimers).await?;
+    print_out(&format!(
+        "\ndispatch latency (on an idle queue), {} samples, {} idle claimers woken by NOTIFY:\n  request committed -> claimed: {}\n  request sent      -> claimed: {}\n",
+        from_commit.len(),
+        args.idle_claimers,
+        summary(from_commit),
+        summary(from_start),
+    ));
     print_out("\nthroughput (request, claim, step started, step finished, succeeded):\n");
     for &n in &args.claimers {
         if shutdown.is_cancelled() {
@@ -84,18 +90,6 @@ pub async fn queue(app: App, args: QueueArgs, shutdown: CancellationToken) -> an
             5.0 * cycles as f64 / elapsed.as_secs_f64(),
         ));
     }
-    if shutdown.is_cancelled() {
-        return Ok(());
-    }
-    let (from_commit, from_start) =
-        dispatch(&app, args.dispatch_samples, args.idle_claimers).await?;
-    print_out(&format!(
-        "\ndispatch latency, {} samples, {} idle claimers woken by NOTIFY:\n  request committed -> claimed: {}\n  request sent      -> claimed: {}\n",
-        from_commit.len(),
-        args.idle_claimers,
-        summary(from_commit),
-        summary(from_start),
-    ));
     Ok(())
 }
 

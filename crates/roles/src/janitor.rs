@@ -8,20 +8,16 @@ use tracing::info;
 
 use crate::App;
 
-/// Applies migrations if the config asks for it.
-pub async fn migrate(app: &App) -> anyhow::Result<()> {
-    if app.config.janitor.migrate_on_start {
-        cbs_store::migrate::run(app.store.connector())
+/// Applies migrations if the config asks for it (before anything else connects, so that
+/// the listening connection finds its tables).
+pub async fn migrate(config: &cbs_config::Config) -> anyhow::Result<()> {
+    if config.janitor.migrate_on_start {
+        let connector = cbs_store::PgConnector::new(&config.database)?;
+        cbs_store::migrate::run(&connector)
             .await
-            .with_context(|| format!("migrating {}", app.store.connector().display()))?;
+            .with_context(|| format!("migrating {}", connector.display()))?;
     }
     Ok(())
-}
-
-/// The janitor process: migrate, then run the services until `shutdown`.
-pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
-    migrate(&app).await?;
-    run_services(app, shutdown).await
 }
 
 /// The maintenance services, until `shutdown`.

@@ -50,10 +50,10 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signals();
     match cli.command {
         Command::Migrate => {
-            let store = Store::new(&config.database)?;
-            let applied = cbs_store::migrate::run(store.connector())
+            let connector = cbs_store::PgConnector::new(&config.database)?;
+            let applied = cbs_store::migrate::run(&connector)
                 .await
-                .with_context(|| format!("migrating {}", store.connector().display()))?;
+                .with_context(|| format!("migrating {}", connector.display()))?;
             info!(applied, "migrations done");
             Ok(())
         }
@@ -64,8 +64,9 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             janitor::rebuild_projections(&store, fix).await
         }
         Command::Janitor { command: None } => {
+            janitor::migrate(&config).await?;
             let app = App::new(config, &shutdown)?;
-            janitor::run(app, shutdown).await
+            janitor::run_services(app, shutdown).await
         }
         Command::Api => {
             let app = App::new(config, &shutdown)?;
@@ -80,6 +81,10 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Bench {
             command: BenchCommand::Queue(args),
         } => {
+            let connector = cbs_store::PgConnector::new(&config.database)?;
+            cbs_store::migrate::run(&connector)
+                .await
+                .context("migrating the benchmark database")?;
             let app = App::new(config, &shutdown)?;
             bench::queue(app, args, shutdown).await
         }
@@ -89,8 +94,8 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
 /// Every role in one process: migrations first, then api, worker and janitor side by side.
 /// The first role to fail stops the others.
 pub async fn run_all(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    janitor::migrate(&config).await?;
     let app = App::new(config, &shutdown)?;
-    janitor::migrate(&app).await?;
     let listener = api::bind(&app.config).await?;
     let stop = shutdown.child_token();
     let result = tokio::try_join!(

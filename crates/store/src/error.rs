@@ -18,7 +18,7 @@ pub enum StoreError {
     /// A stored row cannot be read back (a bug or a manual edit).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
-    #[error("database: {0}")]
+    #[error("database: {}", describe_db(.0))]
     Db(#[from] tokio_postgres::Error),
     #[error("database pool: {0}")]
     Pool(#[from] deadpool_postgres::PoolError),
@@ -32,5 +32,16 @@ impl StoreError {
     /// The writer's attempt was fenced off: its lease is gone, it must stop.
     pub fn is_fenced(&self) -> bool {
         matches!(self, StoreError::Rejected(FoldError::Fenced { .. }))
+    }
+}
+
+/// tokio-postgres prints only "db error" for errors the server sent: add the server's words.
+fn describe_db(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} ({})", db.severity(), db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
     }
 }

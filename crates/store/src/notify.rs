@@ -24,6 +24,13 @@ use crate::queries;
 /// Room for entries in one payload (Postgres allows just under 8000 bytes).
 const MAX_PAYLOAD: usize = 7000;
 
+/// How long progress notes (steps, results) may wait to share a NOTIFY with later ones.
+/// Every NOTIFY is a transaction and wakes every listening backend, so at high write rates
+/// coalescing is what keeps notifications from costing more than the writes. Notes that make
+/// a build claimable are sent at once (and take whatever is waiting with them), so dispatch
+/// latency does not pay for this.
+const LINGER: Duration = Duration::from_millis(2);
+
 /// Queues notifications for the sending task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Notifier {
@@ -57,25 +64,34 @@ impl Notifier {
     }
 }
 
-/// Builds payloads from waiting notes: the newest seq per build, claimable if any was.
-fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> String {
+/// Collects the notes of one payload: the newest seq per build, claimable if any was.
+/// Waits up to [`LINGER`] for more unless a claimable note is among them.
+async fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> String {
     let mut latest: HashMap<BuildKey, (u32, bool)> = HashMap::new();
-    let mut size = 0;
-    let mut add = |n: Note| {
+    let mut urgent = false;
+    let mut add = |n: Note, urgent: &mut bool| {
+        *urgent |= n.claimable;
         let e = latest.entry(n.key).or_insert((0, false));
         e.0 = e.0.max(n.seq);
         e.1 |= n.claimable;
     };
-    add(first);
+    add(first, &mut urgent);
+    let deadline = tokio::time::Instant::now() + LINGER;
     // Each entry takes at most 64 + 1 + 10 + 2 + 1 bytes.
+    let mut size = 80;
     while size + 80 < MAX_PAYLOAD {
-        match rx.try_recv() {
-            Ok(n) => {
-                add(n);
-                size += 80;
-            }
-            Err(_) => break,
-        }
+        let next = match rx.try_recv() {
+            Ok(n) => Some(n),
+            Err(mpsc::error::TryRecvError::Disconnected) => None,
+            Err(mpsc::error::TryRecvError::Empty) if urgent => None,
+            Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .ok()
+                .flatten(),
+        };
+        let Some(n) = next else { break };
+        add(n, &mut urgent);
+        size += 80;
     }
     let mut payload = String::with_capacity(latest.len() * 80);
     for (key, (seq, claimable)) in latest {
@@ -92,17 +108,25 @@ fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> String {
     payload
 }
 
+/// A connection for notifications with its prepared statement.
+async fn connect(
+    connector: &PgConnector,
+) -> Result<(tokio_postgres::Client, tokio_postgres::Statement), crate::StoreError> {
+    let (client, _messages) = connector
+        .connect_with_messages(queries::NOTIFIER_SETUP)
+        .await?;
+    let stmt = queries::prepare_notify(&client).await?;
+    Ok((client, stmt))
+}
+
 async fn run(connector: PgConnector, mut rx: mpsc::UnboundedReceiver<Note>) {
     let mut client = None;
     let mut backoff = Duration::from_millis(50);
     while let Some(first) = rx.recv().await {
-        let payload = next_payload(first, &mut rx);
+        let payload = next_payload(first, &mut rx).await;
         if client.is_none() {
-            match connector
-                .connect_with_messages(queries::NOTIFIER_SETUP)
-                .await
-            {
-                Ok((c, _messages)) => {
+            match connect(&connector).await {
+                Ok(c) => {
                     client = Some(c);
                     backoff = Duration::from_millis(50);
                 }
@@ -115,20 +139,19 @@ async fn run(connector: PgConnector, mut rx: mpsc::UnboundedReceiver<Note>) {
                 }
             }
         }
-        let Some(c) = &client else { continue };
-        if let Err(e) = queries::notify(c, &payload).await {
+        let Some((c, stmt)) = &client else { continue };
+        if let Err(e) = queries::notify(c, stmt, &payload).await {
             debug!(error = %e, "notification not sent; reconnecting");
             client = None;
         }
     }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn payload_keeps_the_newest_seq_per_build_and_the_claimable_flag() {
+    #[tokio::test]
+    async fn payload_keeps_the_newest_seq_per_build_and_the_claimable_flag() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         let a = BuildKey::digest(b"a");
         let b = BuildKey::digest(b"b");
@@ -141,7 +164,7 @@ mod tests {
             .unwrap();
         }
         let first = rx.try_recv().unwrap();
-        let payload = next_payload(first, &mut rx);
+        let payload = next_payload(first, &mut rx).await;
         let mut entries: Vec<&str> = payload.split(' ').collect();
         entries.sort();
         let mut want = vec![format!("{a}:3"), format!("{b}:1:q")];
@@ -149,8 +172,8 @@ mod tests {
         assert_eq!(entries, want);
     }
 
-    #[test]
-    fn payload_stays_under_the_postgres_limit() {
+    #[tokio::test]
+    async fn payload_stays_under_the_postgres_limit() {
         let (tx, mut rx) = mpsc::unbounded_channel();
         for i in 0..1000u32 {
             tx.send(Note {
@@ -161,7 +184,7 @@ mod tests {
             .unwrap();
         }
         let first = rx.try_recv().unwrap();
-        let payload = next_payload(first, &mut rx);
+        let payload = next_payload(first, &mut rx).await;
         assert!(payload.len() < 8000, "{}", payload.len());
         assert!(!rx.is_empty(), "the rest waits for the next payload");
     }

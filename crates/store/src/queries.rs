@@ -412,10 +412,18 @@ pub(crate) const NOTIFIER_SETUP: &str =
 /// Session settings of the listening connection: a name operators (and tests) can find.
 pub(crate) const LISTENER_SETUP: &str = "SET application_name = 'caddy-build-server listener'";
 
+/// Prepares [`notify`]'s statement on the notifier's connection.
+pub(crate) async fn prepare_notify(c: &Client) -> Result<tokio_postgres::Statement, StoreError> {
+    Ok(c.prepare("SELECT pg_notify($1, $2)").await?)
+}
+
 /// Sends one notification (a batch of `key:seq` entries) in its own transaction.
-pub(crate) async fn notify(c: &Client, payload: &str) -> Result<(), StoreError> {
-    c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-        .await?;
+pub(crate) async fn notify(
+    c: &Client,
+    stmt: &tokio_postgres::Statement,
+    payload: &str,
+) -> Result<(), StoreError> {
+    c.execute(stmt, &[&CHANNEL, &payload]).await?;
     Ok(())
 }
 
