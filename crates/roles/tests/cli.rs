@@ -145,15 +145,10 @@ async fn rebuild_projections_fails_on_a_difference_and_fix_repairs_it() {
     let db = TestDb::new().await;
     let store = cbs_store::Store::new(&db.config()).unwrap();
     let key = cbs_domain::BuildKey::digest(b"cli");
-    let request = cbs_domain::BuildRequest {
-        os: "linux".into(),
-        arch: "amd64".into(),
-        arm: None,
-        caddy_version: "v2.8.4".into(),
-        plugins: vec![],
-        replacements: vec![],
-    };
-    store.request_build(&key, &request).await.unwrap();
+    store
+        .request_build(&key, &cbs_testkit::sample_request(4))
+        .await
+        .unwrap();
     db.client()
         .await
         .execute("UPDATE builds SET attempt = 3", &[])

@@ -84,6 +84,16 @@ impl Shared {
     }
 }
 
+/// Returns when either receiver sees a new value. A closed sender (the hub is gone) never
+/// wakes, so a waiter cannot spin; waiters always wait with their own deadline.
+async fn either_changed<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receiver<B>) {
+    let never = std::future::pending::<()>;
+    tokio::select! {
+        r = a.changed() => if r.is_err() { never().await },
+        r = b.changed() => if r.is_err() { never().await },
+    }
+}
+
 /// Waits for news of one build.
 #[derive(Debug)]
 pub struct BuildWaiter {
@@ -95,15 +105,7 @@ impl BuildWaiter {
     /// Returns when the build may have new events (a notification, a backstop read, or a
     /// reconnection of the hub). Read the log after it returns; it may return spuriously.
     pub async fn changed(&mut self) {
-        tokio::select! {
-            r = self.seq.changed() => {
-                // The sender lives while we hold a receiver; if the hub is gone, do not spin.
-                if r.is_err() { std::future::pending::<()>().await }
-            }
-            r = self.epoch.changed() => {
-                if r.is_err() { std::future::pending::<()>().await }
-            }
-        }
+        either_changed(&mut self.seq, &mut self.epoch).await;
     }
 
     /// The newest sequence number the hub has seen for this build (0 if none yet).
@@ -122,14 +124,7 @@ pub struct QueueWaiter {
 impl QueueWaiter {
     /// Returns when a build may have become claimable (or the hub reconnected).
     pub async fn changed(&mut self) {
-        tokio::select! {
-            r = self.queue.changed() => {
-                if r.is_err() { std::future::pending::<()>().await }
-            }
-            r = self.epoch.changed() => {
-                if r.is_err() { std::future::pending::<()>().await }
-            }
-        }
+        either_changed(&mut self.queue, &mut self.epoch).await;
     }
 }
 

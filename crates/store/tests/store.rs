@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
 use cbs_config::NotifyConfig;
-use cbs_domain::{BuildKey, BuildRequest};
+use cbs_domain::BuildKey;
 use cbs_events::{
     Artifact, Cancelled, Event, EventType, Failed, FailureKind, GaveUp, GlobalCursor,
     RequeueReason, Requeued, StepFinished, StepStarted, Succeeded,
@@ -20,16 +20,7 @@ const LEASE: Duration = Duration::from_secs(60);
 /// Deadline of every wait in these tests: generous, never a sleep.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn request(n: u32) -> BuildRequest {
-    BuildRequest {
-        os: "linux".into(),
-        arch: "amd64".into(),
-        arm: None,
-        caddy_version: format!("v2.8.{n}"),
-        plugins: vec![],
-        replacements: vec![],
-    }
-}
+use cbs_testkit::sample_request as request;
 
 fn key(n: u32) -> BuildKey {
     BuildKey::digest(&n.to_be_bytes())

@@ -22,6 +22,18 @@ use tokio::sync::OnceCell;
 
 pub use cluster::Cluster;
 
+/// A build request for tests; `n` makes it distinct (it is the Caddy patch version).
+pub fn sample_request(n: u32) -> cbs_domain::BuildRequest {
+    cbs_domain::BuildRequest {
+        os: "linux".into(),
+        arch: "amd64".into(),
+        arm: None,
+        caddy_version: format!("v2.8.{n}"),
+        plugins: vec![],
+        replacements: vec![],
+    }
+}
+
 /// The name of the migrated template database.
 const TEMPLATE: &str = "cbs_template";
 
@@ -35,36 +47,28 @@ pub struct TestDb {
 impl TestDb {
     /// A fresh migrated database for one test.
     pub async fn new() -> TestDb {
-        let server = server().await;
-        static COUNTER: AtomicU32 = AtomicU32::new(0);
-        let name = format!(
-            "t_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let admin = admin_client(&server.admin_url).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name} TEMPLATE {TEMPLATE}"))
-            .await
-            .unwrap_or_else(|e| panic!("create test database {name}: {e}"));
-        TestDb {
-            url: server.url_for(&name),
-            name,
-        }
+        TestDb::create("t", Some(TEMPLATE)).await
     }
 
     /// An empty database (not migrated), for migration tests.
     pub async fn empty() -> TestDb {
+        TestDb::create("e", None).await
+    }
+
+    async fn create(prefix: &str, template: Option<&str>) -> TestDb {
         let server = server().await;
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let name = format!(
-            "e_{}_{}",
+            "{prefix}_{}_{}",
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
+        let template = template
+            .map(|t| format!(" TEMPLATE {t}"))
+            .unwrap_or_default();
         let admin = admin_client(&server.admin_url).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name}{template}"))
             .await
             .unwrap_or_else(|e| panic!("create test database {name}: {e}"));
         TestDb {
