@@ -31,6 +31,10 @@ const MAX_PAYLOAD: usize = 7000;
 /// latency does not pay for this.
 const LINGER: Duration = Duration::from_millis(2);
 
+/// Least time between two NOTIFYs of one process. After a quiet period the first goes at
+/// once; under load this caps the rate and everything that arrives meanwhile shares one.
+const MIN_GAP: Duration = Duration::from_millis(1);
+
 /// Queues notifications for the sending task. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct Notifier {
@@ -65,8 +69,13 @@ impl Notifier {
 }
 
 /// Collects the notes of one payload: the newest seq per build, claimable if any was.
-/// Waits up to [`LINGER`] for more unless a claimable note is among them.
-async fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> String {
+/// Waits up to [`LINGER`] for more unless a claimable note is among them, and in any case
+/// until `earliest` (the previous NOTIFY plus [`MIN_GAP`]).
+async fn next_payload(
+    first: Note,
+    rx: &mut mpsc::UnboundedReceiver<Note>,
+    earliest: tokio::time::Instant,
+) -> String {
     let mut latest: HashMap<BuildKey, (u32, bool)> = HashMap::new();
     let mut urgent = false;
     let mut add = |n: Note, urgent: &mut bool| {
@@ -76,14 +85,17 @@ async fn next_payload(first: Note, rx: &mut mpsc::UnboundedReceiver<Note>) -> St
         e.1 |= n.claimable;
     };
     add(first, &mut urgent);
-    let deadline = tokio::time::Instant::now() + LINGER;
+    let lazy_deadline = (tokio::time::Instant::now() + LINGER).max(earliest);
     // Each entry takes at most 64 + 1 + 10 + 2 + 1 bytes.
     let mut size = 80;
     while size + 80 < MAX_PAYLOAD {
+        let deadline = if urgent { earliest } else { lazy_deadline };
         let next = match rx.try_recv() {
             Ok(n) => Some(n),
             Err(mpsc::error::TryRecvError::Disconnected) => None,
-            Err(mpsc::error::TryRecvError::Empty) if urgent => None,
+            Err(mpsc::error::TryRecvError::Empty) if tokio::time::Instant::now() >= deadline => {
+                None
+            }
             Err(mpsc::error::TryRecvError::Empty) => tokio::time::timeout_at(deadline, rx.recv())
                 .await
                 .ok()
@@ -122,8 +134,10 @@ async fn connect(
 async fn run(connector: PgConnector, mut rx: mpsc::UnboundedReceiver<Note>) {
     let mut client = None;
     let mut backoff = Duration::from_millis(50);
+    let mut earliest = tokio::time::Instant::now();
     while let Some(first) = rx.recv().await {
-        let payload = next_payload(first, &mut rx).await;
+        let payload = next_payload(first, &mut rx, earliest).await;
+        earliest = tokio::time::Instant::now() + MIN_GAP;
         if client.is_none() {
             match connect(&connector).await {
                 Ok(c) => {
@@ -164,7 +178,7 @@ mod tests {
             .unwrap();
         }
         let first = rx.try_recv().unwrap();
-        let payload = next_payload(first, &mut rx).await;
+        let payload = next_payload(first, &mut rx, tokio::time::Instant::now()).await;
         let mut entries: Vec<&str> = payload.split(' ').collect();
         entries.sort();
         let mut want = vec![format!("{a}:3"), format!("{b}:1:q")];
@@ -184,7 +198,7 @@ mod tests {
             .unwrap();
         }
         let first = rx.try_recv().unwrap();
-        let payload = next_payload(first, &mut rx).await;
+        let payload = next_payload(first, &mut rx, tokio::time::Instant::now()).await;
         assert!(payload.len() < 8000, "{}", payload.len());
         assert!(!rx.is_empty(), "the rest waits for the next payload");
     }
