@@ -56,8 +56,10 @@ impl DatabaseUrl {
             }
             _ => url.clone(),
         };
+        // A `password=` option, in a URL query (`&`-separated) or a key/value string
+        // (space-separated).
         if let Some(i) = out.find("password=") {
-            let end = out[i..].find('&').map_or(out.len(), |j| i + j);
+            let end = out[i..].find(['&', ' ']).map_or(out.len(), |j| i + j);
             out.replace_range(i..end, "password=[redacted]");
         }
         out

@@ -136,3 +136,29 @@ fn secrets_never_show_in_debug() {
     assert!(dbg.contains("postgres://app:[redacted]@db/x"), "{dbg}");
     assert_eq!(cfg.database.password.unwrap().expose(), "hunter4");
 }
+
+#[test]
+fn database_urls_print_without_passwords() {
+    let cases = [
+        (
+            "postgres://u:pw@h:5432/db",
+            "postgres://u:[redacted]@h:5432/db",
+        ),
+        ("postgres://u@h/db", "postgres://u@h/db"),
+        (
+            "postgres://h/db?password=pw&sslmode=disable",
+            "postgres://h/db?password=[redacted]&sslmode=disable",
+        ),
+        (
+            "host=/tmp port=5432 password=pw user=u",
+            "host=/tmp port=5432 password=[redacted] user=u",
+        ),
+        ("postgres://u:p@ss@h/db", "postgres://u:[redacted]@h/db"),
+    ];
+    for (url, want) in cases {
+        let u = DatabaseUrl::new(url);
+        assert_eq!(u.to_string(), want, "{url}");
+        assert_eq!(format!("{u:?}"), format!("{want:?}"), "{url}");
+        assert_eq!(u.expose(), url);
+    }
+}

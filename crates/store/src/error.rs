@@ -26,6 +26,9 @@ pub enum StoreError {
     Migration(String),
     #[error("database config: {0}")]
     Config(String),
+    /// A connection outside the pool (listener, notifier) broke or stopped answering.
+    #[error("database connection: {0}")]
+    Connection(String),
 }
 
 impl StoreError {

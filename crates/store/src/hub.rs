@@ -28,6 +28,9 @@ use crate::{queries, StoreError};
 /// Rows per read of the log's tail.
 const TAIL_PAGE: u32 = 5_000;
 
+/// A backstop read that takes longer means a dead connection (keepalives aside).
+const TAIL_READ_TIMEOUT: Duration = Duration::from_secs(15);
+
 /// The fan-out; clone it freely, all clones share one listening connection.
 #[derive(Clone, Debug)]
 pub struct Hub {
@@ -233,20 +236,20 @@ async fn session(
             msg = messages.recv() => match msg {
                 Some(Message::Notification(payload)) => shared.dispatch_payload(&payload),
                 Some(Message::Closed(err)) => {
-                    return Err(StoreError::Config(format!(
+                    return Err(StoreError::Connection(format!(
                         "listening connection closed{}",
                         err.map(|e| format!(": {e}")).unwrap_or_default()
                     )))
                 }
-                None => return Err(StoreError::Config("listening connection closed".into())),
+                None => return Err(StoreError::Connection("listening connection closed".into())),
             },
             _ = backstop.tick() => {
                 let c = cursor.expect("set above");
                 // A dead connection shows here at the latest (keepalives aside).
-                let read = tokio::time::timeout(config.poll_interval.max(Duration::from_secs(5)), catch_up(shared, &client, c));
+                let read = tokio::time::timeout(TAIL_READ_TIMEOUT, catch_up(shared, &client, c));
                 match read.await {
                     Ok(r) => *cursor = Some(r?),
-                    Err(_) => return Err(StoreError::Config("backstop read of the log timed out".into())),
+                    Err(_) => return Err(StoreError::Connection("backstop read of the log timed out".into())),
                 }
                 shared.prune();
             }
