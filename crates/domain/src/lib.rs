@@ -5,6 +5,7 @@
 //! the worker issue; the foundation only needs the key and the request shape.
 
 mod key;
+pub mod module;
 mod request;
 
 pub use key::{BuildKey, BuildKeyError};
