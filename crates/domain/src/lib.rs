@@ -1,12 +1,18 @@
 //! Build-domain values shared by every layer: the build key and the normalized build request.
 //!
 //! Pure data, no IO. Values are parsed once at the edge and cannot hold invalid content
-//! (parse, don't validate). The Go module rules and version resolution join this crate with
-//! the worker issue; the foundation only needs the key and the request shape.
+//! (parse, don't validate): Go module paths and versions ([`module`]), platforms
+//! ([`platform`]), requests as asked for and as resolved ([`request`]).
 
 mod key;
 pub mod module;
+pub mod platform;
 mod request;
 
 pub use key::{BuildKey, BuildKeyError};
-pub use request::{BuildRequest, Plugin, Replacement};
+pub use module::{ModuleError, ModulePath, ModuleVersion};
+pub use platform::{Platform, PlatformError};
+pub use request::{
+    caddy_module, BuildRequest, BuildSpec, Plugin, PluginSpec, Replacement, ReplacementSpec,
+    RequestError, VersionQuery, CADDY_MODULE, MAX_PLUGINS,
+};

@@ -387,17 +387,16 @@ mod tests {
             .with_timezone(&Utc);
         vec![
             Event::Requested(Requested {
-                request: BuildRequest {
-                    os: "linux".into(),
-                    arch: "arm".into(),
-                    arm: Some(7),
-                    caddy_version: "v2.8.4".into(),
-                    plugins: vec![Plugin {
-                        module: "github.com/acme/plugin".into(),
-                        version: "v1.0.0".into(),
+                request: BuildRequest::new(
+                    cbs_domain::Platform::new("linux", "arm", Some("7")).unwrap(),
+                    "v2.8.4".parse().unwrap(),
+                    vec![Plugin {
+                        module: "github.com/acme/plugin".parse().unwrap(),
+                        version: "v1.0.0".parse().unwrap(),
                     }],
-                    replacements: vec![],
-                },
+                    vec![],
+                )
+                .unwrap(),
             }),
             Event::Claimed(Claimed {
                 worker: "w1".into(),

@@ -17,14 +17,13 @@ fn t(s: i64) -> DateTime<Utc> {
 
 fn requested() -> Event {
     Event::Requested(Requested {
-        request: BuildRequest {
-            os: "linux".into(),
-            arch: "amd64".into(),
-            arm: None,
-            caddy_version: "v2.8.4".into(),
-            plugins: vec![],
-            replacements: vec![],
-        },
+        request: BuildRequest::new(
+            cbs_domain::Platform::new("linux", "amd64", None).unwrap(),
+            "v2.8.4".parse().unwrap(),
+            vec![],
+            vec![],
+        )
+        .unwrap(),
     })
 }
 

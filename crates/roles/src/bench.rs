@@ -40,14 +40,13 @@ pub struct QueueArgs {
 const LEASE: Duration = Duration::from_secs(60);
 
 fn request() -> BuildRequest {
-    BuildRequest {
-        os: "linux".into(),
-        arch: "amd64".into(),
-        arm: None,
-        caddy_version: "v2.8.4".into(),
-        plugins: vec![],
-        replacements: vec![],
-    }
+    BuildRequest::new(
+        cbs_domain::Platform::new("linux", "amd64", None).expect("valid platform"),
+        "v2.8.4".parse().expect("valid version"),
+        vec![],
+        vec![],
+    )
+    .expect("valid request")
 }
 
 fn fresh_key() -> BuildKey {

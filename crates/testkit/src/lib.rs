@@ -24,14 +24,13 @@ pub use cluster::Cluster;
 
 /// A build request for tests; `n` makes it distinct (it is the Caddy patch version).
 pub fn sample_request(n: u32) -> cbs_domain::BuildRequest {
-    cbs_domain::BuildRequest {
-        os: "linux".into(),
-        arch: "amd64".into(),
-        arm: None,
-        caddy_version: format!("v2.8.{n}"),
-        plugins: vec![],
-        replacements: vec![],
-    }
+    cbs_domain::BuildRequest::new(
+        cbs_domain::Platform::new("linux", "amd64", None).expect("valid platform"),
+        format!("v2.8.{n}").parse().expect("valid version"),
+        vec![],
+        vec![],
+    )
+    .expect("valid request")
 }
 
 /// The name of the migrated template database.
