@@ -6,6 +6,7 @@
 
 mod key;
 pub mod module;
+pub mod plan;
 pub mod platform;
 mod request;
 
