@@ -4,6 +4,7 @@
 //! (parse, don't validate): Go module paths and versions ([`module`]), platforms
 //! ([`platform`]), requests as asked for and as resolved ([`request`]).
 
+pub mod buildinfo;
 mod key;
 pub mod module;
 pub mod plan;

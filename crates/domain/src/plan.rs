@@ -217,7 +217,16 @@ mod tests {
                     if a.starts_with('-') {
                         // Only our own fixed flags start with '-'.
                         assert!(
-                            ["-e", "-o", "-trimpath", "-buildvcs=false", "-ldflags", "-tags", "-w -s"].contains(&a.as_str())
+                            [
+                                "-e",
+                                "-o",
+                                "-trimpath",
+                                "-buildvcs=false",
+                                "-ldflags",
+                                "-tags",
+                                "-w -s"
+                            ]
+                            .contains(&a.as_str())
                                 || a.starts_with("-replace=")
                                 || is_flag_value,
                             "{a:?}"

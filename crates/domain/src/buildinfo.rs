@@ -1,0 +1,225 @@
+//! Reads the Go build information embedded in a binary: the data `go version -m` prints.
+//!
+//! Works for every GOOS/GOARCH we build (not wasm, see `platform`) without running the
+//! (untrusted) binary: since Go 1.18 the
+//! linker writes a blob that starts with the magic `\xff Go buildinf:`, then the pointer
+//! size, a flags byte (bit 1: strings inline), padding to 32 bytes, and two strings each
+//! prefixed by its length as a varint: the Go version and the module information. The module
+//! information is framed by 16 sentinel bytes on each side and holds tab-separated lines:
+//! `path`, `mod`, `dep` (and `=>` for a replacement of the line before), `build`.
+
+use std::collections::BTreeMap;
+
+const MAGIC: &[u8] = b"\xff Go buildinf:";
+const HEADER: usize = 32;
+const FLAG_INLINE: u8 = 0x2;
+
+/// A module line of the build information.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModuleInfo {
+    pub path: String,
+    pub version: String,
+    /// The module it was replaced with, if any.
+    pub replace: Option<Box<ModuleInfo>>,
+}
+
+/// What a Go binary says it was built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildInfo {
+    /// `go1.27.3`.
+    pub go_version: String,
+    /// The main package's path (`caddy` for our builds).
+    pub path: String,
+    pub main: Option<ModuleInfo>,
+    pub deps: Vec<ModuleInfo>,
+    /// `build` settings such as `GOOS`, `GOARCH`, `-trimpath`, `CGO_ENABLED`.
+    pub settings: BTreeMap<String, String>,
+}
+
+/// Why build information could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildInfoError {
+    #[error("not a Go binary: no build information found")]
+    NotFound,
+    #[error(
+        "build information is in the old (pre Go 1.18) pointer format, which is not supported"
+    )]
+    OldFormat,
+    #[error("build information is truncated or malformed")]
+    Malformed,
+}
+
+fn uvarint(b: &[u8]) -> Option<(u64, usize)> {
+    let mut x: u64 = 0;
+    for (i, &byte) in b.iter().enumerate().take(10) {
+        x |= u64::from(byte & 0x7f) << (7 * i);
+        if byte < 0x80 {
+            return Some((x, i + 1));
+        }
+    }
+    None
+}
+
+fn read_string(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (len, n) = uvarint(b)?;
+    let len = usize::try_from(len).ok()?;
+    let rest = b.get(n..)?;
+    Some((rest.get(..len)?, rest.get(len..)?))
+}
+
+impl BuildInfo {
+    /// Finds and parses the build information in a binary's bytes.
+    pub fn from_binary(data: &[u8]) -> Result<BuildInfo, BuildInfoError> {
+        let start = find(data, MAGIC).ok_or(BuildInfoError::NotFound)?;
+        let blob = &data[start..];
+        let header = blob.get(..HEADER).ok_or(BuildInfoError::Malformed)?;
+        if header[15] & FLAG_INLINE == 0 {
+            return Err(BuildInfoError::OldFormat);
+        }
+        let (version, rest) = read_string(&blob[HEADER..]).ok_or(BuildInfoError::Malformed)?;
+        let (modinfo, _) = read_string(rest).ok_or(BuildInfoError::Malformed)?;
+        // Strip the 16-byte sentinels around the module information.
+        let modinfo = if modinfo.len() >= 33 && modinfo[modinfo.len() - 17] == b'\n' {
+            &modinfo[16..modinfo.len() - 16]
+        } else {
+            &[][..]
+        };
+        let go_version =
+            String::from_utf8(version.to_vec()).map_err(|_| BuildInfoError::Malformed)?;
+        let text = std::str::from_utf8(modinfo).map_err(|_| BuildInfoError::Malformed)?;
+        Ok(BuildInfo::parse_modinfo(go_version, text))
+    }
+
+    /// Parses the module-information text (as `go version -m` prints it, minus indentation).
+    pub fn parse_modinfo(go_version: String, text: &str) -> BuildInfo {
+        let mut info = BuildInfo {
+            go_version,
+            path: String::new(),
+            main: None,
+            deps: Vec::new(),
+            settings: BTreeMap::new(),
+        };
+        let module = |f: &[&str]| ModuleInfo {
+            path: f.get(1).copied().unwrap_or_default().to_owned(),
+            version: f.get(2).copied().unwrap_or_default().to_owned(),
+            replace: None,
+        };
+        for line in text.lines() {
+            let f: Vec<&str> = line.split('\t').collect();
+            match f[0] {
+                "path" => info.path = f.get(1).copied().unwrap_or_default().to_owned(),
+                "mod" => info.main = Some(module(&f)),
+                "dep" => info.deps.push(module(&f)),
+                "=>" => {
+                    let repl = Box::new(module(&f));
+                    match info.deps.last_mut() {
+                        Some(last) => last.replace = Some(repl),
+                        None => {
+                            if let Some(m) = info.main.as_mut() {
+                                m.replace = Some(repl);
+                            }
+                        }
+                    }
+                }
+                "build" => {
+                    if let Some((k, v)) = f.get(1).and_then(|kv| kv.split_once('=')) {
+                        info.settings.insert(k.to_owned(), v.to_owned());
+                    }
+                }
+                _ => {}
+            }
+        }
+        info
+    }
+
+    /// The dependency with this module path.
+    pub fn dep(&self, path: &str) -> Option<&ModuleInfo> {
+        self.deps.iter().find(|d| d.path == path)
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    let first = needle[0];
+    let mut i = 0;
+    while i + needle.len() <= haystack.len() {
+        match haystack[i..haystack.len() - needle.len() + 1]
+            .iter()
+            .position(|&b| b == first)
+        {
+            None => return None,
+            Some(p) => {
+                let at = i + p;
+                if &haystack[at..at + needle.len()] == needle {
+                    return Some(at);
+                }
+                i = at + 1;
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+
+    /// A blob laid out like the Go linker's, inside other bytes.
+    fn binary(version: &str, modinfo: &str) -> Vec<u8> {
+        let mut out = vec![0u8; 1000];
+        out.extend_from_slice(MAGIC);
+        out.push(8);
+        out.push(FLAG_INLINE);
+        out.resize(out.len() + 16, 0);
+        varint(version.len(), &mut out);
+        out.extend_from_slice(version.as_bytes());
+        let framed = format!("{}{modinfo}{}", "0".repeat(16), "1".repeat(16));
+        varint(framed.len(), &mut out);
+        out.extend_from_slice(framed.as_bytes());
+        out.extend_from_slice(&[0xff; 300]);
+        out
+    }
+
+    const MODINFO: &str = "path\tcaddy\nmod\tcaddy\t(devel)\t\ndep\tgithub.com/caddyserver/caddy/v2\tv2.8.4\th1:abc=\ndep\texample.com/old\tv1.0.0\t\n=>\texample.com/new\tv1.2.0\th1:def=\nbuild\t-trimpath=true\nbuild\tGOOS=linux\nbuild\tGOARCH=arm\nbuild\tGOARM=7\n";
+
+    #[test]
+    fn reads_version_modules_replacements_and_settings() {
+        let info = BuildInfo::from_binary(&binary("go1.27.3", MODINFO)).unwrap();
+        assert_eq!(info.go_version, "go1.27.3");
+        assert_eq!(info.path, "caddy");
+        assert_eq!(info.main.as_ref().unwrap().version, "(devel)");
+        assert_eq!(
+            info.dep("github.com/caddyserver/caddy/v2").unwrap().version,
+            "v2.8.4"
+        );
+        let old = info.dep("example.com/old").unwrap();
+        assert_eq!(old.replace.as_ref().unwrap().path, "example.com/new");
+        assert_eq!(old.replace.as_ref().unwrap().version, "v1.2.0");
+        assert_eq!(info.settings["GOARM"], "7");
+        assert_eq!(info.settings["-trimpath"], "true");
+    }
+
+    #[test]
+    fn refuses_what_is_not_build_info() {
+        assert_eq!(
+            BuildInfo::from_binary(b"no go here"),
+            Err(BuildInfoError::NotFound)
+        );
+        let mut b = binary("go1.27.3", MODINFO);
+        let at = find(&b, MAGIC).unwrap();
+        b[at + 15] = 0;
+        assert_eq!(BuildInfo::from_binary(&b), Err(BuildInfoError::OldFormat));
+        let b = binary("go1.27.3", MODINFO);
+        assert_eq!(
+            BuildInfo::from_binary(&b[..at + 40]),
+            Err(BuildInfoError::Malformed)
+        );
+    }
+}
