@@ -132,6 +132,60 @@ impl BuildInfo {
         info
     }
 
+    /// Checks that the binary was built from `request`: Caddy and every plugin at their
+    /// versions, replacements applied, the target platform, cgo off. Returns every mismatch.
+    pub fn check_matches(&self, request: &crate::BuildRequest) -> Result<(), Vec<String>> {
+        let mut problems = Vec::new();
+        let mut expect = |path: &str, version: &str| match self.dep(path) {
+            None => problems.push(format!("{path} is missing from the binary")),
+            Some(d) if d.version != version => problems.push(format!(
+                "{path} is at {} in the binary, {version} was requested",
+                d.version
+            )),
+            Some(_) => {}
+        };
+        expect(crate::CADDY_MODULE, request.caddy_version().as_str());
+        for p in request.plugins() {
+            expect(p.module.as_str(), p.version.as_str());
+        }
+        for r in request.replacements() {
+            // A replaced module that the build does not use does not appear at all.
+            if let Some(d) = self.dep(r.old.as_str()) {
+                let ok = d.replace.as_ref().is_some_and(|to| {
+                    to.path == r.new.as_str() && to.version == r.version.as_str()
+                });
+                if !ok {
+                    problems.push(format!(
+                        "{} is not replaced by {}@{} in the binary",
+                        r.old, r.new, r.version
+                    ));
+                }
+            }
+        }
+        let platform = request.platform();
+        let mut setting = |key: &str, want: Option<String>| {
+            let have = self.settings.get(key).cloned();
+            if have != want {
+                problems.push(format!(
+                    "build setting {key} is {}, expected {}",
+                    have.as_deref().unwrap_or("unset"),
+                    want.as_deref().unwrap_or("unset")
+                ));
+            }
+        };
+        setting("GOOS", Some(platform.os().to_owned()));
+        setting("GOARCH", Some(platform.arch().to_owned()));
+        if let Some(arm) = platform.arm() {
+            setting("GOARM", Some(arm.to_string()));
+        }
+        setting("CGO_ENABLED", Some("0".to_owned()));
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
     /// The dependency with this module path.
     pub fn dep(&self, path: &str) -> Option<&ModuleInfo> {
         self.deps.iter().find(|d| d.path == path)
@@ -204,6 +258,45 @@ mod tests {
         assert_eq!(old.replace.as_ref().unwrap().version, "v1.2.0");
         assert_eq!(info.settings["GOARM"], "7");
         assert_eq!(info.settings["-trimpath"], "true");
+    }
+
+    #[test]
+    fn checks_a_binary_against_its_request() {
+        use crate::{BuildRequest, Platform, Plugin, Replacement};
+        let text = "path\tcaddy\nmod\tcaddy\t(devel)\t\ndep\tgithub.com/caddyserver/caddy/v2\tv2.8.4\th1:x=\ndep\texample.com/p\tv1.1.0\th1:y=\ndep\texample.com/old\tv1.0.0\t\n=>\texample.com/new\tv1.2.0\th1:z=\nbuild\tCGO_ENABLED=0\nbuild\tGOARCH=arm\nbuild\tGOOS=linux\nbuild\tGOARM=7\n";
+        let info = BuildInfo::parse_modinfo("go1.27.3".into(), text);
+        let request = |plugin_version: &str, arm: &str, new_version: &str| {
+            BuildRequest::new(
+                Platform::new("linux", "arm", Some(arm)).unwrap(),
+                "v2.8.4".parse().unwrap(),
+                vec![Plugin {
+                    module: "example.com/p".parse().unwrap(),
+                    version: plugin_version.parse().unwrap(),
+                }],
+                vec![Replacement {
+                    old: "example.com/old".parse().unwrap(),
+                    new: "example.com/new".parse().unwrap(),
+                    version: new_version.parse().unwrap(),
+                }],
+            )
+            .unwrap()
+        };
+        assert_eq!(
+            info.check_matches(&request("v1.1.0", "7", "v1.2.0")),
+            Ok(())
+        );
+        let problems = info
+            .check_matches(&request("v1.0.0", "6", "v1.3.0"))
+            .unwrap_err();
+        assert_eq!(
+            problems,
+            vec![
+                "example.com/p is at v1.1.0 in the binary, v1.0.0 was requested".to_owned(),
+                "example.com/old is not replaced by example.com/new@v1.3.0 in the binary"
+                    .to_owned(),
+                "build setting GOARM is 7, expected 6".to_owned(),
+            ]
+        );
     }
 
     #[test]
