@@ -1,0 +1,372 @@
+//! A client of the Go module proxy protocol (REFERENCE section 3), used to turn the
+//! versions a user asks for (`latest`, a branch, a tag) into absolute versions before a
+//! build is keyed and queued.
+//!
+//! - `GOPROXY`-style lists: `https://a,https://b` falls through to the next proxy on 404 and
+//!   410 only; `https://a|https://b` on any error. `direct` and `off` are refused: builds
+//!   never fetch from version control.
+//! - `latest` means what the go command means: the highest release in `@v/list`, else the
+//!   highest pre-release, else `@latest` (a pseudo-version).
+//! - Answers are cached for a short time; a proxy that cannot be reached is our problem
+//!   ([`ResolveError::is_retryable`]), an unknown module or version is the user's.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use cbs_domain::{
+    BuildRequest, BuildSpec, ModulePath, ModuleVersion, Plugin, Replacement, VersionQuery,
+};
+use serde::Deserialize;
+use tracing::debug;
+
+/// How one proxy entry hands over to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fallthrough {
+    /// `,`: only when the proxy says 404 or 410.
+    NotFound,
+    /// `|`: on any error.
+    AnyError,
+}
+
+/// Why a version could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResolveError {
+    /// The user's error: no such module or version on any proxy.
+    #[error("{module}@{query}: not found on the module proxy{}", detail_suffix(.detail))]
+    NotFound {
+        module: String,
+        query: String,
+        detail: String,
+    },
+    /// Ours: the proxy could not be reached or answered with an error.
+    #[error("module proxy {proxy} is unavailable: {detail}")]
+    Unavailable { proxy: String, detail: String },
+    /// The proxy answered with something that is not a valid version for the module.
+    #[error("{module}@{query}: the module proxy answered {answer:?}, which is not a valid version for this module")]
+    BadAnswer {
+        module: String,
+        query: String,
+        answer: String,
+    },
+    #[error("invalid GOPROXY setting {0:?}: list proxy URLs (http or https) separated by ',' or '|'; 'direct' and 'off' are not allowed")]
+    BadSetting(String),
+}
+
+fn detail_suffix(d: &str) -> String {
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!(" ({d})")
+    }
+}
+
+impl ResolveError {
+    /// Trying again later may help (the proxy was unavailable).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ResolveError::Unavailable { .. })
+    }
+}
+
+/// Proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// A GOPROXY value: `https://proxy.golang.org` or a list.
+    pub goproxy: String,
+    /// Timeout of one HTTP request.
+    pub timeout: Duration,
+    /// How long answers are reused.
+    pub cache_ttl: Duration,
+}
+
+/// Resolves versions through the module proxy. Cheap to share (`Arc`) across tasks.
+#[derive(Debug)]
+pub struct Resolver {
+    proxies: Vec<(String, Fallthrough)>,
+    http: reqwest::Client,
+    cache_ttl: Duration,
+    cache: Mutex<HashMap<String, (Instant, Result<ModuleVersion, ResolveError>)>>,
+}
+
+#[derive(Deserialize)]
+struct Info {
+    #[serde(rename = "Version")]
+    version: String,
+}
+
+/// Outcome of asking one proxy for one URL path.
+enum Fetch {
+    Body(String),
+    Missing(String),
+}
+
+/// Parses a GOPROXY value into proxies and how each falls through to the next.
+fn parse_goproxy(value: &str) -> Result<Vec<(String, Fallthrough)>, ResolveError> {
+    let bad = || ResolveError::BadSetting(value.to_owned());
+    let mut out = Vec::new();
+    let mut rest = value.trim();
+    while !rest.is_empty() {
+        let end = rest.find([',', '|']).unwrap_or(rest.len());
+        let entry = rest[..end].trim().trim_end_matches('/');
+        let mode = match rest[end..].chars().next() {
+            Some('|') => Fallthrough::AnyError,
+            _ => Fallthrough::NotFound,
+        };
+        if !(entry.starts_with("http://") || entry.starts_with("https://")) {
+            return Err(bad());
+        }
+        out.push((entry.to_owned(), mode));
+        rest = rest.get(end + 1..).unwrap_or("");
+    }
+    if out.is_empty() {
+        return Err(bad());
+    }
+    Ok(out)
+}
+
+/// The proxy's case encoding (`!` + lower case for upper case) for a version or query.
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    for c in s.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('!');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl Resolver {
+    pub fn new(config: &ProxyConfig) -> Result<Resolver, ResolveError> {
+        let proxies = parse_goproxy(&config.goproxy)?;
+        let http = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .connect_timeout(config.timeout)
+            .user_agent(concat!("caddy-build-server/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ResolveError::Unavailable {
+                proxy: config.goproxy.clone(),
+                detail: format!("HTTP client: {e}"),
+            })?;
+        Ok(Resolver {
+            proxies,
+            http,
+            cache_ttl: config.cache_ttl,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// GETs `path` from the proxies in order, falling through as configured.
+    async fn fetch(&self, path: &str) -> Result<Fetch, ResolveError> {
+        // What the last proxy tried said: missing (with the proxy's words) or an error.
+        let mut last: Result<String, ResolveError> = Ok(String::new());
+        for (proxy, mode) in &self.proxies {
+            let url = format!("{proxy}/{path}");
+            let unavailable = |detail: String| ResolveError::Unavailable {
+                proxy: proxy.clone(),
+                detail,
+            };
+            let error = match self.http.get(&url).send().await {
+                Err(e) if e.is_timeout() => unavailable("timed out".to_owned()),
+                Err(e) => unavailable(format!("cannot connect ({e})")),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let body = resp.text().await.unwrap_or_default();
+                    if status.is_success() {
+                        return Ok(Fetch::Body(body));
+                    }
+                    if status.as_u16() == 404 || status.as_u16() == 410 {
+                        debug!(%url, %status, "not on this proxy");
+                        last = Ok(body
+                            .lines()
+                            .next()
+                            .unwrap_or("")
+                            .chars()
+                            .take(200)
+                            .collect());
+                        continue;
+                    }
+                    unavailable(format!("HTTP {status}"))
+                }
+            };
+            match mode {
+                Fallthrough::AnyError => last = Err(error),
+                Fallthrough::NotFound => return Err(error),
+            }
+        }
+        last.map(Fetch::Missing)
+    }
+
+    /// Resolves one module's version query to an absolute version.
+    pub async fn resolve(
+        &self,
+        module: &ModulePath,
+        query: &VersionQuery,
+    ) -> Result<ModuleVersion, ResolveError> {
+        let cache_key = format!("{module}@{query}");
+        if let Some((at, r)) = self.cache.lock().expect("cache lock").get(&cache_key) {
+            if at.elapsed() < self.cache_ttl {
+                return r.clone();
+            }
+        }
+        let result = self.resolve_uncached(module, query).await;
+        // Unavailability is not cached: the next request should try again.
+        if !matches!(result, Err(ResolveError::Unavailable { .. })) {
+            let mut cache = self.cache.lock().expect("cache lock");
+            cache.retain(|_, (at, _)| at.elapsed() < self.cache_ttl);
+            cache.insert(cache_key, (Instant::now(), result.clone()));
+        }
+        result
+    }
+
+    async fn resolve_uncached(
+        &self,
+        module: &ModulePath,
+        query: &VersionQuery,
+    ) -> Result<ModuleVersion, ResolveError> {
+        let base = module.escaped();
+        let not_found = |detail: String| ResolveError::NotFound {
+            module: module.to_string(),
+            query: query.to_string(),
+            detail,
+        };
+        let answer = match query {
+            VersionQuery::Latest => match self.fetch(&format!("{base}/@v/list")).await? {
+                Fetch::Body(list) => match highest(module, &list) {
+                    Some(v) => return Ok(v),
+                    None => match self.fetch(&format!("{base}/@latest")).await? {
+                        Fetch::Body(b) => b,
+                        Fetch::Missing(d) => return Err(not_found(d)),
+                    },
+                },
+                Fetch::Missing(d) => return Err(not_found(d)),
+            },
+            VersionQuery::Exact(v) => {
+                match self
+                    .fetch(&format!("{base}/@v/{}.info", escape(v.as_str())))
+                    .await?
+                {
+                    Fetch::Body(b) => b,
+                    Fetch::Missing(d) => return Err(not_found(d)),
+                }
+            }
+            VersionQuery::Query(q) => {
+                match self.fetch(&format!("{base}/@v/{}.info", escape(q))).await? {
+                    Fetch::Body(b) => b,
+                    Fetch::Missing(d) => return Err(not_found(d)),
+                }
+            }
+        };
+        let bad = |answer: &str| ResolveError::BadAnswer {
+            module: module.to_string(),
+            query: query.to_string(),
+            answer: answer.chars().take(100).collect(),
+        };
+        let info: Info = serde_json::from_str(&answer).map_err(|_| bad(&answer))?;
+        let version: ModuleVersion = info.version.parse().map_err(|_| bad(&info.version))?;
+        version.check_fits(module).map_err(|_| bad(&info.version))?;
+        if let VersionQuery::Exact(asked) = query {
+            if &version != asked {
+                return Err(bad(&info.version));
+            }
+        }
+        Ok(version)
+    }
+
+    /// Resolves every version of a spec (concurrently) into a request ready to be keyed.
+    pub async fn resolve_spec(&self, spec: &BuildSpec) -> Result<BuildRequest, ResolveError> {
+        let caddy = cbs_domain::caddy_module();
+        let caddy_version = self.resolve(&caddy, &spec.caddy);
+        let plugins = futures::future::try_join_all(spec.plugins.iter().map(|p| async move {
+            Ok::<_, ResolveError>(Plugin {
+                module: p.module.clone(),
+                version: self.resolve(&p.module, &p.version).await?,
+            })
+        }));
+        let replacements =
+            futures::future::try_join_all(spec.replacements.iter().map(|r| async move {
+                Ok::<_, ResolveError>(Replacement {
+                    old: r.old.clone(),
+                    new: r.new.clone(),
+                    version: self.resolve(&r.new, &r.version).await?,
+                })
+            }));
+        let (caddy_version, plugins, replacements) =
+            futures::try_join!(caddy_version, plugins, replacements)?;
+        BuildRequest::new(spec.platform.clone(), caddy_version, plugins, replacements).map_err(
+            |e| ResolveError::BadAnswer {
+                module: "request".into(),
+                query: String::new(),
+                answer: e.to_string(),
+            },
+        )
+    }
+}
+
+/// The version `latest` means in a `@v/list` answer: the highest release, else the highest
+/// pre-release; only versions valid for the module count.
+fn highest(module: &ModulePath, list: &str) -> Option<ModuleVersion> {
+    let valid: Vec<ModuleVersion> = list
+        .lines()
+        .filter_map(|l| l.trim().parse::<ModuleVersion>().ok())
+        .filter(|v| v.check_fits(module).is_ok())
+        .collect();
+    let is_release = |v: &ModuleVersion| !v.as_str().contains('-');
+    valid
+        .iter()
+        .filter(|v| is_release(v))
+        .max()
+        .or_else(|| valid.iter().max())
+        .cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goproxy_lists() {
+        let p = parse_goproxy("https://a.example, http://b.example/|https://c.example").unwrap();
+        assert_eq!(
+            p,
+            vec![
+                ("https://a.example".to_owned(), Fallthrough::NotFound),
+                ("http://b.example".to_owned(), Fallthrough::AnyError),
+                ("https://c.example".to_owned(), Fallthrough::NotFound),
+            ]
+        );
+        for bad in [
+            "",
+            "direct",
+            "https://a,direct",
+            "off",
+            "file:///tmp/x",
+            "ftp://x",
+        ] {
+            assert!(parse_goproxy(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn latest_prefers_releases_then_prereleases() {
+        let m: ModulePath = "example.com/m".parse().unwrap();
+        let v = |s: &str| highest(&m, s).map(|v| v.to_string());
+        assert_eq!(
+            v("v1.0.0\nv1.10.0\nv1.2.0\nv2.0.0\n"),
+            Some("v1.10.0".into())
+        );
+        assert_eq!(v("v1.0.0\nv1.1.0-rc.1\n"), Some("v1.0.0".into()));
+        assert_eq!(v("v1.1.0-rc.1\nv1.1.0-beta\n"), Some("v1.1.0-rc.1".into()));
+        assert_eq!(v("garbage\n\n"), None);
+        let m2: ModulePath = "example.com/m/v2".parse().unwrap();
+        assert_eq!(highest(&m2, "v2.1.0\nv3.0.0\n").unwrap().as_str(), "v2.1.0");
+    }
+
+    #[test]
+    fn escapes_queries() {
+        assert_eq!(escape("Master"), "!master");
+        assert_eq!(escape("v1.2.3"), "v1.2.3");
+    }
+}
