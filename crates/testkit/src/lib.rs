@@ -13,6 +13,8 @@
 #![allow(unsafe_code)] // setuid and prctl between fork and exec, see `spawn_postgres`.
 
 mod cluster;
+pub mod fixtures;
+mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -21,6 +23,7 @@ use cbs_config::{DatabaseConfig, DatabaseUrl};
 use tokio::sync::OnceCell;
 
 pub use cluster::Cluster;
+pub use proxy::FixtureProxy;
 
 /// A build request for tests; `n` makes it distinct (it is the Caddy patch version).
 pub fn sample_request(n: u32) -> cbs_domain::BuildRequest {

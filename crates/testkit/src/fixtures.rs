@@ -1,0 +1,219 @@
+//! Fixture Go modules that mimic Caddy's layout, packed in the module proxy layout.
+//!
+//! - `github.com/caddyserver/caddy/v2` (v2.7.6, v2.8.4, v2.9.0-beta.1): a module registry,
+//!   `cmd.Main()` with `version` and `list-modules` commands (versions read from the
+//!   binary's build info, as real Caddy does), and `modules/standard`.
+//! - Plugins that register modules: `github.com/acme/alpha` (v1.0.0, v1.1.0),
+//!   `github.com/Acme/Beta` (upper case: escaped paths), `example.com/gamma/v2` (major
+//!   suffix; v2.0.0, v2.1.0), and `example.com/broken` (does not compile).
+
+use std::io::Write;
+use std::path::Path;
+
+/// One module version: path, version and files (name, contents).
+struct Fixture {
+    path: &'static str,
+    version: &'static str,
+    files: Vec<(&'static str, String)>,
+}
+
+const CADDY: &str = "github.com/caddyserver/caddy/v2";
+
+fn caddy(version: &'static str) -> Fixture {
+    Fixture {
+        path: CADDY,
+        version,
+        files: vec![
+            ("go.mod", format!("module {CADDY}\n\ngo 1.21\n")),
+            (
+                "caddy.go",
+                r#"// Package caddy is a test fixture that mimics Caddy's module registry.
+package caddy
+
+import "sort"
+
+var modules = map[string]string{}
+
+// RegisterModule records a module ID and the Go module that provides it.
+func RegisterModule(id, goModule string) { modules[id] = goModule }
+
+// Modules lists the registered module IDs with their Go modules, sorted by ID.
+func Modules() [][2]string {
+	out := make([][2]string, 0, len(modules))
+	for id, m := range modules {
+		out = append(out, [2]string{id, m})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i][0] < out[j][0] })
+	return out
+}
+"#
+                .to_owned(),
+            ),
+            (
+                "cmd/main.go",
+                r#"// Package caddycmd is the fixture's command line.
+package caddycmd
+
+import (
+	"fmt"
+	"os"
+	"runtime/debug"
+
+	caddy "github.com/caddyserver/caddy/v2"
+)
+
+// Main runs the command named by the first argument.
+func Main() {
+	versions := map[string]string{}
+	if info, ok := debug.ReadBuildInfo(); ok {
+		for _, d := range info.Deps {
+			v := d.Version
+			if d.Replace != nil {
+				v = d.Replace.Version
+			}
+			versions[d.Path] = v
+		}
+	}
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "version":
+			fmt.Println(versions["github.com/caddyserver/caddy/v2"])
+			return
+		case "list-modules":
+			for _, m := range caddy.Modules() {
+				fmt.Println(m[0], m[1], versions[m[1]])
+			}
+			return
+		}
+	}
+	fmt.Println("fixture caddy: commands are version and list-modules")
+}
+"#
+                .to_owned(),
+            ),
+            (
+                "modules/standard/standard.go",
+                format!(
+                    "// Package standard registers the fixture's standard modules.\npackage standard\n\nimport caddy \"{CADDY}\"\n\nfunc init() {{ caddy.RegisterModule(\"http.handlers.file_server\", \"{CADDY}\") }}\n"
+                ),
+            ),
+        ],
+    }
+}
+
+fn plugin(path: &'static str, version: &'static str, id: &str, package: &str) -> Fixture {
+    Fixture {
+        path,
+        version,
+        files: vec![
+            (
+                "go.mod",
+                format!("module {path}\n\ngo 1.21\n\nrequire {CADDY} v2.7.6\n"),
+            ),
+            (
+                "plugin.go",
+                format!(
+                    "// Package {package} is a fixture plugin.\npackage {package}\n\nimport caddy \"{CADDY}\"\n\nfunc init() {{ caddy.RegisterModule(\"{id}\", \"{path}\") }}\n"
+                ),
+            ),
+        ],
+    }
+}
+
+fn all() -> Vec<Fixture> {
+    let mut broken = plugin(
+        "example.com/broken",
+        "v1.0.0",
+        "http.handlers.broken",
+        "broken",
+    );
+    broken.files[1].1 = "// Package broken does not compile.\npackage broken\n\nfunc init() { undefinedFunction() }\n".to_owned();
+    vec![
+        caddy("v2.7.6"),
+        caddy("v2.8.4"),
+        caddy("v2.9.0-beta.1"),
+        plugin(
+            "github.com/acme/alpha",
+            "v1.0.0",
+            "http.handlers.alpha",
+            "alpha",
+        ),
+        plugin(
+            "github.com/acme/alpha",
+            "v1.1.0",
+            "http.handlers.alpha",
+            "alpha",
+        ),
+        plugin(
+            "github.com/Acme/Beta",
+            "v0.2.0",
+            "http.handlers.beta",
+            "beta",
+        ),
+        plugin(
+            "example.com/gamma/v2",
+            "v2.0.0",
+            "http.handlers.gamma",
+            "gamma",
+        ),
+        plugin(
+            "example.com/gamma/v2",
+            "v2.1.0",
+            "http.handlers.gamma",
+            "gamma",
+        ),
+        broken,
+    ]
+}
+
+fn escape(path: &str) -> String {
+    path.chars()
+        .flat_map(|c| {
+            if c.is_ascii_uppercase() {
+                vec!['!', c.to_ascii_lowercase()]
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
+}
+
+/// Writes every fixture into `root` in the GOPROXY layout (`<escaped path>/@v/list`,
+/// `<v>.info`, `<v>.mod`, `<v>.zip` with entries prefixed `<path>@<v>/`).
+pub fn write_proxy(root: &Path) -> std::io::Result<()> {
+    let mut lists: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for f in all() {
+        let dir = root.join(escape(f.path)).join("@v");
+        std::fs::create_dir_all(&dir)?;
+        lists.entry(f.path).or_default().push(f.version);
+        std::fs::write(
+            dir.join(format!("{}.info", f.version)),
+            format!(
+                "{{\"Version\":\"{}\",\"Time\":\"2024-01-01T00:00:00Z\"}}",
+                f.version
+            ),
+        )?;
+        let go_mod = &f
+            .files
+            .iter()
+            .find(|(n, _)| *n == "go.mod")
+            .expect("go.mod")
+            .1;
+        std::fs::write(dir.join(format!("{}.mod", f.version)), go_mod)?;
+        let zip_file = std::fs::File::create(dir.join(format!("{}.zip", f.version)))?;
+        let mut zip = zip::ZipWriter::new(zip_file);
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (name, contents) in &f.files {
+            zip.start_file(format!("{}@{}/{name}", f.path, f.version), options)
+                .map_err(std::io::Error::other)?;
+            zip.write_all(contents.as_bytes())?;
+        }
+        zip.finish().map_err(std::io::Error::other)?;
+    }
+    for (path, versions) in lists {
+        let list: String = versions.iter().map(|v| format!("{v}\n")).collect();
+        std::fs::write(root.join(escape(path)).join("@v").join("list"), list)?;
+    }
+    Ok(())
+}
