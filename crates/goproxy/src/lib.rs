@@ -85,8 +85,11 @@ pub struct Resolver {
     proxies: Vec<(String, Fallthrough)>,
     http: reqwest::Client,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<String, (Instant, Result<ModuleVersion, ResolveError>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
 }
+
+/// A cached answer and when it was fetched.
+type Cached = (Instant, Result<ModuleVersion, ResolveError>);
 
 #[derive(Deserialize)]
 struct Info {

