@@ -5,6 +5,7 @@
 //! development only, no isolation) and `docker` (each command in its own hardened
 //! container). Both get the same commands and the same environment from [`command_env`].
 
+mod docker;
 mod local;
 
 use std::path::{Path, PathBuf};
@@ -13,6 +14,7 @@ use std::time::{Duration, Instant};
 use cbs_domain::plan::{BuildPlan, GoCommand, Phase};
 use tokio::sync::mpsc;
 
+pub use docker::{DockerExecutor, DockerSettings, LABEL_BUILD, LABEL_MANAGED, LABEL_WORKER};
 pub use local::LocalExecutor;
 
 /// Settings every executor shares: proxies and where the caches live.
@@ -146,13 +148,15 @@ const TAIL_LINES: usize = 30;
 #[derive(Debug)]
 pub enum Executor {
     Local(LocalExecutor),
+    Docker(DockerExecutor),
 }
 
 impl Executor {
-    /// Runs one Go command in `dir`; output lines go to `lines`.
+    /// Runs one Go command in `dir` for build `build_key`; output lines go to `lines`.
     pub async fn run(
         &self,
         dir: &Path,
+        build_key: &str,
         command: &GoCommand,
         phase: Phase,
         target: &[(&'static str, String)],
@@ -160,6 +164,7 @@ impl Executor {
     ) -> Result<Exit, ExecError> {
         match self {
             Executor::Local(l) => l.run(dir, command, phase, target, lines).await,
+            Executor::Docker(d) => d.run(dir, build_key, command, phase, target, lines).await,
         }
     }
 
@@ -167,9 +172,13 @@ impl Executor {
     pub async fn run_plan(
         &self,
         plan: &BuildPlan,
+        build_key: &str,
         dir: &Path,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<PlanOutcome, ExecError> {
+        if let Executor::Docker(d) = self {
+            d.give_to_builder(dir)?;
+        }
         tokio::fs::write(dir.join("main.go"), &plan.main_go).await?;
         for step in &plan.steps {
             let started = Instant::now();
@@ -181,7 +190,7 @@ impl Executor {
                 // The sender moves into the run, so the forwarder ends when the run does.
                 let run = async move {
                     let tx = tx;
-                    self.run(dir, command, step.phase, &plan.target_env, &tx)
+                    self.run(dir, build_key, command, step.phase, &plan.target_env, &tx)
                         .await
                 };
                 let forward = async {

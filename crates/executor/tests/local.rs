@@ -47,7 +47,10 @@ async fn build(
 ) -> (PlanOutcome, Vec<Progress>, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let outcome = exec.run_plan(&plan(req), dir.path(), &tx).await.unwrap();
+    let outcome = exec
+        .run_plan(&plan(req), "test", dir.path(), &tx)
+        .await
+        .unwrap();
     drop(tx);
     let mut events = Vec::new();
     while let Some(p) = rx.recv().await {
@@ -166,7 +169,7 @@ async fn commands_see_only_the_explicit_environment() {
         args: vec!["run".into(), ".".into()],
     };
     let exit = exec
-        .run(dir.path(), &cmd, Phase::Compile, &target, &tx)
+        .run(dir.path(), "test", &cmd, Phase::Compile, &target, &tx)
         .await
         .unwrap();
     drop(tx);

@@ -14,6 +14,7 @@
 
 mod cluster;
 pub mod fixtures;
+mod image;
 mod proxy;
 
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -23,6 +24,7 @@ use cbs_config::{DatabaseConfig, DatabaseUrl};
 use tokio::sync::OnceCell;
 
 pub use cluster::Cluster;
+pub use image::{builder_image, builder_user};
 pub use proxy::FixtureProxy;
 
 /// The real `go` binary (`$GOROOT/bin/go`; the `go` on PATH may be a wrapper script, as
