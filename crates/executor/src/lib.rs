@@ -148,7 +148,7 @@ const TAIL_LINES: usize = 30;
 #[derive(Debug)]
 pub enum Executor {
     Local(LocalExecutor),
-    Docker(DockerExecutor),
+    Docker(Box<DockerExecutor>),
 }
 
 impl Executor {
