@@ -33,17 +33,16 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
         gosumdb: "off".into(),
         command_timeout: Duration::from_secs(600),
     };
-    Executor::Docker(
-        DockerExecutor::connect(
-            settings,
-            go,
-            cache.join("mod"),
-            cache.join("build"),
-            worker.into(),
-        )
-        .await
-        .unwrap(),
+    let docker = DockerExecutor::connect(
+        settings,
+        go,
+        cache.join("mod"),
+        cache.join("build"),
+        worker.into(),
     )
+    .await
+    .unwrap();
+    Executor::Docker(Box::new(docker))
 }
 
 fn request(os: &str, arch: &str, arm: Option<&str>, plugins: &[(&str, &str)]) -> BuildRequest {
