@@ -31,6 +31,8 @@ pub struct Config {
     pub notify: NotifyConfig,
     pub api: ApiConfig,
     pub worker: WorkerConfig,
+    pub go: GoConfig,
+    pub storage: StorageConfig,
     pub janitor: JanitorConfig,
     pub log: LogConfig,
 }
@@ -114,6 +116,20 @@ pub struct WorkerConfig {
     /// Backstop: an idle worker tries to claim this often even without a notification.
     #[serde(with = "humantime_serde")]
     pub claim_poll_interval: Duration,
+    /// `docker` (isolated; the default) or `local` (host go, no isolation, development only).
+    pub executor: ExecutorKind,
+    /// Builds this worker runs at once.
+    pub max_concurrent_builds: usize,
+    /// Where each build gets its private temporary directory.
+    pub build_dir: PathBuf,
+    /// Where the shared Go module cache and this worker's build cache live.
+    pub cache_dir: PathBuf,
+    /// Longest time one Go command may run.
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    pub docker: DockerConfig,
+    /// The `go` binary of the local executor (the real one: `$GOROOT/bin/go`).
+    pub local_go: PathBuf,
 }
 
 impl Default for WorkerConfig {
@@ -122,6 +138,100 @@ impl Default for WorkerConfig {
             id: String::new(),
             lease: Duration::from_secs(60),
             claim_poll_interval: Duration::from_secs(5),
+            executor: ExecutorKind::Docker,
+            max_concurrent_builds: 2,
+            build_dir: std::env::temp_dir().join("caddy-build-server"),
+            cache_dir: PathBuf::from("/var/cache/caddy-build-server"),
+            command_timeout: Duration::from_secs(600),
+            docker: DockerConfig::default(),
+            local_go: PathBuf::from("/usr/local/go/bin/go"),
+        }
+    }
+}
+
+/// Which executor runs the Go commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExecutorKind {
+    Docker,
+    Local,
+}
+
+/// The docker executor's containers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// The builder image: any image with `go` on `path` (e.g. golang:1.26-alpine).
+    pub image: String,
+    /// PATH inside the image.
+    pub path: String,
+    /// Numeric `uid:gid` of the commands; never root.
+    pub user: String,
+    /// Network of resolve steps: `bridge`, `host` or a network name (compile: always none).
+    pub resolve_network: String,
+    /// Memory limit per container, in bytes (also the swap limit).
+    pub memory_bytes: i64,
+    /// CPUs per container.
+    pub cpus: f64,
+    pub pids_limit: i64,
+    /// Size of each container's /tmp.
+    pub tmpfs_size: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            image: "golang:1.26-alpine".into(),
+            path: "/usr/local/go/bin:/usr/local/bin:/usr/bin:/bin".into(),
+            user: "65532:65532".into(),
+            resolve_network: "bridge".into(),
+            memory_bytes: 4 << 30,
+            cpus: 2.0,
+            pids_limit: 1024,
+            tmpfs_size: "2g".into(),
+        }
+    }
+}
+
+/// The Go module proxy, for resolving versions (api) and for resolve steps (worker).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GoConfig {
+    /// GOPROXY: proxy URLs separated by ',' (fall through on 404/410) or '|' (on any
+    /// error). Never `direct`.
+    pub proxy: String,
+    /// GOSUMDB (`off` only for private modules the checksum database cannot know).
+    pub sumdb: String,
+    /// Timeout of one request to the proxy when resolving versions.
+    #[serde(with = "humantime_serde")]
+    pub resolve_timeout: Duration,
+    /// How long resolved versions (and `latest`) are reused.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
+}
+
+impl Default for GoConfig {
+    fn default() -> Self {
+        GoConfig {
+            proxy: "https://proxy.golang.org".into(),
+            sumdb: "sum.golang.org".into(),
+            resolve_timeout: Duration::from_secs(10),
+            cache_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Where artifacts are published (a directory; S3 comes with the storage issue).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub dir: PathBuf,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            dir: PathBuf::from("/var/lib/caddy-build-server/artifacts"),
         }
     }
 }

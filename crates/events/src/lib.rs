@@ -24,6 +24,7 @@ pub enum Event {
     Claimed(Claimed),
     StepStarted(StepStarted),
     StepFinished(StepFinished),
+    Output(Output),
     Succeeded(Succeeded),
     Failed(Failed),
     Requeued(Requeued),
@@ -65,6 +66,16 @@ pub struct StepFinished {
     pub step: String,
     pub duration_ms: u64,
     pub exit_code: Option<i64>,
+}
+
+/// Lines a step printed (stdout and stderr as they came), coalesced into chunks so that a
+/// build writes tens of these, not thousands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Output {
+    pub attempt: u32,
+    pub step: String,
+    pub lines: Vec<String>,
 }
 
 /// Where a finished artifact lives and what it is.
@@ -158,6 +169,7 @@ pub enum EventType {
     Claimed,
     StepStarted,
     StepFinished,
+    Output,
     Succeeded,
     Failed,
     Requeued,
@@ -166,11 +178,12 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 9] = [
+    pub const ALL: [EventType; 10] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::StepStarted,
         EventType::StepFinished,
+        EventType::Output,
         EventType::Succeeded,
         EventType::Failed,
         EventType::Requeued,
@@ -184,6 +197,7 @@ impl EventType {
             EventType::Claimed => "claimed",
             EventType::StepStarted => "step_started",
             EventType::StepFinished => "step_finished",
+            EventType::Output => "output",
             EventType::Succeeded => "succeeded",
             EventType::Failed => "failed",
             EventType::Requeued => "requeued",
@@ -206,7 +220,7 @@ impl fmt::Display for EventType {
 
 /// An unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}; known types: requested, claimed, step_started, step_finished, succeeded, failed, requeued, cancelled, gave_up")]
+#[error("unknown event type {0:?}; known types: requested, claimed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {
@@ -241,6 +255,7 @@ impl Event {
             Event::Claimed(_) => EventType::Claimed,
             Event::StepStarted(_) => EventType::StepStarted,
             Event::StepFinished(_) => EventType::StepFinished,
+            Event::Output(_) => EventType::Output,
             Event::Succeeded(_) => EventType::Succeeded,
             Event::Failed(_) => EventType::Failed,
             Event::Requeued(_) => EventType::Requeued,
@@ -255,6 +270,7 @@ impl Event {
             Event::Claimed(e) => Some(e.attempt),
             Event::StepStarted(e) => Some(e.attempt),
             Event::StepFinished(e) => Some(e.attempt),
+            Event::Output(e) => Some(e.attempt),
             Event::Succeeded(e) => Some(e.attempt),
             Event::Failed(e) => Some(e.attempt),
             Event::Requeued(e) => Some(e.attempt),
@@ -270,6 +286,7 @@ impl Event {
             Event::Claimed(e) => serde_json::to_value(e),
             Event::StepStarted(e) => serde_json::to_value(e),
             Event::StepFinished(e) => serde_json::to_value(e),
+            Event::Output(e) => serde_json::to_value(e),
             Event::Succeeded(e) => serde_json::to_value(e),
             Event::Failed(e) => serde_json::to_value(e),
             Event::Requeued(e) => serde_json::to_value(e),
@@ -303,6 +320,7 @@ impl Event {
             EventType::StepFinished => {
                 Event::StepFinished(serde_json::from_value(payload).map_err(err)?)
             }
+            EventType::Output => Event::Output(serde_json::from_value(payload).map_err(err)?),
             EventType::Succeeded => Event::Succeeded(serde_json::from_value(payload).map_err(err)?),
             EventType::Failed => Event::Failed(serde_json::from_value(payload).map_err(err)?),
             EventType::Requeued => Event::Requeued(serde_json::from_value(payload).map_err(err)?),
@@ -412,6 +430,11 @@ mod tests {
                 step: "compile".into(),
                 duration_ms: 1200,
                 exit_code: Some(0),
+            }),
+            Event::Output(Output {
+                attempt: 1,
+                step: "compile".into(),
+                lines: vec!["go: downloading x".into(), "".into()],
             }),
             Event::Succeeded(Succeeded {
                 attempt: 1,

@@ -276,6 +276,9 @@ pub fn apply(
         Event::StepFinished(s) => {
             fence(s.attempt, &[Status::Running])?;
         }
+        Event::Output(o) => {
+            fence(o.attempt, &[Status::Running])?;
+        }
         Event::Succeeded(s) => {
             fence(s.attempt, &[Status::Running])?;
             next.status = Status::Succeeded;
