@@ -5,6 +5,7 @@
 //! ([`platform`]), requests as asked for and as resolved ([`request`]).
 
 pub mod buildinfo;
+pub mod failure;
 mod key;
 pub mod module;
 pub mod plan;

@@ -1,16 +1,452 @@
-//! The worker role. The foundation starts it and stops it cleanly; claiming and building
-//! come with the worker issue (the claim itself is `Store::claim`).
+//! The worker role: claims builds, runs their plan with the configured executor, records
+//! progress as events, verifies the binary and publishes it.
+//!
+//! Every event a worker writes names its attempt and goes through `append_latest`, so a
+//! worker whose lease was taken away is refused (fenced) and stops that build.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use cbs_domain::buildinfo::BuildInfo;
+use cbs_domain::failure::{classify, Blame};
+use cbs_domain::plan::{plan, BuildPlan};
+use cbs_events::{
+    Artifact, Event, Failed, FailureKind, Output, StepFinished, StepStarted, Succeeded,
+};
+use cbs_executor::{
+    CachePaths, DockerExecutor, DockerSettings, Executor, GoSettings, LocalExecutor, PlanOutcome,
+    Progress,
+};
+use cbs_projections::BuildState;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{error, info, warn, Instrument};
 
 use crate::App;
 
-/// Runs until `shutdown`.
+/// Output lines are coalesced into one event per this many lines...
+const OUTPUT_LINES: usize = 64;
+/// ...or per this much time, whichever comes first.
+const OUTPUT_INTERVAL: Duration = Duration::from_millis(250);
+/// Lines of output quoted in a failure message.
+const MESSAGE_TAIL: usize = 20;
+
+/// Makes the configured executor.
+pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
+    let w = &app.config.worker;
+    let go = GoSettings {
+        goproxy: app.config.go.proxy.clone(),
+        gosumdb: app.config.go.sumdb.clone(),
+        command_timeout: w.command_timeout,
+    };
+    if go.goproxy.split([',', '|']).any(|p| {
+        let p = p.trim();
+        p == "direct" || p == "off"
+    }) {
+        anyhow::bail!(
+            "go.proxy must list proxy URLs only: 'direct' and 'off' are not allowed in builds"
+        );
+    }
+    match w.executor {
+        cbs_config::ExecutorKind::Local => Ok(Executor::Local(LocalExecutor::new(
+            w.local_go.clone(),
+            go,
+            CachePaths {
+                gomodcache: w.cache_dir.join("local/mod"),
+                gocache: w.cache_dir.join("local/build"),
+                home: w.cache_dir.join("local/home"),
+            },
+        ))),
+        cbs_config::ExecutorKind::Docker => {
+            let d = &w.docker;
+            let docker = DockerExecutor::connect(
+                DockerSettings {
+                    image: d.image.clone(),
+                    path: d.path.clone(),
+                    user: d.user.clone(),
+                    resolve_network: d.resolve_network.clone(),
+                    memory_bytes: d.memory_bytes,
+                    cpus: d.cpus,
+                    pids_limit: d.pids_limit,
+                    tmpfs_size: d.tmpfs_size.clone(),
+                },
+                go,
+                w.cache_dir.join("mod"),
+                w.cache_dir.join(format!("build-{worker}")),
+                worker.to_owned(),
+            )
+            .await
+            .context("docker executor")?;
+            docker
+                .remove_orphans()
+                .await
+                .context("removing orphaned containers")?;
+            Ok(Executor::Docker(Box::new(docker)))
+        }
+    }
+}
+
+/// Runs until `shutdown`; then lets running builds finish.
 pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     let id = app.config.worker_id();
-    info!(worker.id = %id, "worker started (build execution is not implemented yet: it claims nothing)");
-    shutdown.cancelled().await;
+    let exec = loop {
+        match executor(&app, &id).await {
+            Ok(e) => break Arc::new(e),
+            Err(e) => {
+                error!(worker.id = %id, error = format!("{e:#}"), "cannot start the executor; retrying in 30 s (no builds are claimed meanwhile)");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => {}
+                    _ = shutdown.cancelled() => {
+                        info!(worker.id = %id, "worker stopped");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    };
+    tokio::fs::create_dir_all(&app.config.worker.build_dir)
+        .await
+        .with_context(|| format!("creating {}", app.config.worker.build_dir.display()))?;
+    let permits = Arc::new(Semaphore::new(
+        app.config.worker.max_concurrent_builds.max(1),
+    ));
+    // Subscribed once, before the first claim: a build requested while we claim wakes us.
+    let mut queue = app.hub.watch_queue();
+    let mut builds = JoinSet::new();
+    info!(worker.id = %id, "worker started");
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
+            _ = shutdown.cancelled() => break,
+        };
+        match app.store.claim(&id, app.config.worker.lease).await {
+            Ok(Some(build)) => {
+                builds.spawn(run_build(
+                    app.clone(),
+                    exec.clone(),
+                    id.clone(),
+                    build,
+                    permit,
+                ));
+                continue;
+            }
+            Ok(None) => drop(permit),
+            Err(e) => {
+                drop(permit);
+                warn!(worker.id = %id, error = %e, "claim failed");
+            }
+        }
+        tokio::select! {
+            _ = queue.changed() => {}
+            _ = tokio::time::sleep(app.config.worker.claim_poll_interval) => {}
+            Some(_) = builds.join_next() => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    if !builds.is_empty() {
+        info!(worker.id = %id, running = builds.len(), "waiting for running builds");
+    }
+    while builds.join_next().await.is_some() {}
     info!(worker.id = %id, "worker stopped");
     Ok(())
+}
+
+/// Why an attempt did not produce an artifact.
+struct Failure {
+    kind: FailureKind,
+    step: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    fn ours(step: Option<&str>, message: String) -> Failure {
+        Failure {
+            kind: FailureKind::Retryable,
+            step: step.map(str::to_owned),
+            message,
+        }
+    }
+}
+
+async fn run_build(
+    app: App,
+    exec: Arc<Executor>,
+    worker: String,
+    build: BuildState,
+    _permit: OwnedSemaphorePermit,
+) {
+    let key = build.key.clone();
+    let attempt = build.attempt;
+    let span = tracing::info_span!("build", build.key = %key, attempt, worker.id = %worker);
+    async move {
+        info!(request = %build.request.canonical().replace('\n', "; "), "build claimed");
+        let event = match attempt_build(&app, &exec, &build).await {
+            Ok(Some(artifact)) => Event::Succeeded(Succeeded { attempt, artifact }),
+            Ok(None) => return, // fenced: another attempt owns the build now
+            Err(f) => Event::Failed(Failed {
+                attempt,
+                kind: f.kind,
+                step: f.step,
+                message: f.message,
+            }),
+        };
+        let name = event.event_type();
+        match app.store.append_latest(&key, event).await {
+            Ok(_) => info!(result = %name, "build finished"),
+            Err(e) if e.is_fenced() => warn!(error = %e, "lease lost; result discarded"),
+            Err(e) => error!(error = %e, "cannot record the build's result"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs one attempt. `Ok(None)` when the attempt was fenced off midway.
+async fn attempt_build(
+    app: &App,
+    exec: &Executor,
+    build: &BuildState,
+) -> Result<Option<Artifact>, Failure> {
+    let plan = plan(&build.request);
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
+        .tempdir_in(&app.config.worker.build_dir)
+        .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let fenced = CancellationToken::new();
+    let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));
+    let outcome = tokio::select! {
+        r = exec.run_plan(&plan, build.key.as_str(), dir.path(), &tx) => Some(r),
+        _ = fenced.cancelled() => None,
+    };
+    drop(tx);
+    let _ = recorder.await;
+    let Some(outcome) = outcome else {
+        return Ok(None);
+    };
+    if fenced.is_cancelled() {
+        return Ok(None);
+    }
+    match outcome {
+        Err(e) => Err(Failure::ours(None, format!("the build could not run: {e}"))),
+        Ok(PlanOutcome::Failed {
+            step,
+            command,
+            exit,
+            tail,
+        }) => {
+            let phase = phase_of(&plan, step);
+            let kind = match classify(phase, exit.code, exit.timed_out, &tail) {
+                Blame::Request => FailureKind::Permanent,
+                Blame::Infrastructure => FailureKind::Retryable,
+            };
+            let how = match (exit.code, exit.timed_out) {
+                (_, true) => "timed out".to_owned(),
+                (Some(c), _) => format!("exited with status {c}"),
+                (None, _) => "was killed".to_owned(),
+            };
+            let shown: Vec<&String> = tail
+                .iter()
+                .skip(tail.len().saturating_sub(MESSAGE_TAIL))
+                .collect();
+            let mut message = format!("step {step} failed: `{command}` {how}");
+            if !shown.is_empty() {
+                message.push_str("; its last output:\n");
+                message.push_str(
+                    &shown
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                );
+            }
+            Err(Failure {
+                kind,
+                step: Some(step.to_owned()),
+                message,
+            })
+        }
+        Ok(PlanOutcome::Built(binary)) => {
+            let bytes = tokio::fs::read(&binary).await.map_err(|e| {
+                Failure::ours(Some("verify"), format!("cannot read the built binary: {e}"))
+            })?;
+            let info = BuildInfo::from_binary(&bytes).map_err(|e| Failure {
+                kind: FailureKind::Permanent,
+                step: Some("verify".into()),
+                message: format!("the built binary cannot be verified: {e}"),
+            })?;
+            if let Err(problems) = info.check_matches(&build.request) {
+                return Err(Failure {
+                    kind: FailureKind::Permanent,
+                    step: Some("verify".into()),
+                    message: format!(
+                        "the built binary does not match the request: {}",
+                        problems.join("; ")
+                    ),
+                });
+            }
+            let artifact = publish(&app.config.storage.dir, build, &binary, plan.output)
+                .await
+                .map_err(|e| {
+                    Failure::ours(Some("publish"), format!("cannot store the artifact: {e:#}"))
+                })?;
+            Ok(Some(artifact))
+        }
+    }
+}
+
+fn phase_of(plan: &BuildPlan, step: &str) -> cbs_domain::plan::Phase {
+    plan.steps
+        .iter()
+        .find(|s| s.name == step)
+        .map(|s| s.phase)
+        .unwrap_or(cbs_domain::plan::Phase::Resolve)
+}
+
+/// Turns progress into events: steps as they start and finish, output coalesced. Cancels
+/// `fenced` if the build's lease was taken away.
+async fn record(
+    app: App,
+    build: BuildState,
+    mut rx: mpsc::UnboundedReceiver<Progress>,
+    fenced: CancellationToken,
+) {
+    let key = build.key.clone();
+    let attempt = build.attempt;
+    let mut pending: Vec<String> = Vec::new();
+    let mut pending_step = String::new();
+    let append = |event: Event| {
+        let app = app.clone();
+        let key = key.clone();
+        let fenced = fenced.clone();
+        async move {
+            match app.store.append_latest(&key, event).await {
+                Ok(_) => true,
+                Err(e) if e.is_fenced() => {
+                    warn!(error = %e, "lease lost; stopping the build");
+                    fenced.cancel();
+                    false
+                }
+                Err(e) => {
+                    // Progress is best effort; the result is what counts.
+                    warn!(error = %e, "cannot record build progress");
+                    true
+                }
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(OUTPUT_INTERVAL);
+    loop {
+        let progress = tokio::select! {
+            p = rx.recv() => p,
+            _ = tick.tick() => {
+                if !pending.is_empty() {
+                    let lines = std::mem::take(&mut pending);
+                    if !append(Event::Output(Output { attempt, step: pending_step.clone(), lines })).await {
+                        return;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(progress) = progress else { break };
+        let flush_first = !matches!(progress, Progress::Line { .. }) && !pending.is_empty();
+        if flush_first {
+            let lines = std::mem::take(&mut pending);
+            if !append(Event::Output(Output {
+                attempt,
+                step: pending_step.clone(),
+                lines,
+            }))
+            .await
+            {
+                return;
+            }
+        }
+        let event = match progress {
+            Progress::StepStarted { step } => Event::StepStarted(StepStarted {
+                attempt,
+                step: step.to_owned(),
+            }),
+            Progress::StepFinished {
+                step,
+                duration,
+                exit_code,
+            } => Event::StepFinished(StepFinished {
+                attempt,
+                step: step.to_owned(),
+                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                exit_code,
+            }),
+            Progress::Line { step, line } => {
+                pending_step = step.to_owned();
+                pending.push(line);
+                if pending.len() < OUTPUT_LINES {
+                    continue;
+                }
+                Event::Output(Output {
+                    attempt,
+                    step: step.to_owned(),
+                    lines: std::mem::take(&mut pending),
+                })
+            }
+        };
+        if !append(event).await {
+            return;
+        }
+    }
+    if !pending.is_empty() {
+        append(Event::Output(Output {
+            attempt,
+            step: pending_step,
+            lines: pending,
+        }))
+        .await;
+    }
+}
+
+/// Copies the binary to `<storage>/builds/<key[0:2]>/<key>/<attempt>/<name>` (temp file,
+/// fsync, rename: readers never see a partial file) and returns what the event records.
+async fn publish(
+    storage: &Path,
+    build: &BuildState,
+    binary: &Path,
+    name: &str,
+) -> anyhow::Result<Artifact> {
+    use sha2::Digest;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let location = format!(
+        "builds/{}/{}/{}",
+        build.key.shard(),
+        build.key,
+        build.attempt
+    );
+    let dir: PathBuf = storage.join(&location);
+    tokio::fs::create_dir_all(&dir).await?;
+    let tmp = dir.join(format!(".{name}.partial"));
+    let mut src = tokio::fs::File::open(binary).await?;
+    let mut dst = tokio::fs::File::create(&tmp).await?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size: u64 = 0;
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = src.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        dst.write_all(&buf[..n]).await?;
+        size += n as u64;
+    }
+    dst.sync_all().await?;
+    drop(dst);
+    tokio::fs::rename(&tmp, dir.join(name)).await?;
+    Ok(Artifact {
+        location,
+        size,
+        sha256: hex::encode(hasher.finalize()),
+    })
 }

@@ -1,0 +1,221 @@
+//! The worker role end to end: real Postgres, the real Docker engine with the locally built
+//! Go image, the fixture module proxy. Builds are requested through the store (the API comes
+//! with its own issue) and watched through the process's listening connection.
+
+use std::time::Duration;
+
+use cbs_config::{Config, ExecutorKind};
+use cbs_domain::buildinfo::BuildInfo;
+use cbs_domain::{BuildKey, BuildSpec};
+use cbs_events::{Event, EventType, FailureKind};
+use cbs_goproxy::{ProxyConfig, Resolver};
+use cbs_projections::{BuildState, Status};
+use cbs_roles::App;
+use cbs_testkit::{FixtureProxy, TestDb};
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(300);
+
+struct Setup {
+    app: App,
+    shutdown: CancellationToken,
+    worker: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _dirs: tempfile::TempDir,
+}
+
+async fn start_worker(db: &TestDb, goproxy: &str, id: &str) -> Setup {
+    let dirs = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.database = db.config();
+    config.notify.poll_interval = Duration::from_secs(1);
+    config.go.proxy = goproxy.to_owned();
+    config.go.sumdb = "off".into();
+    config.storage.dir = dirs.path().join("artifacts");
+    let w = &mut config.worker;
+    w.id = id.to_owned();
+    w.executor = ExecutorKind::Docker;
+    w.build_dir = dirs.path().join("builds");
+    w.cache_dir = dirs.path().join("cache");
+    w.docker.image = cbs_testkit::builder_image();
+    w.docker.path = "/usr/local/go/bin".into();
+    w.docker.user = cbs_testkit::builder_user();
+    w.docker.resolve_network = "host".into();
+    let shutdown = CancellationToken::new();
+    let app = App::new(config, &shutdown).unwrap();
+    let worker = tokio::spawn(cbs_roles::worker::run(app.clone(), shutdown.clone()));
+    Setup {
+        app,
+        shutdown,
+        worker,
+        _dirs: dirs,
+    }
+}
+
+async fn request(app: &App, proxy: &FixtureProxy, plugins: &[(&str, Option<&str>)]) -> BuildKey {
+    let resolver = Resolver::new(&ProxyConfig {
+        goproxy: proxy.url(),
+        timeout: Duration::from_secs(5),
+        cache_ttl: Duration::from_secs(5),
+    })
+    .unwrap();
+    let spec = BuildSpec::parse("linux", "amd64", None, None, plugins, &[]).unwrap();
+    let request = resolver.resolve_spec(&spec).await.unwrap();
+    let key = request.key();
+    app.store.request_build(&key, &request).await.unwrap();
+    key
+}
+
+/// Waits (woken by notifications) until the build is no longer queued or running.
+async fn finished(app: &App, key: &BuildKey) -> BuildState {
+    let mut waiter = app.hub.watch_build(key);
+    tokio::time::timeout(DEADLINE, async {
+        loop {
+            let b = app.store.build(key).await.unwrap().unwrap();
+            if !matches!(b.status, Status::Queued | Status::Running) {
+                return b;
+            }
+            waiter.changed().await;
+        }
+    })
+    .await
+    .expect("the build finished in time")
+}
+
+async fn history(app: &App, key: &BuildKey) -> Vec<Event> {
+    app.store
+        .events(key, 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event)
+        .collect()
+}
+
+fn output(events: &[Event]) -> Vec<String> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Output(o) => Some(o.lines.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn builds_verifies_and_publishes_and_fails_a_broken_plugin_permanently() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let s = start_worker(&db, &proxy.url(), "worker-test").await;
+
+    let key = request(
+        &s.app,
+        &proxy,
+        &[
+            ("github.com/acme/alpha", None),
+            ("github.com/Acme/Beta", None),
+        ],
+    )
+    .await;
+    let b = finished(&s.app, &key).await;
+    let events = history(&s.app, &key).await;
+    assert_eq!(b.status, Status::Succeeded, "{b:?}\n{events:#?}");
+    let types: Vec<EventType> = events
+        .iter()
+        .map(Event::event_type)
+        .filter(|t| *t != EventType::Output)
+        .collect();
+    use EventType::*;
+    assert_eq!(
+        types,
+        [
+            Requested,
+            Claimed,
+            StepStarted,
+            StepFinished,
+            StepStarted,
+            StepFinished,
+            StepStarted,
+            StepFinished,
+            StepStarted,
+            StepFinished,
+            Succeeded
+        ]
+    );
+    let out = output(&events);
+    assert!(out.iter().any(|l| l == "go mod tidy -e"), "{out:?}");
+    assert!(
+        out.iter().any(|l| l.contains("go build -o caddy")),
+        "{out:?}"
+    );
+
+    let artifact = b.artifact.expect("artifact");
+    let path = s
+        .app
+        .config
+        .storage
+        .dir
+        .join(&artifact.location)
+        .join("caddy");
+    let bytes = std::fs::read(&path).unwrap();
+    assert_eq!(bytes.len() as u64, artifact.size);
+    use sha2::Digest;
+    assert_eq!(hex::encode(sha2::Sha256::digest(&bytes)), artifact.sha256);
+    BuildInfo::from_binary(&bytes)
+        .unwrap()
+        .check_matches(&b.request)
+        .unwrap();
+
+    // A plugin that does not compile: permanent, with the compiler's words in the failure
+    // message and in the build's output.
+    let key = request(&s.app, &proxy, &[("example.com/broken", None)]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Failed);
+    assert!(b.is_terminal(), "a permanent failure is not retried");
+    let err = b.last_error.expect("error");
+    assert_eq!(err.kind, FailureKind::Permanent);
+    assert_eq!(err.step.as_deref(), Some("compile"));
+    assert!(
+        err.message.starts_with("step compile failed: `go build"),
+        "{}",
+        err.message
+    );
+    assert!(
+        err.message.contains("undefined: undefinedFunction"),
+        "{}",
+        err.message
+    );
+    let out = output(&history(&s.app, &key).await);
+    assert!(
+        out.iter()
+            .any(|l| l.contains("undefined: undefinedFunction")),
+        "{out:?}"
+    );
+
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_proxy_fails_the_build_as_retryable() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let s = start_worker(&db, &dead, "worker-test-dead").await;
+    let key = request(&s.app, &proxy, &[]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Failed);
+    let err = b.last_error.expect("error");
+    assert_eq!(err.kind, FailureKind::Retryable, "{}", err.message);
+    assert_eq!(err.step.as_deref(), Some("pin_versions"));
+    assert!(
+        err.message.contains("connection refused"),
+        "{}",
+        err.message
+    );
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
