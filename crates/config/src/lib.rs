@@ -161,6 +161,9 @@ pub enum ExecutorKind {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
+    /// The engine: `unix:///var/run/docker.sock`, `tcp://host:2375`; empty means DOCKER_HOST
+    /// or the local socket.
+    pub host: String,
     /// The builder image: any image with `go` on `path` (e.g. golang:1.26-alpine).
     pub image: String,
     /// PATH inside the image.
@@ -181,6 +184,7 @@ pub struct DockerConfig {
 impl Default for DockerConfig {
     fn default() -> Self {
         DockerConfig {
+            host: String::new(),
             image: "golang:1.26-alpine".into(),
             path: "/usr/local/go/bin:/usr/local/bin:/usr/bin:/bin".into(),
             user: "65532:65532".into(),

@@ -41,6 +41,9 @@ const HOME: &str = "/tmp/home";
 /// Docker settings.
 #[derive(Debug, Clone)]
 pub struct DockerSettings {
+    /// The engine's address (`unix:///var/run/docker.sock`, `tcp://host:2375`); empty means
+    /// DOCKER_HOST or the local socket.
+    pub host: String,
     /// The builder image (with `go` on PATH).
     pub image: String,
     /// PATH inside the image.
@@ -83,7 +86,12 @@ impl DockerExecutor {
         gocache: PathBuf,
         worker: String,
     ) -> Result<DockerExecutor, ExecError> {
-        let docker = Docker::connect_with_defaults()
+        let docker = if settings.host.is_empty() {
+            Docker::connect_with_defaults()
+        } else {
+            Docker::connect_with_host(&settings.host)
+        };
+        let docker = docker
             .map_err(engine)?
             .negotiate_version()
             .await

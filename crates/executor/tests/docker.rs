@@ -18,6 +18,7 @@ const WORKER: &str = "docker-test";
 
 async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
     let settings = DockerSettings {
+        host: String::new(),
         image: cbs_testkit::builder_image(),
         path: "/usr/local/go/bin".into(),
         user: cbs_testkit::builder_user(),

@@ -64,6 +64,7 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
             let d = &w.docker;
             let docker = DockerExecutor::connect(
                 DockerSettings {
+                    host: d.host.clone(),
                     image: d.image.clone(),
                     path: d.path.clone(),
                     user: d.user.clone(),
