@@ -101,14 +101,24 @@ fn show(name: &str, (took, steps): &(Duration, Vec<(&'static str, Duration)>)) {
         .iter()
         .map(|(s, d)| format!("{s} {:.2}s", d.as_secs_f64()))
         .collect();
-    println!("{name:<48} {:>6.2} s   ({})", took.as_secs_f64(), steps.join(", "));
+    println!(
+        "{name:<48} {:>6.2} s   ({})",
+        took.as_secs_f64(),
+        steps.join(", ")
+    );
 }
 
 #[tokio::main]
 async fn main() {
     let proxy = FixtureProxy::start().await;
-    let first = request(&[("github.com/acme/alpha", "v1.1.0"), ("github.com/Acme/Beta", "v0.2.0")]);
-    let other = request(&[("example.com/gamma/v2", "v2.1.0"), ("github.com/acme/alpha", "v1.0.0")]);
+    let first = request(&[
+        ("github.com/acme/alpha", "v1.1.0"),
+        ("github.com/Acme/Beta", "v0.2.0"),
+    ]);
+    let other = request(&[
+        ("example.com/gamma/v2", "v2.1.0"),
+        ("github.com/acme/alpha", "v1.0.0"),
+    ]);
 
     let dcache = tempfile::tempdir().unwrap();
     let d = docker(&proxy, dcache.path()).await;

@@ -18,12 +18,12 @@ use bollard::query_parameters::{
     RemoveContainerOptionsBuilder,
 };
 use bollard::Docker;
-use cbs_domain::plan::{GoCommand, Phase};
+use cbs_domain::plan::{BuildPlan, GoCommand, Phase, Step};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
-use crate::{command_env, CachePaths, ExecError, Exit, GoSettings};
+use crate::{command_env, CachePaths, ExecError, Exit, GoSettings, PlanOutcome, Progress};
 
 /// Label on every container we create.
 pub const LABEL_MANAGED: &str = "org.caddy-build-server.managed";
@@ -37,6 +37,10 @@ const BUILD_DIR: &str = "/build";
 const MODCACHE: &str = "/cache/mod";
 const GOCACHE: &str = "/cache/build";
 const HOME: &str = "/tmp/home";
+/// The command runner (see `runner/runner.go`), mounted read-only.
+const RUNNER: &str = "/cbs/runner";
+/// Its source, compiled with the builder image when a worker starts.
+const RUNNER_SOURCE: &str = include_str!("runner/runner.go");
 
 /// Docker settings.
 #[derive(Debug, Clone)]
@@ -70,6 +74,8 @@ pub struct DockerExecutor {
     /// Host paths of the shared module cache and this worker's build cache.
     modcache: PathBuf,
     gocache: PathBuf,
+    /// Host path of the compiled runner.
+    runner: PathBuf,
     worker: String,
 }
 
@@ -96,23 +102,76 @@ impl DockerExecutor {
             .negotiate_version()
             .await
             .map_err(engine)?;
-        docker
+        let image = docker
             .inspect_image(&settings.image)
             .await
             .map_err(|e| ExecError::Engine(format!("builder image {}: {e}", settings.image)))?;
-        let executor = DockerExecutor {
+        let image_id = image.id.unwrap_or_default();
+        let image_id = image_id.trim_start_matches("sha256:");
+        let runner_dir = modcache
+            .parent()
+            .unwrap_or(&modcache)
+            .join(format!("runner-{}", &image_id[..image_id.len().min(16)]));
+        let mut executor = DockerExecutor {
             docker,
             settings,
             go,
             modcache,
             gocache,
+            runner: runner_dir.join("runner"),
             worker,
         };
         for dir in [&executor.modcache, &executor.gocache] {
             tokio::fs::create_dir_all(dir).await?;
             executor.give_to_builder(dir)?;
         }
+        if !executor.runner.exists() {
+            executor.build_runner(&runner_dir).await?;
+        }
         Ok(executor)
+    }
+
+    /// Compiles the runner with the builder image (no network), for the image's platform.
+    async fn build_runner(&mut self, runner_dir: &Path) -> Result<(), ExecError> {
+        tokio::fs::create_dir_all(runner_dir).await?;
+        let src = tempfile::tempdir_in(runner_dir)?;
+        tokio::fs::write(src.path().join("go.mod"), "module runner\n\ngo 1.21\n").await?;
+        tokio::fs::write(src.path().join("runner.go"), RUNNER_SOURCE).await?;
+        self.give_to_builder(src.path())?;
+        // The runner is not mounted yet: mount the (empty) source dir in its place.
+        let final_path = std::mem::replace(&mut self.runner, src.path().join("runner.go"));
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let cmd = ["go", "build", "-trimpath", "-o", "runner", "."]
+            .map(String::from)
+            .to_vec();
+        let exit = self
+            .run_container(
+                src.path(),
+                "runner",
+                cmd,
+                Phase::Compile,
+                &[],
+                &tx,
+                self.go.command_timeout,
+            )
+            .await;
+        self.runner = final_path;
+        drop(tx);
+        let mut out = Vec::new();
+        while let Some(l) = rx.recv().await {
+            out.push(l);
+        }
+        let exit = exit?;
+        if !exit.success() {
+            return Err(ExecError::Engine(format!(
+                "cannot compile the command runner with {}: {}",
+                self.settings.image,
+                out.join("\n")
+            )));
+        }
+        tokio::fs::rename(src.path().join("runner"), &self.runner).await?;
+        info!(runner = %self.runner.display(), "command runner compiled");
+        Ok(())
     }
 
     /// Makes `dir` (a new build directory or a cache) writable for the builder user: when
@@ -176,6 +235,7 @@ impl DockerExecutor {
         }
     }
 
+    /// Runs one Go command in its own container.
     pub(crate) async fn run(
         &self,
         dir: &Path,
@@ -184,6 +244,32 @@ impl DockerExecutor {
         phase: Phase,
         target: &[(&'static str, String)],
         lines: &mpsc::UnboundedSender<String>,
+    ) -> Result<Exit, ExecError> {
+        let mut cmd = vec!["go".to_owned()];
+        cmd.extend(command.args.iter().cloned());
+        self.run_container(
+            dir,
+            build_key,
+            cmd,
+            phase,
+            target,
+            lines,
+            self.go.command_timeout,
+        )
+        .await
+    }
+
+    /// Runs `cmd` in a new hardened container for `phase`, then removes it.
+    #[allow(clippy::too_many_arguments)]
+    async fn run_container(
+        &self,
+        dir: &Path,
+        build_key: &str,
+        cmd: Vec<String>,
+        phase: Phase,
+        target: &[(&'static str, String)],
+        lines: &mpsc::UnboundedSender<String>,
+        timeout: std::time::Duration,
     ) -> Result<Exit, ExecError> {
         let caches = CachePaths {
             gomodcache: MODCACHE.into(),
@@ -203,6 +289,7 @@ impl DockerExecutor {
                 format!("{}:{BUILD_DIR}:rw", dir.display()),
                 format!("{}:{MODCACHE}:{modcache_mode}", self.modcache.display()),
                 format!("{}:{GOCACHE}:rw", self.gocache.display()),
+                format!("{}:{RUNNER}:ro", self.runner.display()),
             ]),
             network_mode: Some(network),
             readonly_rootfs: Some(true),
@@ -222,8 +309,6 @@ impl DockerExecutor {
             init: Some(true),
             ..Default::default()
         };
-        let mut cmd = vec!["go".to_owned()];
-        cmd.extend(command.args.iter().cloned());
         let config = ContainerCreateBody {
             image: Some(self.settings.image.clone()),
             cmd: Some(cmd),
@@ -250,7 +335,7 @@ impl DockerExecutor {
             .await
             .map_err(engine)?;
         let id = created.id;
-        let result = self.start_and_follow(&id, lines, started).await;
+        let result = self.start_and_follow(&id, lines, started, timeout).await;
         self.remove(&id).await;
         result
     }
@@ -260,6 +345,7 @@ impl DockerExecutor {
         id: &str,
         lines: &mpsc::UnboundedSender<String>,
         started: Instant,
+        timeout: std::time::Duration,
     ) -> Result<Exit, ExecError> {
         self.docker
             .start_container(id, None)
@@ -319,7 +405,7 @@ impl DockerExecutor {
                 timed_out: false,
             }),
             Err(_) => {
-                let _ = lines.send(format!("timed out after {:?}", self.go.command_timeout));
+                let _ = lines.send(format!("timed out after {timeout:?}"));
                 Ok(Exit {
                     code: None,
                     duration: started.elapsed(),
@@ -327,5 +413,243 @@ impl DockerExecutor {
                 })
             }
         }
+    }
+}
+
+/// A JSON string literal (the arguments are validated, but escape anyway).
+fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A marker the runner prints, with this run's nonce.
+#[derive(Debug, PartialEq, Eq)]
+enum Marker {
+    Start(usize),
+    Exit(usize, i64),
+}
+
+fn parse_marker(line: &str, nonce: &str) -> Option<Marker> {
+    let rest = line
+        .strip_prefix("@@cbs ")?
+        .strip_prefix(nonce)?
+        .strip_prefix(' ')?;
+    let mut f = rest.split(' ');
+    match (f.next()?, f.next()?.parse().ok()?, f.next()) {
+        ("start", i, None) => Some(Marker::Start(i)),
+        ("exit", i, Some(code)) => Some(Marker::Exit(i, code.parse().ok()?)),
+        _ => None,
+    }
+}
+
+/// A fresh unguessable token for the runner's markers, so that no build output can fake one.
+fn nonce() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default(),
+    );
+    format!("{:016x}", h.finish())
+}
+
+impl DockerExecutor {
+    /// Runs a plan with one container per phase: consecutive steps of the same phase run
+    /// their commands through the runner in one container.
+    pub(crate) async fn run_plan(
+        &self,
+        plan: &BuildPlan,
+        build_key: &str,
+        dir: &Path,
+        progress: &mpsc::UnboundedSender<Progress>,
+    ) -> Result<PlanOutcome, ExecError> {
+        let mut first = 0;
+        while first < plan.steps.len() {
+            let phase = plan.steps[first].phase;
+            let end = plan.steps[first..]
+                .iter()
+                .position(|s| s.phase != phase)
+                .map_or(plan.steps.len(), |n| first + n);
+            let group = &plan.steps[first..end];
+            if let Some(failed) = self
+                .run_group(group, phase, &plan.target_env, build_key, dir, progress)
+                .await?
+            {
+                return Ok(failed);
+            }
+            first = end;
+        }
+        Ok(PlanOutcome::Built(dir.join(plan.output)))
+    }
+
+    /// Runs the commands of `steps` in one container; `Some(Failed)` if one failed.
+    async fn run_group(
+        &self,
+        steps: &[Step],
+        phase: Phase,
+        target: &[(&'static str, String)],
+        build_key: &str,
+        dir: &Path,
+        progress: &mpsc::UnboundedSender<Progress>,
+    ) -> Result<Option<PlanOutcome>, ExecError> {
+        // (step index, command) in order.
+        let commands: Vec<(usize, &GoCommand)> = steps
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| s.commands.iter().map(move |c| (i, c)))
+            .collect();
+        let json = format!(
+            "[{}]",
+            commands
+                .iter()
+                .map(|(_, c)| format!(
+                    "[{}]",
+                    c.args
+                        .iter()
+                        .map(|a| json_string(a))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let nonce = nonce();
+        let cmd = vec![RUNNER.to_owned(), nonce.clone(), json];
+        let timeout = self.go.command_timeout * u32::try_from(commands.len()).unwrap_or(1);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let run = async move {
+            let tx = tx;
+            self.run_container(dir, build_key, cmd, phase, target, &tx, timeout)
+                .await
+        };
+        // What the markers told so far.
+        let mut current: Option<usize> = None;
+        let mut step_started = Instant::now();
+        let mut failed: Option<(usize, i64)> = None;
+        let mut tail: std::collections::VecDeque<String> = Default::default();
+        let follow = async {
+            while let Some(line) = rx.recv().await {
+                match parse_marker(&line, &nonce) {
+                    Some(Marker::Start(i)) if i < commands.len() => {
+                        let (step, command) = commands[i];
+                        let new_step = i == 0 || commands[i - 1].0 != step;
+                        if new_step {
+                            step_started = Instant::now();
+                            tail.clear();
+                            let _ = progress.send(Progress::StepStarted {
+                                step: steps[step].name,
+                            });
+                        }
+                        current = Some(i);
+                        let _ = progress.send(Progress::Line {
+                            step: steps[step].name,
+                            line: command.display(),
+                        });
+                        push_tail(&mut tail, command.display());
+                    }
+                    Some(Marker::Exit(i, code)) if i < commands.len() => {
+                        let step = commands[i].0;
+                        let last_of_step = i + 1 == commands.len() || commands[i + 1].0 != step;
+                        if code != 0 {
+                            failed = Some((i, code));
+                        }
+                        if code != 0 || last_of_step {
+                            let _ = progress.send(Progress::StepFinished {
+                                step: steps[step].name,
+                                duration: step_started.elapsed(),
+                                exit_code: (code >= 0).then_some(code),
+                            });
+                        }
+                    }
+                    _ => {
+                        let step = current.map_or(0, |i| commands[i].0);
+                        push_tail(&mut tail, line.clone());
+                        let _ = progress.send(Progress::Line {
+                            step: steps[step].name,
+                            line,
+                        });
+                    }
+                }
+            }
+        };
+        let (exit, ()) = tokio::join!(run, follow);
+        let exit = exit?;
+        let tail: Vec<String> = tail.into_iter().collect();
+        if let Some((i, code)) = failed {
+            let (step, command) = commands[i];
+            return Ok(Some(PlanOutcome::Failed {
+                step: steps[step].name,
+                command: command.display(),
+                exit: Exit {
+                    code: (code >= 0).then_some(code),
+                    duration: exit.duration,
+                    timed_out: false,
+                },
+                tail,
+            }));
+        }
+        let all_done = exit.success() && current == Some(commands.len() - 1);
+        if all_done {
+            return Ok(None);
+        }
+        // The container ended early (timed out, killed, the runner could not start).
+        let i = current.unwrap_or(0);
+        let (step, command) = commands[i];
+        let _ = progress.send(Progress::StepFinished {
+            step: steps[step].name,
+            duration: step_started.elapsed(),
+            exit_code: None,
+        });
+        Ok(Some(PlanOutcome::Failed {
+            step: steps[step].name,
+            command: command.display(),
+            exit: Exit { code: None, ..exit },
+            tail,
+        }))
+    }
+}
+
+fn push_tail(tail: &mut std::collections::VecDeque<String>, line: String) {
+    if tail.len() == crate::TAIL_LINES {
+        tail.pop_front();
+    }
+    tail.push_back(line);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markers_need_the_nonce() {
+        assert_eq!(
+            parse_marker("@@cbs abc start 3", "abc"),
+            Some(Marker::Start(3))
+        );
+        assert_eq!(
+            parse_marker("@@cbs abc exit 3 -1", "abc"),
+            Some(Marker::Exit(3, -1))
+        );
+        assert_eq!(parse_marker("@@cbs abd exit 3 0", "abc"), None);
+        assert_eq!(parse_marker("@@cbs abc exit 3", "abc"), None);
+        assert_eq!(parse_marker("x @@cbs abc start 1", "abc"), None);
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("-w -s"), "\"-w -s\"");
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 }

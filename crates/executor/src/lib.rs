@@ -142,7 +142,7 @@ pub enum PlanOutcome {
 }
 
 /// Lines of output kept for a failure message.
-const TAIL_LINES: usize = 30;
+pub(crate) const TAIL_LINES: usize = 30;
 
 /// The executors.
 #[derive(Debug)]
@@ -176,10 +176,11 @@ impl Executor {
         dir: &Path,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<PlanOutcome, ExecError> {
+        tokio::fs::write(dir.join("main.go"), &plan.main_go).await?;
         if let Executor::Docker(d) = self {
             d.give_to_builder(dir)?;
+            return d.run_plan(plan, build_key, dir, progress).await;
         }
-        tokio::fs::write(dir.join("main.go"), &plan.main_go).await?;
         for step in &plan.steps {
             let started = Instant::now();
             let _ = progress.send(Progress::StepStarted { step: step.name });
