@@ -540,6 +540,69 @@ mod tests {
         }
     }
 
+    /// Hostile values are refused where a request enters, so no file or argv can hold them.
+    #[test]
+    fn hostile_values_never_become_a_request() {
+        let long = format!("example.com/{}", "a".repeat(300));
+        let hostile = [
+            "example.com/a\nrequire evil.com/x v1.0.0",
+            "example.com/a\"\n\tos/exec\"",
+            "example.com/a b",
+            "example.com/a\\b",
+            "example.com/../../etc/passwd",
+            "-modfile=/etc/passwd",
+            "--help",
+            "example.com/$(touch /tmp/pwned)",
+            "example.com/a;rm -rf /",
+            "example.com/a`id`",
+            "example.com/a|b",
+            long.as_str(),
+        ];
+        for h in hostile {
+            assert!(
+                BuildSpec::parse("linux", "amd64", None, None, &[(h, None)], &[]).is_err(),
+                "plugin {h:?}"
+            );
+            assert!(
+                BuildSpec::parse(
+                    "linux",
+                    "amd64",
+                    None,
+                    None,
+                    &[("example.com/a", Some(h))],
+                    &[]
+                )
+                .is_err(),
+                "version {h:?}"
+            );
+            assert!(
+                BuildSpec::parse("linux", "amd64", None, Some(h), &[], &[]).is_err(),
+                "caddy version {h:?}"
+            );
+            assert!(
+                BuildSpec::parse(
+                    "linux",
+                    "amd64",
+                    None,
+                    None,
+                    &[],
+                    &[("example.com/a", h, Some("v1.0.0"))]
+                )
+                .is_err(),
+                "replacement {h:?}"
+            );
+            // Stored requests are checked again when read back.
+            let json = serde_json::json!({
+                "os": "linux", "arch": "amd64", "caddy_version": "v2.8.4",
+                "plugins": [{"module": h, "version": "v1.0.0"}], "replacements": []
+            });
+            assert!(
+                serde_json::from_value::<BuildRequest>(json).is_err(),
+                "stored {h:?}"
+            );
+        }
+    }
+
     #[test]
     fn caddy_versions_must_be_v2() {
         let err = BuildRequest::new(
