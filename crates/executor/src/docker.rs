@@ -335,7 +335,14 @@ impl DockerExecutor {
             .await
             .map_err(engine)?;
         let id = created.id;
+        // If this future is dropped midway (the build was fenced off or the worker stops),
+        // the guard still removes the container.
+        let guard = RemoveOnDrop {
+            docker: Some(self.docker.clone()),
+            id: id.clone(),
+        };
         let result = self.start_and_follow(&id, lines, started, timeout).await;
+        guard.disarm();
         self.remove(&id).await;
         result
     }
@@ -412,6 +419,35 @@ impl DockerExecutor {
                     timed_out: true,
                 })
             }
+        }
+    }
+}
+
+/// Removes a container when dropped before `disarm`: the cleanup of cancelled runs.
+struct RemoveOnDrop {
+    docker: Option<Docker>,
+    id: String,
+}
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.docker = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.take() else {
+            return;
+        };
+        let id = std::mem::take(&mut self.id);
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                let options = RemoveContainerOptionsBuilder::default().force(true).build();
+                if let Err(e) = docker.remove_container(&id, Some(options)).await {
+                    warn!(container = %id, error = %e, "cannot remove a cancelled build container");
+                }
+            });
         }
     }
 }

@@ -319,3 +319,48 @@ async fn orphans_of_this_worker_are_removed_at_start() {
     assert_eq!(exec.remove_orphans().await.unwrap(), 1);
     assert_eq!(our_containers(worker), "");
 }
+
+#[tokio::test]
+async fn a_cancelled_run_leaves_no_container_behind() {
+    let proxy = FixtureProxy::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let worker = "docker-test-cancel";
+    let exec = executor(&proxy.url(), cache.path(), worker).await;
+    let dir = tempfile::tempdir().unwrap();
+    probe_program(dir.path(), "127.0.0.1:9");
+    // A program that never ends, cancelled once its container runs.
+    std::fs::write(
+        dir.path().join("main.go"),
+        "package main\n\nimport \"time\"\n\nfunc main() { println(\"started\"); time.Sleep(time.Hour) }\n",
+    )
+    .unwrap();
+    if let Executor::Docker(d) = &exec {
+        d.give_to_builder(dir.path()).unwrap();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let target = Platform::new("linux", "amd64", None).unwrap().go_env();
+    let cmd = GoCommand {
+        args: vec!["run".into(), ".".into()],
+    };
+    let run = exec.run(dir.path(), "cancel", &cmd, Phase::Compile, &target, &tx);
+    let started = async {
+        while let Some(l) = rx.recv().await {
+            if l == "started" {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        r = run => panic!("the endless program ended: {r:?}"),
+        () = started => {}
+    }
+    // The run future is dropped here; its container must go away.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !our_containers(worker).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "container left behind"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
