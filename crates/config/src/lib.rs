@@ -93,6 +93,15 @@ pub struct ApiConfig {
     /// How long open connections may take to finish after a shutdown signal.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Longest `wait` a status long-poll may ask for.
+    #[serde(with = "humantime_serde")]
+    pub max_long_poll: Duration,
+    /// How long `/api/download` and `/api/compat` wait for a build to finish.
+    #[serde(with = "humantime_serde")]
+    pub download_wait: Duration,
+    /// How long a client may take to send its request headers.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ApiConfig {
@@ -100,6 +109,9 @@ impl Default for ApiConfig {
         ApiConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8234)),
             shutdown_grace: Duration::from_secs(10),
+            max_long_poll: Duration::from_secs(60),
+            download_wait: Duration::from_secs(15 * 60),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }

@@ -220,7 +220,13 @@ async fn all_roles_start_serve_health_and_stop_cleanly_on_sigterm() {
         .and_then(|s| s.split_whitespace().next())
         .unwrap_or_else(|| panic!("no addr in {line:?}"))
         .to_owned();
-    wait_for_line(&rx, "listening for build events", &mut seen);
+    // The listener may have come up before the api.
+    if !seen
+        .iter()
+        .any(|l| l.contains("listening for build events"))
+    {
+        wait_for_line(&rx, "listening for build events", &mut seen);
+    }
 
     let health = http_get(&addr, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200"), "{health}");

@@ -1,0 +1,288 @@
+//! Build endpoints: submit, status with long-poll, history, the global audit feed.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cbs_domain::BuildKey;
+use cbs_events::{Event, EventType, GlobalCursor, RecordedEvent, RequeueReason, Requeued};
+use cbs_goproxy::ResolveError;
+use cbs_projections::{BuildState, Status};
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::params::{self, Parsed};
+use super::ApiState;
+
+/// `status` as clients know it: `complete` for a finished build.
+pub fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::Succeeded => "complete",
+        other => other.as_str(),
+    }
+}
+
+/// The status JSON of a build.
+pub fn build_json(b: &BuildState) -> Value {
+    let key = b.key.as_str();
+    let mut v = json!({
+        "status": status_name(b.status),
+        "key": key,
+        "attempt": b.attempt,
+        "failures": b.failures,
+        "created_at": b.created_at,
+        "updated_at": b.updated_at,
+        "last_seq": b.last_seq,
+        "request": b.request,
+        "links": {
+            "self": format!("/api/build/{key}"),
+            "events": format!("/api/build/{key}/events"),
+            "history": format!("/api/build/{key}/history"),
+            "download": format!("/api/build/{key}/download"),
+        },
+    });
+    if let Some(step) = &b.current_step {
+        v["step"] = json!(step);
+    }
+    if let Some(e) = &b.last_error {
+        v["error"] =
+            json!({ "message": e.message, "step": e.step, "kind": e.kind, "attempt": e.attempt });
+    }
+    if let Some(a) = &b.artifact {
+        v["artifact"] = json!({ "size": a.size, "sha256": a.sha256 });
+    }
+    v
+}
+
+pub fn parse_key(key: &str) -> Result<BuildKey, ApiError> {
+    key.parse()
+        .map_err(|e| ApiError::bad_request(format!("invalid build key: {e}")))
+}
+
+fn resolve_error(e: ResolveError) -> ApiError {
+    match e {
+        ResolveError::NotFound { .. } | ResolveError::BadAnswer { .. } => {
+            ApiError::bad_request(e.to_string())
+        }
+        ResolveError::Unavailable { .. } => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        ResolveError::BadSetting(_) => ApiError::internal("module proxy setting", e),
+    }
+}
+
+/// Resolves, keys and records a request (once per key, however many ask at once);
+/// reopens a failed build when forced.
+pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiError> {
+    let request = state
+        .resolver
+        .resolve_spec(&parsed.spec)
+        .await
+        .map_err(resolve_error)?;
+    let key = request.key();
+    let mut build = state.app.store.request_build(&key, &request).await?.build;
+    let reopenable = matches!(
+        build.status,
+        Status::Failed | Status::GaveUp | Status::Cancelled
+    );
+    if parsed.force && reopenable {
+        let event = Event::Requeued(Requeued {
+            attempt: build.attempt,
+            reason: RequeueReason::Forced,
+            not_before: chrono::Utc::now(),
+        });
+        build = match state.app.store.append_latest(&key, event).await {
+            Ok(b) => b,
+            // Someone else reopened it first: fine, report what is there now.
+            Err(cbs_store::StoreError::Rejected(_)) => state
+                .app
+                .store
+                .build(&key)
+                .await?
+                .ok_or_else(|| ApiError::not_found("build vanished"))?,
+            Err(e) => return Err(e.into()),
+        };
+    }
+    Ok(build)
+}
+
+/// `POST /api/build`: a JSON body, or the same request as query parameters.
+pub async fn post_build(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
+    let parsed = if body.iter().all(u8::is_ascii_whitespace) {
+        params::from_query(query.as_deref())?
+    } else {
+        if query.as_deref().is_some_and(|q| !q.is_empty()) {
+            return Err(ApiError::bad_request(
+                "send the request either as a JSON body or as query parameters, not both",
+            ));
+        }
+        params::from_json(&body)?
+    };
+    let build = submit(&state, parsed).await?;
+    let code = match build.status {
+        Status::Succeeded => StatusCode::OK,
+        Status::Failed | Status::Cancelled | Status::GaveUp if build.is_terminal() => {
+            StatusCode::OK
+        }
+        _ => StatusCode::ACCEPTED,
+    };
+    Ok((code, Json(json!({ "result": build_json(&build) }))).into_response())
+}
+
+/// Query parameters of the status long-poll.
+struct WaitParams {
+    wait: Duration,
+    after: Option<u32>,
+}
+
+fn wait_params(query: Option<&str>, max: Duration) -> Result<WaitParams, ApiError> {
+    let mut p = WaitParams {
+        wait: Duration::ZERO,
+        after: None,
+    };
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "wait" => {
+                let d = humantime::parse_duration(&v).map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "wait {:?} is not a duration like 30s or 2m",
+                        v.chars().take(40).collect::<String>()
+                    ))
+                })?;
+                p.wait = d.min(max);
+            }
+            "after" => {
+                p.after = Some(v.parse().map_err(|_| {
+                    ApiError::bad_request(format!(
+                        "after {:?} is not an event sequence number",
+                        v.chars().take(40).collect::<String>()
+                    ))
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: wait, after",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// `GET /api/build/{key}[?wait=30s&after=N]`: the build's status; with `wait`, answers as
+/// soon as the build has an event after `after` (default: its current last event), or when
+/// the wait ends. Woken through the process's one listening connection.
+pub async fn get_build(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let p = wait_params(query.as_deref(), state.app.config.api.max_long_poll)?;
+    // Subscribe before reading: a commit between the read and the wait still wakes us.
+    let mut waiter = state.app.hub.watch_build(&key);
+    let deadline = tokio::time::Instant::now() + p.wait;
+    let mut after = p.after;
+    loop {
+        let build = state
+            .app
+            .store
+            .build(&key)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+        let after_seq = *after.get_or_insert(build.last_seq);
+        let now = tokio::time::Instant::now();
+        if build.last_seq > after_seq || now >= deadline {
+            return Ok(Json(json!({ "result": build_json(&build) })).into_response());
+        }
+        tokio::select! {
+            _ = waiter.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+    }
+}
+
+fn event_json(e: &RecordedEvent) -> Value {
+    json!({
+        "seq": e.seq,
+        "type": e.event.event_type().as_str(),
+        "time": e.recorded_at,
+        "data": e.event.encode(),
+    })
+}
+
+/// `GET /api/build/{key}/history`: every event of the build.
+pub async fn history(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let events = state.app.store.events(&key, 0, 100_000).await?;
+    if events.is_empty() {
+        return Err(ApiError::not_found(format!("no build with key {key}")));
+    }
+    let events: Vec<Value> = events.iter().map(event_json).collect();
+    Ok(Json(json!({ "result": { "key": key.as_str(), "events": events } })).into_response())
+}
+
+/// `GET /api/events?after=<cursor>&limit=N&type=a,b`: the global audit feed, paged without
+/// skipping transactions that commit late.
+pub async fn feed(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut after = GlobalCursor::default();
+    let mut limit: u32 = 100;
+    let mut types: Vec<EventType> = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "after" => {
+                after = v
+                    .parse()
+                    .map_err(|e: cbs_events::BadCursor| ApiError::bad_request(e.to_string()))?
+            }
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=1000).contains(l))
+                    .ok_or_else(|| ApiError::bad_request("limit must be a number from 1 to 1000"))?
+            }
+            "type" => {
+                for t in v.split(',').filter(|t| !t.is_empty()) {
+                    types.push(t.parse().map_err(|e: cbs_events::UnknownEventType| {
+                        ApiError::bad_request(e.to_string())
+                    })?);
+                }
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: after, limit, type",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let events = state.app.store.feed(after, limit, &types).await?;
+    let next = events.last().map_or(after, RecordedEvent::cursor);
+    let events: Vec<Value> = events
+        .iter()
+        .map(|e| {
+            let mut v = event_json(e);
+            v["key"] = json!(e.key.as_str());
+            v["cursor"] = json!(e.cursor().to_string());
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "result": { "events": events, "next": next.to_string() } })).into_response())
+}

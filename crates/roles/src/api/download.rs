@@ -1,0 +1,248 @@
+//! Artifact downloads: by key, and caddyserver.com's `/api/download` (also `/api/compat`),
+//! which waits until the build is done. Files are streamed (never read whole into memory),
+//! with Content-Length, an ETag (the sha256), and single-range requests.
+
+use std::io::SeekFrom;
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cbs_events::FailureKind;
+use cbs_projections::{BuildState, Status};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::builds::{build_json, parse_key, submit};
+use super::error::ApiError;
+use super::{params, ApiState};
+
+/// `GET|HEAD /api/build/{key}/download` and `/api/download/{key}`.
+pub async fn by_key(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let build = state
+        .app
+        .store
+        .build(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+    answer(&state, &build, &method, &headers).await
+}
+
+/// What a download request gets for a build in any state.
+async fn answer(
+    state: &ApiState,
+    build: &BuildState,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    match build.status {
+        Status::Succeeded => serve_artifact(state, build, method, headers).await,
+        Status::Failed | Status::GaveUp | Status::Cancelled if build.is_terminal() => {
+            Err(failed(build))
+        }
+        _ => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "result": build_json(build) })),
+        )
+            .into_response()),
+    }
+}
+
+/// The error of a build that ended without a binary.
+fn failed(build: &BuildState) -> ApiError {
+    let (status, message) = match (&build.last_error, build.status) {
+        (_, Status::Cancelled) => (StatusCode::GONE, "the build was cancelled".to_owned()),
+        (Some(e), Status::GaveUp) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the build failed {} times and was given up; last error: {}",
+                build.failures, e.message
+            ),
+        ),
+        (Some(e), _) if e.kind == FailureKind::Permanent => (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("the build failed: {}", e.message),
+        ),
+        (Some(e), _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the build failed and will be retried: {}", e.message),
+        ),
+        (None, _) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the build failed".to_owned(),
+        ),
+    };
+    ApiError::new(status, message)
+}
+
+/// A single byte range of a `Range` header; `None` means serve the whole file.
+fn parse_range(value: &str, size: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = value.strip_prefix("bytes=") else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None); // several ranges: the whole file is a valid answer
+    }
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", "") => return Err(()),
+        ("", n) => {
+            let n: u64 = n.parse().map_err(|_| ())?;
+            if n == 0 {
+                return Err(());
+            }
+            (size.saturating_sub(n), size.saturating_sub(1))
+        }
+        (s, "") => (s.parse().map_err(|_| ())?, size.saturating_sub(1)),
+        (s, e) => {
+            let (s, e): (u64, u64) = (s.parse().map_err(|_| ())?, e.parse().map_err(|_| ())?);
+            (s, e.min(size.saturating_sub(1)))
+        }
+    };
+    if size == 0 || start > end || start >= size {
+        return Err(());
+    }
+    Ok(Some((start, end)))
+}
+
+async fn serve_artifact(
+    state: &ApiState,
+    build: &BuildState,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let artifact = build
+        .artifact
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("artifact", "succeeded build without artifact"))?;
+    let name = build.request.platform().binary_name();
+    let path = state
+        .app
+        .config
+        .storage
+        .dir
+        .join(&artifact.location)
+        .join(name);
+    let etag = format!("\"{}\"", artifact.sha256);
+    if headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').any(|t| t.trim() == etag || t.trim() == "*"))
+    {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
+    }
+    let mut file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| ApiError::internal("artifact storage", e))?;
+    let size = artifact.size;
+    let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+        Some(r) => match parse_range(r, size) {
+            Ok(r) => r,
+            Err(()) => {
+                let mut resp = ApiError::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    format!("range {r:?} is not satisfiable for {size} bytes"),
+                )
+                .into_response();
+                resp.headers_mut().insert(
+                    header::CONTENT_RANGE,
+                    HeaderValue::from_str(&format!("bytes */{size}")).expect("ascii"),
+                );
+                return Ok(resp);
+            }
+        },
+        None => None,
+    };
+    let (status, start, len) = match range {
+        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e - s + 1),
+        None => (StatusCode::OK, 0, size),
+    };
+    let mut builder = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CONTENT_LENGTH, len)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename={name}"),
+        )
+        .header(header::ETAG, &etag)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header("x-caddy-build-key", build.key.as_str())
+        .header("x-checksum-sha256", &artifact.sha256);
+    if let Some((s, e)) = range {
+        builder = builder.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{size}"));
+    }
+    let body = if method == Method::HEAD {
+        Body::empty()
+    } else {
+        file.seek(SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal("artifact storage", e))?;
+        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024);
+        Body::from_stream(stream)
+    };
+    builder
+        .body(body)
+        .map_err(|e| ApiError::internal("response", e))
+}
+
+/// `GET|HEAD /api/download?os&arch&arm&p=...` and `/api/compat?...&version&r=...`: resolve,
+/// request (once per key), wait until the build is done, then stream the binary. A client
+/// that disconnects does not cancel the build.
+pub async fn compat(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let parsed = params::from_query(query.as_deref())?;
+    let build = submit(&state, parsed).await?;
+    let key = build.key.clone();
+    let mut waiter = state.app.hub.watch_build(&key);
+    let deadline = tokio::time::Instant::now() + state.app.config.api.download_wait;
+    let mut build = build;
+    loop {
+        let waiting = matches!(build.status, Status::Queued | Status::Running)
+            || (build.status == Status::Failed && !build.is_terminal());
+        if !waiting || tokio::time::Instant::now() >= deadline {
+            return answer(&state, &build, &method, &headers).await;
+        }
+        tokio::select! {
+            _ = waiter.changed() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+        }
+        build = state
+            .app
+            .store
+            .build(&key)
+            .await?
+            .ok_or_else(|| ApiError::not_found("build vanished"))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));
+        assert_eq!(parse_range("bytes=90-", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=-10", 100), Ok(Some((90, 99))));
+        assert_eq!(parse_range("bytes=0-1000", 100), Ok(Some((0, 99))));
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), Ok(None));
+        assert_eq!(parse_range("items=0-1", 100), Ok(None));
+        assert_eq!(parse_range("bytes=100-", 100), Err(()));
+        assert_eq!(parse_range("bytes=5-1", 100), Err(()));
+        assert_eq!(parse_range("bytes=x-1", 100), Err(()));
+        assert_eq!(parse_range("bytes=-0", 100), Err(()));
+    }
+}

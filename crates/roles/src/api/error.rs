@@ -1,0 +1,64 @@
+//! The API's one error type and the JSON shape every client of caddyserver.com's API
+//! decodes: `{"status_code": N, "error": {"message": "...", "id": "<request id>"}}`.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+/// An error answer: a status and a message that says what was wrong.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, message)
+    }
+
+    /// A failure of ours (database, storage): logged here, once; the client gets a 503.
+    pub fn internal(context: &str, e: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %e, "{context}");
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{context}: the service is unavailable, try again later"),
+        )
+    }
+}
+
+impl From<cbs_store::StoreError> for ApiError {
+    fn from(e: cbs_store::StoreError) -> ApiError {
+        ApiError::internal("database error", e)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        error_response(self.status, &self.message, None)
+    }
+}
+
+/// The error JSON (the request id is added by the middleware that knows it).
+pub fn error_response(status: StatusCode, message: &str, id: Option<&str>) -> Response {
+    let mut error = serde_json::json!({ "message": message });
+    if let Some(id) = id {
+        error["id"] = id.into();
+    }
+    let body = serde_json::json!({ "status_code": status.as_u16(), "error": error });
+    let mut resp = (status, Json(body)).into_response();
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    resp
+}

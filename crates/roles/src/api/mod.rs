@@ -1,0 +1,191 @@
+//! The HTTP API role (default port 8234).
+//!
+//! - `POST /api/build` (JSON body or query parameters), `GET /api/build/{key}` (status,
+//!   long-poll with `wait` and `after`), `GET /api/build/{key}/history`, `GET /api/events`
+//!   (global audit feed);
+//! - `GET|HEAD /api/build/{key}/download`, `/api/download/{key}`: the artifact;
+//! - `GET|HEAD /api/download?os&arch&p...` and `/api/compat?...` (caddyserver.com and the
+//!   prototype): wait for the build, then the binary;
+//! - `/healthz`, `/readyz`.
+//!
+//! Every error is `{"status_code", "error": {"message", "id"}}`; every response carries
+//! `x-request-id`. Served with hyper-util so that slow request headers time out.
+
+mod builds;
+mod download;
+mod error;
+mod params;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use cbs_goproxy::{ProxyConfig, Resolver};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::App;
+pub use error::ApiError;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// What handlers share.
+#[derive(Clone, Debug)]
+pub struct ApiState {
+    pub app: App,
+    pub resolver: Arc<Resolver>,
+}
+
+/// Binds the configured address.
+pub async fn bind(config: &cbs_config::Config) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(config.api.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (api.listen)", config.api.listen))
+}
+
+/// The routes.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/api/build", post(builds::post_build))
+        .route("/api/build/{key}", get(builds::get_build))
+        .route("/api/build/{key}/history", get(builds::history))
+        .route("/api/build/{key}/download", get(download::by_key))
+        .route("/api/download/{key}", get(download::by_key))
+        .route("/api/download", get(download::compat))
+        .route("/api/compat", get(download::compat))
+        .route("/api/events", get(builds::feed))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see the README for the API")
+}
+
+/// Gives every request an id (`x-request-id`), and every error answer the JSON error shape
+/// with that id, including errors made by the framework (unknown method, too large a body).
+async fn request_id(req: Request, next: Next) -> Response {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let id = format!(
+        "{:x}-{:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut resp = next.run(req).await;
+    let status = resp.status();
+    if status.is_client_error() || status.is_server_error() {
+        let is_json = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+        let (parts, body) = resp.into_parts();
+        let bytes = axum::body::to_bytes(body, MAX_BODY)
+            .await
+            .unwrap_or_default();
+        let message = if is_json {
+            serde_json::from_slice::<serde_json::Value>(&bytes)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+                .unwrap_or_default()
+        } else {
+            String::from_utf8_lossy(&bytes).trim().to_owned()
+        };
+        let message = if message.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_owned()
+        } else {
+            message
+        };
+        let mut shaped = error::error_response(status, &message, Some(&id));
+        for (name, value) in parts.headers.iter() {
+            if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+                shaped.headers_mut().insert(name.clone(), value.clone());
+            }
+        }
+        resp = shaped;
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Serves until `shutdown`, then lets open requests finish for `api.shutdown_grace`.
+pub async fn run(
+    app: App,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let addr: SocketAddr = listener.local_addr()?;
+    let resolver = Resolver::new(&ProxyConfig {
+        goproxy: app.config.go.proxy.clone(),
+        timeout: app.config.go.resolve_timeout,
+        cache_ttl: app.config.go.cache_ttl,
+    })
+    .context("go.proxy")?;
+    let grace = app.config.api.shutdown_grace;
+    let header_timeout = app.config.api.header_read_timeout;
+    let router = router(ApiState {
+        app,
+        resolver: Arc::new(resolver),
+    });
+    info!(%addr, "api listening");
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: do not spin.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let mut http = hyper::server::conn::http1::Builder::new();
+        http.timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(64 * 1024);
+        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => warn!(?grace, "api connections still open after the grace period; closing"),
+    }
+    info!("api stopped");
+    Ok(())
+}
+
+/// The process is alive.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The database answers and the schema is current.
+async fn readyz(State(state): State<ApiState>) -> Response {
+    match state.app.store.ready().await {
+        Ok(()) => "ready\n".into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"))
+            .into_response(),
+    }
+}

@@ -1,0 +1,223 @@
+//! Build requests as clients send them: a JSON body, or query parameters as the
+//! caddyserver.com pages and `caddy upgrade` send them (`?os&arch&arm&version&p=module[@v]
+//! ...&r=old=new[@v]...`). Both become a checked `BuildSpec`.
+
+use cbs_domain::BuildSpec;
+use serde::Deserialize;
+
+use super::error::ApiError;
+
+/// Longest query string accepted, in bytes.
+pub const MAX_QUERY: usize = 8 * 1024;
+
+/// The JSON body of `POST /api/build`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BuildBody {
+    pub os: String,
+    pub arch: String,
+    #[serde(default)]
+    pub arm: Option<ArmValue>,
+    #[serde(default)]
+    pub caddy_version: Option<String>,
+    #[serde(default)]
+    pub plugins: Vec<PluginBody>,
+    #[serde(default)]
+    pub replacements: Vec<ReplacementBody>,
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// GOARM as a number (7) or a string ("7").
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ArmValue {
+    Number(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginBody {
+    pub module: String,
+    #[serde(default)]
+    pub version: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplacementBody {
+    pub old: String,
+    pub new: String,
+    /// The prototype called it `new_version`.
+    #[serde(default, alias = "new_version")]
+    pub version: Option<String>,
+}
+
+/// A parsed request: the spec, and whether a failed build may be built again.
+#[derive(Debug)]
+pub struct Parsed {
+    pub spec: BuildSpec,
+    pub force: bool,
+}
+
+impl BuildBody {
+    pub fn into_parsed(self) -> Result<Parsed, ApiError> {
+        let arm = self.arm.map(|a| match a {
+            ArmValue::Number(n) => n.to_string(),
+            ArmValue::Text(t) => t,
+        });
+        let plugins: Vec<(&str, Option<&str>)> = self
+            .plugins
+            .iter()
+            .map(|p| (p.module.as_str(), p.version.as_deref()))
+            .collect();
+        let replacements: Vec<(&str, &str, Option<&str>)> = self
+            .replacements
+            .iter()
+            .map(|r| (r.old.as_str(), r.new.as_str(), r.version.as_deref()))
+            .collect();
+        let spec = BuildSpec::parse(
+            &self.os,
+            &self.arch,
+            arm.as_deref(),
+            self.caddy_version.as_deref(),
+            &plugins,
+            &replacements,
+        )
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok(Parsed {
+            spec,
+            force: self.force,
+        })
+    }
+}
+
+/// Parses a JSON body.
+pub fn from_json(body: &[u8]) -> Result<Parsed, ApiError> {
+    let body: BuildBody = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    body.into_parsed()
+}
+
+/// Splits `module[@version]`.
+fn split_at_version(s: &str) -> (&str, Option<&str>) {
+    match s.split_once('@') {
+        Some((m, v)) => (m, Some(v)),
+        None => (s, None),
+    }
+}
+
+/// Parses query parameters. Unknown parameters are errors (a typo must not silently build
+/// something else); `idempotency` is accepted and ignored, as caddyserver.com does.
+pub fn from_query(query: Option<&str>) -> Result<Parsed, ApiError> {
+    let query = query.unwrap_or("");
+    if query.len() > MAX_QUERY {
+        return Err(ApiError::new(
+            axum::http::StatusCode::URI_TOO_LONG,
+            format!("query string longer than {MAX_QUERY} bytes"),
+        ));
+    }
+    let mut os = None;
+    let mut arch = None;
+    let mut arm = None;
+    let mut version = None;
+    let mut force = false;
+    let mut plugins: Vec<String> = Vec::new();
+    let mut replacements: Vec<String> = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        let once = |slot: &mut Option<String>, name: &str| -> Result<(), ApiError> {
+            if slot.replace(v.to_string()).is_some() {
+                return Err(ApiError::bad_request(format!(
+                    "parameter {name} is given twice"
+                )));
+            }
+            Ok(())
+        };
+        match k.as_ref() {
+            "os" => once(&mut os, "os")?,
+            "arch" => once(&mut arch, "arch")?,
+            "arm" => once(&mut arm, "arm")?,
+            "version" | "caddy_version" => once(&mut version, "version")?,
+            "p" => plugins.push(v.to_string()),
+            "r" => replacements.push(v.to_string()),
+            "force" => force = matches!(v.as_ref(), "1" | "true" | "yes"),
+            "idempotency" => {}
+            other => {
+                return Err(ApiError::bad_request(format!(
+                "unknown parameter {:?}; known: os, arch, arm, version, p, r, force, idempotency",
+                other.chars().take(40).collect::<String>()
+            )))
+            }
+        }
+    }
+    let os =
+        os.ok_or_else(|| ApiError::bad_request("parameter os is required (for example os=linux)"))?;
+    let arch = arch.ok_or_else(|| {
+        ApiError::bad_request("parameter arch is required (for example arch=amd64)")
+    })?;
+    let plugin_pairs: Vec<(&str, Option<&str>)> =
+        plugins.iter().map(|p| split_at_version(p)).collect();
+    let mut replacement_triples = Vec::with_capacity(replacements.len());
+    for r in &replacements {
+        let (old, rest) = r.split_once('=').ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "replacement {:?} must look like old=new@version",
+                r.chars().take(80).collect::<String>()
+            ))
+        })?;
+        let (new, v) = split_at_version(rest);
+        replacement_triples.push((old, new, v));
+    }
+    let spec = BuildSpec::parse(
+        &os,
+        &arch,
+        arm.as_deref(),
+        version.as_deref(),
+        &plugin_pairs,
+        &replacement_triples,
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Parsed { spec, force })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_and_json_give_the_same_spec() {
+        let q = from_query(Some(
+            "os=linux&arch=arm&arm=7&version=v2.8.4&p=github.com%2Facme%2Falpha%40v1.0.0&p=example.com/b&r=example.com/x=example.com/y@v1.0.0&idempotency=3",
+        ))
+        .unwrap();
+        let j = from_json(
+            br#"{"os":"linux","arch":"arm","arm":7,"caddy_version":"v2.8.4","plugins":[{"module":"github.com/acme/alpha","version":"v1.0.0"},{"module":"example.com/b"}],"replacements":[{"old":"example.com/x","new":"example.com/y","new_version":"v1.0.0"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(q.spec, j.spec);
+        assert!(!q.force);
+    }
+
+    #[test]
+    fn bad_queries_say_what_is_wrong() {
+        let cases = [
+            ("", "parameter os is required"),
+            ("os=linux", "parameter arch is required"),
+            ("os=linux&os=darwin&arch=amd64", "os is given twice"),
+            (
+                "os=linux&arch=amd64&colour=red",
+                "unknown parameter \"colour\"",
+            ),
+            (
+                "os=linux&arch=amd64&r=nonsense",
+                "must look like old=new@version",
+            ),
+            ("os=linux&arch=amd64&p=bad%0Apath", "plugins[0].module"),
+        ];
+        for (q, want) in cases {
+            let err = from_query(Some(q)).unwrap_err();
+            assert!(err.message.contains(want), "{q}: {}", err.message);
+        }
+    }
+}
