@@ -1,0 +1,742 @@
+//! The API in-process against a real Postgres, a real worker building in Docker, and the
+//! fixture module proxy; spoken to over HTTP on loopback.
+
+use std::time::Duration;
+
+use cbs_config::{Config, ExecutorKind};
+use cbs_roles::App;
+use cbs_testkit::{FixtureProxy, TestDb};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+struct Server {
+    base: String,
+    app: App,
+    db: TestDb,
+    shutdown: CancellationToken,
+    _proxy: FixtureProxy,
+    _dirs: tempfile::TempDir,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Starts the api (and, if `worker`, a worker) on a fresh database.
+async fn server(worker: bool) -> Server {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.database = db.config();
+    config.database.pool_size = 32;
+    config.notify.poll_interval = Duration::from_secs(1);
+    config.go.proxy = proxy.url();
+    config.go.sumdb = "off".into();
+    config.storage.dir = dirs.path().join("artifacts");
+    config.api.listen = "127.0.0.1:0".parse().unwrap();
+    config.api.download_wait = Duration::from_secs(240);
+    let w = &mut config.worker;
+    w.id = format!("api-test-{}", std::process::id());
+    w.executor = ExecutorKind::Docker;
+    w.build_dir = dirs.path().join("builds");
+    w.cache_dir = dirs.path().join("cache");
+    w.docker.image = cbs_testkit::builder_image();
+    w.docker.path = "/usr/local/go/bin".into();
+    w.docker.user = cbs_testkit::builder_user();
+    w.docker.resolve_network = "host".into();
+    let shutdown = CancellationToken::new();
+    let app = App::new(config, &shutdown).unwrap();
+    let listener = cbs_roles::api::bind(&app.config).await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(cbs_roles::api::run(app.clone(), listener, shutdown.clone()));
+    if worker {
+        tokio::spawn(cbs_roles::worker::run(app.clone(), shutdown.clone()));
+    }
+    Server {
+        base,
+        app,
+        db,
+        shutdown,
+        _proxy: proxy,
+        _dirs: dirs,
+    }
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(300))
+        .build()
+        .unwrap()
+}
+
+async fn event_count(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one("SELECT count(*) FROM build_events", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_requests_get_a_4xx_with_a_message_and_change_nothing() {
+    let s = server(false).await;
+    let c = client();
+    let before = event_count(&s.db).await;
+    let long_path = format!("example.com/{}", "a".repeat(300));
+    let many: String = (0..51).map(|i| format!("&p=example.com/p{i}")).collect();
+    let big_body = format!(
+        "{{\"os\":\"linux\",\"arch\":\"amd64\",\"x\":\"{}\"}}",
+        "a".repeat(70_000)
+    );
+    let key = "a".repeat(64);
+    // (method, path and query, body, expected status, words in the message)
+    let cases: Vec<(&str, String, Option<String>, u16, &str)> = vec![
+        (
+            "GET",
+            "/api/download".into(),
+            None,
+            400,
+            "parameter os is required",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux".into(),
+            None,
+            400,
+            "parameter arch is required",
+        ),
+        (
+            "GET",
+            "/api/download?os=plan10&arch=amd64".into(),
+            None,
+            400,
+            "valid choices",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=x86_64".into(),
+            None,
+            400,
+            "unsupported os/arch",
+        ),
+        (
+            "GET",
+            "/api/download?os=android&arch=amd64".into(),
+            None,
+            400,
+            "unsupported os/arch",
+        ),
+        (
+            "GET",
+            "/api/download?os=js&arch=wasm".into(),
+            None,
+            400,
+            "unsupported os/arch",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&arm=7".into(),
+            None,
+            400,
+            "only for arch",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=arm&arm=8".into(),
+            None,
+            400,
+            "use 5, 6 or 7",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=arm&arm=7%3Bid".into(),
+            None,
+            400,
+            "use 5, 6 or 7",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a%0Arequire".into(),
+            None,
+            400,
+            "plugins[0].module",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a%22b".into(),
+            None,
+            400,
+            "character",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a%20b".into(),
+            None,
+            400,
+            "character ' '",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a%5Cb".into(),
+            None,
+            400,
+            "character",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/../x".into(),
+            None,
+            400,
+            "only dots",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=-x.com/a".into(),
+            None,
+            400,
+            "must not start with '-'",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/$(id)".into(),
+            None,
+            400,
+            "character '$'",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a;ls".into(),
+            None,
+            400,
+            "character ';'",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a%60id%60".into(),
+            None,
+            400,
+            "character '`'",
+        ),
+        (
+            "GET",
+            format!("/api/download?os=linux&arch=amd64&p={long_path}"),
+            None,
+            400,
+            "longer than 256",
+        ),
+        // v1.2 is a valid Go version query (the newest v1.2.x); this proxy has no such module.
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a@v1.2".into(),
+            None,
+            400,
+            "not found on the module proxy",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a@v1.2.3%0A".into(),
+            None,
+            400,
+            "is not valid",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a@-v1".into(),
+            None,
+            400,
+            "is not valid",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a@v2.0.0".into(),
+            None,
+            400,
+            "plugins[0].version",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&version=v1.2.3%20x".into(),
+            None,
+            400,
+            "is not valid",
+        ),
+        (
+            "GET",
+            format!("/api/download?os=linux&arch=amd64{many}"),
+            None,
+            400,
+            "too many plugins: 51",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/a&p=example.com/a".into(),
+            None,
+            400,
+            "listed twice",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=github.com/caddyserver/caddy/v2".into(),
+            None,
+            400,
+            "Caddy itself",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&r=nonsense".into(),
+            None,
+            400,
+            "old=new@version",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&colour=red".into(),
+            None,
+            400,
+            "unknown parameter",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&os=linux&arch=amd64".into(),
+            None,
+            400,
+            "given twice",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&p=example.com/does-not-exist".into(),
+            None,
+            400,
+            "not found on the module proxy",
+        ),
+        (
+            "GET",
+            "/api/download?os=linux&arch=amd64&version=v9.9.9".into(),
+            None,
+            400,
+            "not found on the module proxy",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some("{not json".into()),
+            400,
+            "invalid JSON body",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(r#"{"os":"linux","arch":"amd64","colour":"red"}"#.into()),
+            400,
+            "unknown field `colour`",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(r#"{"os":"linux"}"#.into()),
+            400,
+            "missing field `arch`",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(r#"{"os":"linux","arch":"amd64","plugins":[{"module":"x"}]}"#.into()),
+            400,
+            "first element must contain a dot",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(
+                r#"{"os":"linux","arch":"amd64","plugins":[{"module":"example.com/a","extra":1}]}"#
+                    .into(),
+            ),
+            400,
+            "unknown field `extra`",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(r#"{"os":1,"arch":"amd64"}"#.into()),
+            400,
+            "invalid type",
+        ),
+        (
+            "POST",
+            "/api/build?os=linux".into(),
+            Some(r#"{"os":"linux","arch":"amd64"}"#.into()),
+            400,
+            "not both",
+        ),
+        (
+            "POST",
+            "/api/build".into(),
+            Some(big_body),
+            413,
+            "length limit",
+        ),
+        (
+            "GET",
+            "/api/build/nothex".into(),
+            None,
+            400,
+            "invalid build key",
+        ),
+        (
+            "GET",
+            format!("/api/build/{}", "A".repeat(64)),
+            None,
+            400,
+            "invalid build key",
+        ),
+        (
+            "GET",
+            format!("/api/build/{key}"),
+            None,
+            404,
+            "no build with key",
+        ),
+        (
+            "GET",
+            format!("/api/build/{key}?wait=forever"),
+            None,
+            400,
+            "not a duration",
+        ),
+        (
+            "GET",
+            format!("/api/build/{key}?after=-1"),
+            None,
+            400,
+            "not an event sequence number",
+        ),
+        (
+            "GET",
+            format!("/api/build/{key}/history"),
+            None,
+            404,
+            "no build with key",
+        ),
+        (
+            "GET",
+            format!("/api/build/{key}/download"),
+            None,
+            404,
+            "no build with key",
+        ),
+        (
+            "GET",
+            "/api/download/xyz".into(),
+            None,
+            400,
+            "invalid build key",
+        ),
+        (
+            "GET",
+            "/api/events?after=bogus".into(),
+            None,
+            400,
+            "a cursor looks like",
+        ),
+        (
+            "GET",
+            "/api/events?limit=0".into(),
+            None,
+            400,
+            "limit must be",
+        ),
+        (
+            "GET",
+            "/api/events?type=exploded".into(),
+            None,
+            400,
+            "unknown event type",
+        ),
+        ("GET", "/api/nothing".into(), None, 404, "no such endpoint"),
+        (
+            "DELETE",
+            "/api/build".into(),
+            None,
+            405,
+            "Method Not Allowed",
+        ),
+    ];
+    assert!(cases.len() >= 40);
+    for (method, path, body, status, want) in cases {
+        let url = format!("{}{path}", s.base);
+        let req = match method {
+            "GET" => c.get(&url),
+            "POST" => c.post(&url),
+            "DELETE" => c.delete(&url),
+            _ => unreachable!(),
+        };
+        let req = match body {
+            Some(b) => req.header("content-type", "application/json").body(b),
+            None => req,
+        };
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{method} {path}");
+        assert!(
+            resp.headers().contains_key("x-request-id"),
+            "{method} {path}"
+        );
+        let json: Value = resp
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        assert_eq!(json["status_code"], status, "{method} {path}");
+        let message = json["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(want), "{method} {path}: {message}");
+        assert!(json["error"]["id"].is_string(), "{method} {path}");
+    }
+    assert_eq!(
+        event_count(&s.db).await,
+        before,
+        "bad requests changed nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_poll_wakes_on_the_commit() {
+    let s = server(false).await;
+    let c = client();
+    let resp = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let json: Value = resp.json().await.unwrap();
+    assert_eq!(json["result"]["status"], "queued");
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    assert_eq!(
+        json["result"]["request"]["caddy_version"], "v2.8.4",
+        "latest resolved"
+    );
+    assert_eq!(json["result"]["request"]["plugins"][0]["version"], "v1.1.0");
+
+    let url = format!("{}/api/build/{key}?wait=60s&after=1", s.base);
+    let poll = tokio::spawn(async move {
+        client()
+            .get(url)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    // The long-poll is parked on the listening connection; a claim commits event 2.
+    let claimed = s
+        .app
+        .store
+        .claim("manual", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.last_seq, 2);
+    let answer = tokio::time::timeout(Duration::from_secs(30), poll)
+        .await
+        .expect("the long-poll answered")
+        .unwrap();
+    assert_eq!(answer["result"]["status"], "running");
+    assert_eq!(answer["result"]["last_seq"], 2);
+
+    // With nothing new, a short wait ends on its own.
+    let start = std::time::Instant::now();
+    let same: Value = c
+        .get(format!("{}/api/build/{key}?wait=1s", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(same["result"]["last_seq"], 2);
+    assert!(start.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_downloads_share_one_build_and_get_identical_binaries() {
+    let s = server(true).await;
+    let url = format!(
+        "{}/api/download?os=linux&arch=amd64&p=github.com/acme/alpha&p=github.com/Acme/Beta",
+        s.base
+    );
+    let c = client();
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let (c, url) = (c.clone(), format!("{url}&idempotency={i}"));
+            tokio::spawn(async move {
+                let resp = c.get(&url).send().await.unwrap();
+                let status = resp.status().as_u16();
+                let etag = resp.headers().get("etag").cloned();
+                let body = resp.bytes().await.unwrap();
+                (status, etag, body)
+            })
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for t in tasks {
+        let (status, etag, body) = t.await.unwrap();
+        assert_eq!(
+            status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&body[..body.len().min(300)])
+        );
+        assert!(etag.is_some());
+        bodies.push(body);
+    }
+    assert!(bodies.iter().all(|b| b == &bodies[0]), "byte-identical");
+    assert!(bodies[0].len() > 100_000);
+    let requested: i64 =
+        s.db.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM build_events WHERE event_type = 'requested'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(requested, 1, "exactly one build");
+
+    // As a user would: curl the binary and run it.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("caddy");
+    let status = std::process::Command::new("curl")
+        .args(["-fsS", &format!("{}/api/download?os=linux&arch=amd64&p=github.com/acme/alpha&p=github.com/Acme/Beta", s.base), "-o"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::process::Command::new("chmod")
+        .arg("+x")
+        .arg(&out)
+        .status()
+        .unwrap();
+    let listed = std::process::Command::new(&out)
+        .arg("list-modules")
+        .output()
+        .unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("http.handlers.alpha github.com/acme/alpha v1.1.0"),
+        "{listed}"
+    );
+
+    // HEAD, Range and ETag on the finished build.
+    let json: Value = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha&p=github.com/Acme/Beta",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(json["result"]["status"], "complete");
+    let key = json["result"]["key"].as_str().unwrap();
+    let dl = format!("{}/api/build/{key}/download", s.base);
+    let head = c.head(&dl).send().await.unwrap();
+    assert_eq!(head.status().as_u16(), 200);
+    assert_eq!(
+        head.headers()["content-length"].to_str().unwrap(),
+        bodies[0].len().to_string()
+    );
+    assert_eq!(
+        head.headers()["content-disposition"],
+        "attachment; filename=caddy"
+    );
+    assert_eq!(head.headers()["content-type"], "application/octet-stream");
+    let etag = head.headers()["etag"].clone();
+    assert!(head.bytes().await.unwrap().is_empty());
+    let part = c
+        .get(&dl)
+        .header("range", "bytes=0-99")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(part.status().as_u16(), 206);
+    assert_eq!(
+        part.headers()["content-range"].to_str().unwrap(),
+        format!("bytes 0-99/{}", bodies[0].len())
+    );
+    assert_eq!(part.bytes().await.unwrap(), bodies[0].slice(0..100));
+    let tail = c
+        .get(&dl)
+        .header("range", "bytes=-10")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        tail.bytes().await.unwrap(),
+        bodies[0].slice(bodies[0].len() - 10..)
+    );
+    let bad = c
+        .get(&dl)
+        .header("range", "bytes=999999999-")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status().as_u16(), 416);
+    let cached = c
+        .get(&dl)
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cached.status().as_u16(), 304);
+    let by_key = c
+        .get(format!("{}/api/download/{key}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_key.bytes().await.unwrap(), bodies[0]);
+
+    // History lists every event of the build.
+    let history: Value = c
+        .get(format!("{}/api/build/{key}/history", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let types: Vec<&str> = history["result"]["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types.first(), Some(&"requested"));
+    assert_eq!(types.last(), Some(&"succeeded"));
+
+    // A plugin that does not compile: the download answers with the build's error.
+    let resp = c
+        .get(format!(
+            "{}/api/download?os=linux&arch=amd64&p=example.com/broken",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 422);
+    let json: Value = resp.json().await.unwrap();
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(message.contains("step compile failed"), "{message}");
+    assert!(
+        message.contains("undefined: undefinedFunction"),
+        "{message}"
+    );
+}
