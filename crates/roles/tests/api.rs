@@ -740,3 +740,104 @@ async fn concurrent_downloads_share_one_build_and_get_identical_binaries() {
         "{message}"
     );
 }
+
+/// Reads SSE messages `(id, event, data)` until `stop` says so or the stream ends.
+async fn read_sse(
+    resp: &mut reqwest::Response,
+    mut stop: impl FnMut(&(String, String, String)) -> bool,
+) -> Vec<(String, String, String)> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    loop {
+        let chunk = tokio::time::timeout(Duration::from_secs(240), resp.chunk())
+            .await
+            .expect("SSE stream stalled")
+            .unwrap();
+        let Some(chunk) = chunk else { return out };
+        buf.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("id:") {
+                    id = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("event:") {
+                    event = v.trim().to_owned();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data = v.trim().to_owned();
+                }
+            }
+            if id.is_empty() && event.is_empty() {
+                continue; // a keep-alive comment
+            }
+            let m = (id, event, data);
+            let done = stop(&m);
+            out.push(m);
+            if done {
+                return out;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_resumes_with_last_event_id_exactly_once_through_the_result() {
+    let s = server(true).await;
+    let c = client();
+    let json: Value = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=example.com/gamma/v2",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    let url = format!("{}/api/build/{key}/events", s.base);
+
+    // First connection: read until the first step, then go away mid-build.
+    let mut first = c.get(&url).send().await.unwrap();
+    assert_eq!(first.headers()["content-type"], "text/event-stream");
+    let part1 = read_sse(&mut first, |m| m.1 == "step").await;
+    drop(first);
+    let last = part1.last().unwrap().0.clone();
+
+    // Reconnect with Last-Event-ID: the rest, through the result, then the stream ends.
+    let mut second = c
+        .get(&url)
+        .header("last-event-id", &last)
+        .send()
+        .await
+        .unwrap();
+    let part2 = read_sse(&mut second, |_| false).await;
+    assert_eq!(part2.last().unwrap().1, "result", "{part2:?}");
+    assert!(part2.last().unwrap().2.contains("\"success\":true"));
+
+    // A fresh stream of the finished build replays everything and ends.
+    let mut replay = c.get(&url).send().await.unwrap();
+    let all = read_sse(&mut replay, |_| false).await;
+    let resumed: Vec<String> = part1.iter().chain(&part2).map(|m| m.0.clone()).collect();
+    let replayed: Vec<String> = all.iter().map(|m| m.0.clone()).collect();
+    assert_eq!(resumed, replayed, "each event exactly once, in order");
+    let names: std::collections::HashSet<&str> = all.iter().map(|m| m.1.as_str()).collect();
+    for want in ["state", "step", "log", "result"] {
+        assert!(names.contains(want), "{want} missing: {names:?}");
+    }
+    // Resuming in the middle of an output chunk continues with its next line.
+    let mid = all
+        .iter()
+        .position(|m| m.0.contains('.') && m.1 == "log")
+        .unwrap();
+    let mut from_mid = c
+        .get(&url)
+        .header("last-event-id", &all[mid].0)
+        .send()
+        .await
+        .unwrap();
+    let rest = read_sse(&mut from_mid, |_| false).await;
+    let want: Vec<String> = all[mid + 1..].iter().map(|m| m.0.clone()).collect();
+    assert_eq!(rest.iter().map(|m| m.0.clone()).collect::<Vec<_>>(), want);
+}

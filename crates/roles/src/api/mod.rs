@@ -15,6 +15,7 @@ mod builds;
 mod download;
 mod error;
 mod params;
+mod sse;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -60,6 +61,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build", post(builds::post_build))
         .route("/api/build/{key}", get(builds::get_build))
         .route("/api/build/{key}/history", get(builds::history))
+        .route("/api/build/{key}/events", get(sse::events))
         .route("/api/build/{key}/download", get(download::by_key))
         .route("/api/download/{key}", get(download::by_key))
         .route("/api/download", get(download::compat))

@@ -1,0 +1,245 @@
+//! `GET /api/build/{key}/events`: a build's progress as Server-Sent Events.
+//!
+//! Events (the caddyserver.com beta page's names): `step` `{step}`, `log` `{line}`,
+//! `result` `{success, error}`, and `state` `{status, ...}` for every state change. Every
+//! event has an id: `<seq>` for one stored event, `<seq>.<i>` for the i-th line of an
+//! output chunk. A client that reconnects with `Last-Event-ID` gets exactly what it missed,
+//! then live events; keep-alive comments every 15 s; the stream ends after `result`, and a
+//! finished build's stream replays and ends.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::sse::{Event as Sse, KeepAlive};
+use axum::response::{IntoResponse, Response};
+use cbs_events::{Event, FailureKind, RecordedEvent};
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::builds::{parse_key, status_name};
+use super::error::ApiError;
+use super::ApiState;
+
+/// Parses an event id (`12` or `12.3`) into its place.
+fn parse_resume(s: &str) -> Option<(u32, Option<usize>)> {
+    let s = s.trim();
+    match s.split_once('.') {
+        Some((seq, sub)) => Some((seq.parse().ok()?, Some(sub.parse().ok()?))),
+        None => Some((s.parse().ok()?, None)),
+    }
+}
+
+/// An SSE message's place: `(seq, None)` has id `seq`; `(seq, Some(i))` has id `seq.i`.
+/// Options order None first, so comparing places says what a client has already seen.
+type Place = (u32, Option<usize>);
+
+fn id_of((seq, sub): Place) -> String {
+    match sub {
+        Some(i) => format!("{seq}.{i}"),
+        None => seq.to_string(),
+    }
+}
+
+/// The SSE messages of one stored event, and whether the stream ends with it.
+fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
+    let msg = |place: Place, name: &str, data: serde_json::Value| {
+        (
+            place,
+            Sse::default()
+                .id(id_of(place))
+                .event(name)
+                .data(data.to_string()),
+        )
+    };
+    let head = (e.seq, None);
+    let result = (e.seq, Some(1));
+    let state = |status: &str, extra: serde_json::Value| {
+        let mut v = json!({ "status": status });
+        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
+            obj.extend(more.clone());
+        }
+        msg(head, "state", v)
+    };
+    let failure = |message: &str| {
+        msg(
+            result,
+            "result",
+            json!({ "success": false, "error": message }),
+        )
+    };
+    match &e.event {
+        Event::Requested(_) => (vec![state("queued", json!({}))], false),
+        Event::Claimed(c) => (
+            vec![state("running", json!({ "attempt": c.attempt }))],
+            false,
+        ),
+        Event::StepStarted(s) => (vec![msg(head, "step", json!({ "step": s.step }))], false),
+        Event::StepFinished(s) => {
+            let how = match s.exit_code {
+                Some(c) => format!("exit status {c}"),
+                None => "did not exit".to_owned(),
+            };
+            let line = format!(
+                "step {} finished in {:.1}s ({how})",
+                s.step,
+                s.duration_ms as f64 / 1000.0
+            );
+            (vec![msg(head, "log", json!({ "line": line }))], false)
+        }
+        Event::Output(o) => (
+            o.lines
+                .iter()
+                .enumerate()
+                .map(|(i, line)| msg((e.seq, Some(i)), "log", json!({ "line": line })))
+                .collect(),
+            false,
+        ),
+        Event::Succeeded(s) => (
+            vec![
+                state(status_name(cbs_projections::Status::Succeeded), json!({})),
+                msg(
+                    result,
+                    "result",
+                    json!({ "success": true, "error": null, "size": s.artifact.size, "sha256": s.artifact.sha256 }),
+                ),
+            ],
+            true,
+        ),
+        Event::Failed(f) => {
+            let permanent = f.kind == FailureKind::Permanent;
+            let mut out = vec![state(
+                "failed",
+                json!({ "retryable": !permanent, "step": f.step, "error": f.message }),
+            )];
+            if permanent {
+                out.push(failure(&f.message));
+            }
+            (out, permanent)
+        }
+        Event::Requeued(r) => (
+            vec![state(
+                "queued",
+                json!({ "reason": r.reason, "not_before": r.not_before }),
+            )],
+            false,
+        ),
+        Event::Cancelled(c) => (
+            vec![
+                state("cancelled", json!({ "reason": c.reason })),
+                failure(&format!("the build was cancelled: {}", c.reason)),
+            ],
+            true,
+        ),
+        Event::GaveUp(g) => (
+            vec![
+                state("gave_up", json!({ "failures": g.failures })),
+                failure(&g.message),
+            ],
+            true,
+        ),
+    }
+}
+
+/// The stream handler.
+pub async fn events(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let from_header = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            parse_resume(v).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "Last-Event-ID {v:?} is not an event id of this stream"
+                ))
+            })
+        })
+        .transpose()?;
+    let mut from_query = None;
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "after" => {
+                from_query = Some(parse_resume(&v).ok_or_else(|| {
+                    ApiError::bad_request("after must be an event id like 12 or 12.3")
+                })?)
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: after",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    // The last place the client has seen; (0, None) is before everything.
+    let seen: Place = from_header.or(from_query).unwrap_or((0, None));
+    // Subscribe first, then check the build exists and start reading.
+    let mut waiter = state.app.hub.watch_build(&key);
+    if state.app.store.build(&key).await?.is_none() {
+        return Err(ApiError::not_found(format!("no build with key {key}")));
+    }
+    let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
+    let store = state.app.store.clone();
+    tokio::spawn(async move {
+        // Read from the event the client saw last (it may have seen only part of it).
+        let mut read_after = seen.0.saturating_sub(1);
+        loop {
+            let events = match store.events(&key, read_after, 500).await {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "event stream: cannot read the log");
+                    return;
+                }
+            };
+            let got = events.len();
+            for e in &events {
+                read_after = e.seq;
+                let (msgs, end) = messages(e);
+                for (place, m) in msgs {
+                    if place <= seen {
+                        continue;
+                    }
+                    if tx.send(Ok(m)).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+                if end {
+                    return;
+                }
+            }
+            if got < 500 {
+                waiter.changed().await;
+            }
+        }
+    });
+    let sse = axum::response::sse::Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)));
+    let mut resp = sse.into_response();
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_ids_order_like_the_stream() {
+        assert_eq!(parse_resume("12"), Some((12, None)));
+        assert_eq!(parse_resume("12.3"), Some((12, Some(3))));
+        assert_eq!(parse_resume("x"), None);
+        assert_eq!(parse_resume("1.x"), None);
+        assert!((12, None) < (12, Some(0)));
+        assert!((12, Some(9)) < (13, None));
+    }
+}
