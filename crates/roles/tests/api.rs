@@ -26,6 +26,12 @@ impl Drop for Server {
 
 /// Starts the api (and, if `worker`, a worker) on a fresh database.
 async fn server(worker: bool) -> Server {
+    server_with(worker, None).await
+}
+
+/// The same; the worker's GOPROXY is `worker_proxy` if given (the api always resolves
+/// through the fixture proxy).
+async fn server_with(worker: bool, worker_proxy: Option<String>) -> Server {
     let db = TestDb::new().await;
     let proxy = FixtureProxy::start().await;
     let dirs = tempfile::tempdir().unwrap();
@@ -53,7 +59,11 @@ async fn server(worker: bool) -> Server {
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(cbs_roles::api::run(app.clone(), listener, shutdown.clone()));
     if worker {
-        tokio::spawn(cbs_roles::worker::run(app.clone(), shutdown.clone()));
+        let mut worker_app = app.clone();
+        if let Some(p) = worker_proxy {
+            worker_app.config.go.proxy = p;
+        }
+        tokio::spawn(cbs_roles::worker::run(worker_app, shutdown.clone()));
     }
     Server {
         base,
@@ -840,4 +850,82 @@ async fn sse_resumes_with_last_event_id_exactly_once_through_the_result() {
     let rest = read_sse(&mut from_mid, |_| false).await;
     let want: Vec<String> = all[mid + 1..].iter().map(|m| m.0.clone()).collect();
     assert_eq!(rest.iter().map(|m| m.0.clone()).collect::<Vec<_>>(), want);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_download_waits_across_a_retry() {
+    // The worker's proxy is down at first: the first attempt fails, retryably.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down_addr = down.local_addr().unwrap();
+    drop(down);
+    let s = server_with(true, Some(format!("http://{down_addr}"))).await;
+    let url = format!(
+        "{}/api/download?os=linux&arch=amd64&p=github.com/acme/alpha",
+        s.base
+    );
+    let download = tokio::spawn(async move {
+        let resp = client().get(&url).send().await.unwrap();
+        (resp.status().as_u16(), resp.bytes().await.unwrap())
+    });
+    // The same request through POST names the same build (it is keyed, not duplicated).
+    let json: Value = client()
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    // Wait (woken through the listening connection) until the first attempt failed.
+    let parsed: cbs_domain::BuildKey = key.parse().unwrap();
+    let mut waiter = s.app.hub.watch_build(&parsed);
+    tokio::time::timeout(Duration::from_secs(240), async {
+        loop {
+            let b = s.app.store.build(&parsed).await.unwrap().unwrap();
+            if b.status == cbs_projections::Status::Failed {
+                return;
+            }
+            waiter.changed().await;
+        }
+    })
+    .await
+    .expect("the first attempt failed");
+    let key: cbs_domain::BuildKey = key.parse().unwrap();
+    let b = s.app.store.build(&key).await.unwrap().unwrap();
+    assert_eq!(
+        b.last_error.as_ref().unwrap().kind,
+        cbs_events::FailureKind::Retryable
+    );
+    assert!(!download.is_finished(), "the download still waits");
+    // The proxy comes up and the build is retried (as the janitor does).
+    let _proxy = FixtureProxy::start_on(down_addr).await;
+    s.app
+        .store
+        .append_latest(
+            &key,
+            cbs_events::Event::Requeued(cbs_events::Requeued {
+                attempt: b.attempt,
+                reason: cbs_events::RequeueReason::Retry,
+                not_before: chrono::Utc::now(),
+            }),
+        )
+        .await
+        .unwrap();
+    let (status, body) = tokio::time::timeout(Duration::from_secs(240), download)
+        .await
+        .expect("the download answered")
+        .unwrap();
+    assert_eq!(
+        status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&body[..body.len().min(300)])
+    );
+    let b = s.app.store.build(&key).await.unwrap().unwrap();
+    assert_eq!(b.attempt, 2);
+    assert_eq!(b.artifact.unwrap().size, body.len() as u64);
 }

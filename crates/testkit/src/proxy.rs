@@ -24,9 +24,14 @@ impl Drop for FixtureProxy {
 impl FixtureProxy {
     /// Writes the fixtures and serves them on 127.0.0.1 (a free port).
     pub async fn start() -> FixtureProxy {
+        FixtureProxy::start_on("127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// The same on a given address (to bring a "down" proxy up).
+    pub async fn start_on(addr: SocketAddr) -> FixtureProxy {
         let dir = tempfile::tempdir().expect("temp dir");
         crate::fixtures::write_proxy(dir.path()).expect("write fixture proxy");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind fixture proxy");
         let addr = listener.local_addr().expect("addr");
