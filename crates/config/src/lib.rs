@@ -33,6 +33,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub go: GoConfig,
     pub storage: StorageConfig,
+    pub packages: PackagesConfig,
     pub janitor: JanitorConfig,
     pub log: LogConfig,
 }
@@ -234,6 +235,63 @@ impl Default for GoConfig {
             resolve_timeout: Duration::from_secs(10),
             cache_ttl: Duration::from_secs(60),
         }
+    }
+}
+
+/// The plugin catalog (`GET /api/packages`) and which modules may be built.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PackagesConfig {
+    /// Build only modules listed in `catalog` (an allowlist).
+    pub catalog_only: bool,
+    /// Modules never built: exact module paths, or prefixes ending in `/`.
+    pub deny: Vec<String>,
+    pub catalog: Vec<CatalogEntry>,
+}
+
+/// One plugin module of the catalog.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogEntry {
+    /// The Go module path.
+    pub path: String,
+    /// Its source repository.
+    #[serde(default)]
+    pub repo: String,
+    #[serde(default)]
+    pub description: String,
+    /// The Caddy modules it provides.
+    #[serde(default)]
+    pub modules: Vec<CatalogModule>,
+}
+
+/// A Caddy module of a catalog entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogModule {
+    /// The module ID, like `dns.providers.cloudflare`.
+    pub name: String,
+    /// Link to its documentation.
+    #[serde(default)]
+    pub docs: String,
+}
+
+impl PackagesConfig {
+    /// Why `module` may not be built here, if it may not.
+    pub fn refusal(&self, module: &str) -> Option<String> {
+        let denied = self.deny.iter().any(|d| {
+            module == d.trim_end_matches('/')
+                || (d.ends_with('/') && module.starts_with(d.as_str()))
+        });
+        if denied {
+            return Some(format!("module {module} may not be built on this server"));
+        }
+        if self.catalog_only && !self.catalog.iter().any(|e| e.path == module) {
+            return Some(format!(
+                "module {module} is not in this server's catalog; GET /api/packages lists what can be built"
+            ));
+        }
+        None
     }
 }
 

@@ -32,6 +32,15 @@ async fn server(worker: bool) -> Server {
 /// The same; the worker's GOPROXY is `worker_proxy` if given (the api always resolves
 /// through the fixture proxy).
 async fn server_with(worker: bool, worker_proxy: Option<String>) -> Server {
+    server_configured(worker, worker_proxy, |_| {}).await
+}
+
+/// The same, with a last word on the config.
+async fn server_configured(
+    worker: bool,
+    worker_proxy: Option<String>,
+    customize: impl FnOnce(&mut Config),
+) -> Server {
     let db = TestDb::new().await;
     let proxy = FixtureProxy::start().await;
     let dirs = tempfile::tempdir().unwrap();
@@ -53,6 +62,7 @@ async fn server_with(worker: bool, worker_proxy: Option<String>) -> Server {
     w.docker.path = "/usr/local/go/bin".into();
     w.docker.user = cbs_testkit::builder_user();
     w.docker.resolve_network = "host".into();
+    customize(&mut config);
     let shutdown = CancellationToken::new();
     let app = App::new(config, &shutdown).unwrap();
     let listener = cbs_roles::api::bind(&app.config).await.unwrap();
@@ -928,4 +938,106 @@ async fn a_download_waits_across_a_retry() {
     let b = s.app.store.build(&key).await.unwrap().unwrap();
     assert_eq!(b.attempt, 2);
     assert_eq!(b.artifact.unwrap().size, body.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_catalog_lists_packages_and_refuses_what_it_must() {
+    let catalog = r#"
+catalog_only: false
+deny: ["example.com/broken", "example.com/evil/"]
+catalog:
+  - path: github.com/acme/alpha
+    repo: https://github.com/acme/alpha
+    description: Alpha handler
+    modules:
+      - name: http.handlers.alpha
+        docs: https://example.com/alpha
+"#;
+    let packages: cbs_config::PackagesConfig = serde_yaml_ng::from_str(catalog).unwrap();
+    let s = server_configured(false, None, |c| c.packages = packages).await;
+    let c = client();
+    let before = event_count(&s.db).await;
+    for (query, want) in [
+        ("p=example.com/broken", "may not be built on this server"),
+        (
+            "p=example.com/evil/thing",
+            "may not be built on this server",
+        ),
+    ] {
+        let resp = c
+            .get(format!(
+                "{}/api/download?os=linux&arch=amd64&{query}",
+                s.base
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 403, "{query}");
+        let json: Value = resp.json().await.unwrap();
+        assert!(
+            json["error"]["message"].as_str().unwrap().contains(want),
+            "{json}"
+        );
+    }
+    assert_eq!(event_count(&s.db).await, before);
+
+    let ok = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
+    let list: Value = c
+        .get(format!("{}/api/packages", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let alpha = &list["result"][0];
+    assert_eq!(alpha["path"], "github.com/acme/alpha");
+    assert_eq!(alpha["downloads"], 1);
+    assert_eq!(alpha["modules"][0]["name"], "http.handlers.alpha");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_only_servers_build_only_the_catalog() {
+    let s = server_configured(false, None, |c| {
+        c.packages.catalog_only = true;
+        c.packages.catalog = vec![cbs_config::CatalogEntry {
+            path: "github.com/acme/alpha".into(),
+            repo: String::new(),
+            description: String::new(),
+            modules: vec![],
+        }];
+    })
+    .await;
+    let c = client();
+    let refused = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/Acme/Beta",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 403);
+    let json: Value = refused.json().await.unwrap();
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not in this server's catalog"));
+    let ok = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status().as_u16(), 202);
 }

@@ -228,4 +228,12 @@ impl Store {
         )
         .await
     }
+
+    /// Builds requested per plugin module.
+    pub async fn plugin_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<String, i64>, StoreError> {
+        let client = self.client().await?;
+        Ok(queries::plugin_counts(&client).await?.into_iter().collect())
+    }
 }

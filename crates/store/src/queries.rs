@@ -576,3 +576,20 @@ pub(crate) async fn server_settings(
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
 }
+
+/// How many builds were requested with each plugin module (the catalog's counts).
+pub(crate) async fn plugin_counts(
+    c: &impl GenericClient,
+) -> Result<Vec<(String, i64)>, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT p->>'module', count(*) FROM build_events,
+                 jsonb_array_elements(payload->'request'->'plugins') p
+             WHERE event_type = 'requested' GROUP BY 1",
+        )
+        .await?;
+    let rows = c.query(&stmt, &[]).await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .collect()
+}

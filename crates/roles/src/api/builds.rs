@@ -78,6 +78,18 @@ fn resolve_error(e: ResolveError) -> ApiError {
 /// Resolves, keys and records a request (once per key, however many ask at once);
 /// reopens a failed build when forced.
 pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiError> {
+    let packages = &state.app.config.packages;
+    let modules = parsed
+        .spec
+        .plugins
+        .iter()
+        .map(|p| p.module.as_str())
+        .chain(parsed.spec.replacements.iter().map(|r| r.new.as_str()));
+    for m in modules {
+        if let Some(why) = packages.refusal(m) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, why));
+        }
+    }
     let request = state
         .resolver
         .resolve_spec(&parsed.spec)
@@ -285,4 +297,26 @@ pub async fn feed(
         })
         .collect();
     Ok(Json(json!({ "result": { "events": events, "next": next.to_string() } })).into_response())
+}
+
+/// `GET /api/packages`: the catalog, in caddyserver.com's shape, with build counts.
+pub async fn packages(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let counts = state.app.store.plugin_counts().await?;
+    let result: Vec<Value> = state
+        .app
+        .config
+        .packages
+        .catalog
+        .iter()
+        .map(|e| {
+            json!({
+                "path": e.path,
+                "repo": e.repo,
+                "description": e.description,
+                "downloads": counts.get(&e.path).copied().unwrap_or(0),
+                "modules": e.modules.iter().map(|m| json!({ "name": m.name, "docs": m.docs })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "result": result })).into_response())
 }

@@ -67,6 +67,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/download", get(download::compat))
         .route("/api/compat", get(download::compat))
         .route("/api/events", get(builds::feed))
+        .route("/api/packages", get(builds::packages))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(request_id))
