@@ -77,7 +77,7 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             let app = App::new(config, &shutdown)?;
             worker::run(app, shutdown).await
         }
-        Command::All => run_all(config, shutdown).await,
+        Command::All => Box::pin(run_all(config, shutdown)).await,
         Command::Bench {
             command: BenchCommand::Queue(args),
         } => {
