@@ -103,6 +103,11 @@ pub struct ApiConfig {
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Build submissions (`POST /api/build`, `/api/download`, `/api/compat`) per client
+    /// address and minute; 0 turns the limit off.
+    pub submissions_per_minute: u32,
+    /// How many submissions a client may make at once before the rate applies.
+    pub submission_burst: u32,
 }
 
 impl Default for ApiConfig {
@@ -113,6 +118,8 @@ impl Default for ApiConfig {
             max_long_poll: Duration::from_secs(60),
             download_wait: Duration::from_secs(15 * 60),
             header_read_timeout: Duration::from_secs(10),
+            submissions_per_minute: 60,
+            submission_burst: 20,
         }
     }
 }

@@ -110,6 +110,8 @@ fn example_documents_every_key() {
         "max_long_poll:",
         "download_wait:",
         "header_read_timeout:",
+        "submissions_per_minute:",
+        "submission_burst:",
         "worker:",
         "id:",
         "lease:",

@@ -53,6 +53,8 @@ async fn server_configured(
     config.storage.dir = dirs.path().join("artifacts");
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.api.download_wait = Duration::from_secs(240);
+    // Many requests come from one address here; the limit has its own test.
+    config.api.submissions_per_minute = 0;
     let w = &mut config.worker;
     w.id = format!("api-test-{}", std::process::id());
     w.executor = ExecutorKind::Docker;
@@ -1040,4 +1042,37 @@ async fn catalog_only_servers_build_only_the_catalog() {
         .await
         .unwrap();
     assert_eq!(ok.status().as_u16(), 202);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_client_cannot_submit_without_limit() {
+    let s = server_configured(false, None, |c| {
+        c.api.submissions_per_minute = 6;
+        c.api.submission_burst = 3;
+    })
+    .await;
+    let c = client();
+    let url = format!(
+        "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+        s.base
+    );
+    for _ in 0..3 {
+        assert_eq!(c.post(&url).send().await.unwrap().status().as_u16(), 202);
+    }
+    let refused = c.post(&url).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    let json: Value = refused.json().await.unwrap();
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("too many build requests from 127.0.0.1"),
+        "{message}"
+    );
+    // Reading is not limited.
+    let key = cbs_testkit::sample_request(1).key();
+    let status = c
+        .get(format!("{}/api/build/{key}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status().as_u16(), 404);
 }

@@ -77,6 +77,26 @@ fn resolve_error(e: ResolveError) -> ApiError {
 
 /// Resolves, keys and records a request (once per key, however many ask at once);
 /// reopens a failed build when forced.
+/// Takes a submission token for the client, or says when to come back (429).
+pub fn rate_limit(
+    state: &ApiState,
+    client: Option<&super::limit::ClientAddr>,
+) -> Result<(), ApiError> {
+    let (Some(limiter), Some(client)) = (&state.limiter, client) else {
+        return Ok(());
+    };
+    limiter.check(client.0).map_err(|wait| {
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many build requests from {}; try again in {} s",
+                client.0,
+                wait.as_secs().max(1)
+            ),
+        )
+    })
+}
+
 pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiError> {
     let packages = &state.app.config.packages;
     let modules = parsed
@@ -125,9 +145,11 @@ pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiE
 /// `POST /api/build`: a JSON body, or the same request as query parameters.
 pub async fn post_build(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<super::limit::ClientAddr>>,
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    rate_limit(&state, client.as_deref())?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
         params::from_query(query.as_deref())?

@@ -199,10 +199,12 @@ async fn serve_artifact(
 /// that disconnects does not cancel the build.
 pub async fn compat(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<super::limit::ClientAddr>>,
     RawQuery(query): RawQuery,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    super::builds::rate_limit(&state, client.as_deref())?;
     let parsed = params::from_query(query.as_deref())?;
     let build = submit(&state, parsed).await?;
     let key = build.key.clone();

@@ -14,6 +14,7 @@
 mod builds;
 mod download;
 mod error;
+pub mod limit;
 mod params;
 mod sse;
 
@@ -22,7 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::Request;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -44,6 +46,7 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub struct ApiState {
     pub app: App,
     pub resolver: Arc<Resolver>,
+    pub limiter: Option<Arc<limit::Limiter>>,
 }
 
 /// Binds the configured address.
@@ -80,7 +83,7 @@ async fn not_found() -> ApiError {
 
 /// Gives every request an id (`x-request-id`), and every error answer the JSON error shape
 /// with that id, including errors made by the framework (unknown method, too large a body).
-async fn request_id(req: Request, next: Next) -> Response {
+async fn request_id(req: axum::extract::Request, next: Next) -> Response {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let id = format!(
         "{:x}-{:x}",
@@ -140,14 +143,20 @@ pub async fn run(
     .context("go.proxy")?;
     let grace = app.config.api.shutdown_grace;
     let header_timeout = app.config.api.header_read_timeout;
+    let limiter = limit::Limiter::new(
+        app.config.api.submissions_per_minute,
+        app.config.api.submission_burst,
+    )
+    .map(Arc::new);
     let router = router(ApiState {
         app,
         resolver: Arc::new(resolver),
+        limiter,
     });
     info!(%addr, "api listening");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(c) => c,
                 Err(e) => {
@@ -159,7 +168,15 @@ pub async fn run(
             },
             _ = shutdown.cancelled() => break,
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let client = limit::ClientAddr(peer.ip());
+        let service =
+            hyper_util::service::TowerToHyperService::new(tower::ServiceExt::map_request(
+                router.clone(),
+                move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(client);
+                    req
+                },
+            ));
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)
