@@ -50,4 +50,6 @@ pub enum BenchCommand {
     /// Build cycles per second and dispatch latency of the queue (writes to the configured
     /// database: point it at a scratch database).
     Queue(crate::bench::QueueArgs),
+    /// Long-poll wake latency, API memory, and download throughput (see scripts/bench-api).
+    Api(crate::bench_api::ApiArgs),
 }

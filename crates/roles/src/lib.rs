@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod bench;
+pub mod bench_api;
 pub mod cli;
 pub mod janitor;
 pub mod shutdown;
@@ -78,6 +79,14 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             worker::run(app, shutdown).await
         }
         Command::All => Box::pin(run_all(config, shutdown)).await,
+        Command::Bench {
+            command: BenchCommand::Api(args),
+        } => {
+            let app = App::new(config, &shutdown)?;
+            let mut epoch = app.hub.epoch();
+            epoch.wait_for(|e| *e > 0).await?;
+            bench_api::api(app, args).await
+        }
         Command::Bench {
             command: BenchCommand::Queue(args),
         } => {

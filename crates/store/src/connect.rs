@@ -50,6 +50,14 @@ impl PgConnector {
         })
     }
 
+    /// The application name connections report (`caddy-build-server` unless the URL sets
+    /// `application_name`).
+    pub fn application_name(&self) -> &str {
+        self.config
+            .get_application_name()
+            .unwrap_or("caddy-build-server")
+    }
+
     /// The database URL without its password, for logs.
     pub fn display(&self) -> &str {
         &self.display

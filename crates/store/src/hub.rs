@@ -214,9 +214,8 @@ async fn session(
     cursor: &mut Option<GlobalCursor>,
     connected: &mut bool,
 ) -> Result<(), StoreError> {
-    let (client, mut messages) = connector
-        .connect_with_messages(queries::LISTENER_SETUP)
-        .await?;
+    let (client, mut messages) = connector.connect_with_messages("").await?;
+    queries::name_connection(&client, connector.application_name(), "listener").await?;
     // LISTEN first, then read: an event committed in between is both notified and read.
     queries::listen(&client).await?;
     let start = match *cursor {

@@ -236,4 +236,26 @@ impl Store {
         let client = self.client().await?;
         Ok(queries::plugin_counts(&client).await?.into_iter().collect())
     }
+
+    /// Claims one specific queued build (benchmarks; workers use [`Store::claim`]).
+    pub async fn claim_key_for_bench(
+        &self,
+        key: &BuildKey,
+    ) -> Result<Option<BuildState>, StoreError> {
+        let Some(b) = self.build(key).await? else {
+            return Ok(None);
+        };
+        let event = Event::Claimed(cbs_events::Claimed {
+            worker: "bench".into(),
+            attempt: b.attempt + 1,
+            lease_expires_at: Utc::now() + chrono::Duration::hours(1),
+        });
+        Ok(Some(self.append(&b, event).await?))
+    }
+
+    /// Connections to the database whose application name starts with `name`.
+    pub async fn count_connections(&self, name: &str) -> Result<i64, StoreError> {
+        let client = self.client().await?;
+        queries::count_connections(&client, name).await
+    }
 }

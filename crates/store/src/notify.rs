@@ -127,6 +127,7 @@ async fn connect(
     let (client, _messages) = connector
         .connect_with_messages(queries::NOTIFIER_SETUP)
         .await?;
+    queries::name_connection(&client, connector.application_name(), "notifier").await?;
     let stmt = queries::prepare_notify(&client).await?;
     Ok((client, stmt))
 }

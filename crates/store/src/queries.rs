@@ -406,11 +406,18 @@ pub(crate) async fn listen(c: &Client) -> Result<(), StoreError> {
 
 /// Session settings of the notifying connection: its transactions write no data, so they
 /// need not wait for a WAL flush (see `notify`).
-pub(crate) const NOTIFIER_SETUP: &str =
-    "SET synchronous_commit = off; SET application_name = 'caddy-build-server notifier'";
+pub(crate) const NOTIFIER_SETUP: &str = "SET synchronous_commit = off";
 
-/// Session settings of the listening connection: a name operators (and tests) can find.
-pub(crate) const LISTENER_SETUP: &str = "SET application_name = 'caddy-build-server listener'";
+/// Names a special connection `<application name> <role>` (`caddy-build-server listener`),
+/// so operators and benchmarks can tell the connections apart.
+pub(crate) async fn name_connection(c: &Client, base: &str, role: &str) -> Result<(), StoreError> {
+    c.execute(
+        "SELECT set_config('application_name', $1, false)",
+        &[&format!("{base} {role}")],
+    )
+    .await?;
+    Ok(())
+}
 
 /// Prepares [`notify`]'s statement on the notifier's connection.
 pub(crate) async fn prepare_notify(c: &Client) -> Result<tokio_postgres::Statement, StoreError> {
@@ -592,4 +599,20 @@ pub(crate) async fn plugin_counts(
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
+}
+
+/// Connections to this database whose application name starts with `name` (benchmarks
+/// report what the api process holds).
+pub(crate) async fn count_connections(
+    c: &impl GenericClient,
+    name: &str,
+) -> Result<i64, StoreError> {
+    let row = c
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND starts_with(application_name, $1)",
+            &[&name],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
 }

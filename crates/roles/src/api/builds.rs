@@ -226,22 +226,39 @@ pub async fn get_build(
     // Subscribe before reading: a commit between the read and the wait still wakes us.
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + p.wait;
-    let mut after = p.after;
+    let render = |b: &BuildState| Bytes::from(json!({ "result": build_json(b) }).to_string());
+    let answer = |body: Bytes| {
+        (
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response()
+    };
+    // The first read is always fresh from the database.
+    let build = state
+        .app
+        .store
+        .build(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+    let after = p.after.unwrap_or(build.last_seq);
+    if build.last_seq > after || p.wait.is_zero() {
+        return Ok(answer(render(&build)));
+    }
     loop {
-        let build = state
-            .app
-            .store
-            .build(&key)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
-        let after_seq = *after.get_or_insert(build.last_seq);
-        let now = tokio::time::Instant::now();
-        if build.last_seq > after_seq || now >= deadline {
-            return Ok(Json(json!({ "result": build_json(&build) })).into_response());
-        }
         tokio::select! {
             _ = waiter.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
+        }
+        // Woken: many waiters of this build read it once between them.
+        let min_seq = waiter.latest_seq().max(after + 1);
+        let fresh = state
+            .fresh
+            .get(&state.app.store, &key, min_seq, render)
+            .await?
+            .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+        if fresh.last_seq > after || tokio::time::Instant::now() >= deadline {
+            return Ok(answer(fresh.body));
         }
     }
 }

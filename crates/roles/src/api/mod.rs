@@ -14,6 +14,7 @@
 mod builds;
 mod download;
 mod error;
+mod fresh;
 pub mod limit;
 mod params;
 mod sse;
@@ -47,6 +48,7 @@ pub struct ApiState {
     pub app: App,
     pub resolver: Arc<Resolver>,
     pub limiter: Option<Arc<limit::Limiter>>,
+    pub fresh: Arc<fresh::FreshBuilds>,
 }
 
 /// Binds the configured address.
@@ -152,6 +154,7 @@ pub async fn run(
         app,
         resolver: Arc::new(resolver),
         limiter,
+        fresh: Arc::new(fresh::FreshBuilds::default()),
     });
     info!(%addr, "api listening");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
