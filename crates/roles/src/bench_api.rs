@@ -95,9 +95,12 @@ async fn wake(app: &App, args: &ApiArgs, n: usize) -> anyhow::Result<()> {
         .context("claim the bench build")?;
     let path = format!("/api/build/{key}?wait=120s&after={}", build.last_seq);
     let connect = Arc::new(Semaphore::new(512));
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let all_sent = Arc::new(tokio::sync::Notify::new());
     let mut tasks = Vec::with_capacity(n);
     for _ in 0..n {
         let (addr, path, connect) = (args.api.clone(), path.clone(), connect.clone());
+        let (sent, all_sent) = (sent.clone(), all_sent.clone());
         tasks.push(tokio::spawn(async move {
             let permit = connect.acquire_owned().await;
             let mut s = TcpStream::connect(&addr).await?;
@@ -107,6 +110,9 @@ async fn wake(app: &App, args: &ApiArgs, n: usize) -> anyhow::Result<()> {
             )
             .await?;
             drop(permit);
+            if sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+                all_sent.notify_one();
+            }
             let mut buf = vec![0u8; 4096];
             let n = s.read(&mut buf).await?;
             let at = Instant::now();
@@ -114,8 +120,12 @@ async fn wake(app: &App, args: &ApiArgs, n: usize) -> anyhow::Result<()> {
             anyhow::Ok(at)
         }));
     }
-    // Let every request reach the server and park (they answer only after the commit).
-    tokio::time::sleep(Duration::from_secs(2) + Duration::from_micros(n as u64 * 200)).await;
+    // Every connection is up and its request sent; give the server a moment to read and
+    // park them all (they can only answer after the commit).
+    tokio::time::timeout(Duration::from_secs(120), all_sent.notified())
+        .await
+        .context("not every long-poll could connect within 120 s")?;
+    tokio::time::sleep(Duration::from_millis(500) + Duration::from_micros(n as u64 * 100)).await;
     let rss = args.api_pid.and_then(rss_mb);
     let conns = app.store.count_connections(&args.api_app_name).await?;
     let t0 = Instant::now();

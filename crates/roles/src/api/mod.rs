@@ -51,11 +51,23 @@ pub struct ApiState {
     pub fresh: Arc<fresh::FreshBuilds>,
 }
 
-/// Binds the configured address.
+/// Binds the configured address, with a long accept queue: thousands of long-polls and
+/// downloads may connect at once (the kernel caps it at net.core.somaxconn).
 pub async fn bind(config: &cbs_config::Config) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(config.api.listen)
-        .await
-        .with_context(|| format!("cannot listen on {} (api.listen)", config.api.listen))
+    let addr = config.api.listen;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .context("creating the api socket")?;
+    socket.set_reuseaddr(true)?;
+    socket
+        .bind(addr)
+        .with_context(|| format!("cannot listen on {addr} (api.listen)"))?;
+    socket
+        .listen(8192)
+        .with_context(|| format!("cannot listen on {addr} (api.listen)"))
 }
 
 /// The routes.
