@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cbs_domain::plan::plan;
-use cbs_domain::{BuildRequest, Platform, Plugin};
+use cbs_domain::BuildRequest;
 use cbs_executor::{
     CachePaths, DockerExecutor, DockerSettings, Executor, GoSettings, LocalExecutor, PlanOutcome,
     Progress,
@@ -20,19 +20,7 @@ use cbs_testkit::FixtureProxy;
 use tokio::sync::mpsc;
 
 fn request(plugins: &[(&str, &str)]) -> BuildRequest {
-    BuildRequest::new(
-        Platform::new("linux", "amd64", None).unwrap(),
-        "v2.8.4".parse().unwrap(),
-        plugins
-            .iter()
-            .map(|(m, v)| Plugin {
-                module: m.parse().unwrap(),
-                version: v.parse().unwrap(),
-            })
-            .collect(),
-        vec![],
-    )
-    .unwrap()
+    cbs_testkit::request_with("linux", "amd64", None, plugins)
 }
 
 fn go(proxy: &FixtureProxy) -> GoSettings {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::plan::{plan, GoCommand, Phase};
-use cbs_domain::{BuildRequest, Platform, Plugin};
+use cbs_domain::{BuildRequest, Platform};
 use cbs_executor::{
     DockerExecutor, DockerSettings, Executor, GoSettings, PlanOutcome, Progress, LABEL_WORKER,
 };
@@ -46,21 +46,7 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
     Executor::Docker(Box::new(docker))
 }
 
-fn request(os: &str, arch: &str, arm: Option<&str>, plugins: &[(&str, &str)]) -> BuildRequest {
-    BuildRequest::new(
-        Platform::new(os, arch, arm).unwrap(),
-        "v2.8.4".parse().unwrap(),
-        plugins
-            .iter()
-            .map(|(m, v)| Plugin {
-                module: m.parse().unwrap(),
-                version: v.parse().unwrap(),
-            })
-            .collect(),
-        vec![],
-    )
-    .unwrap()
-}
+use cbs_testkit::request_with as request;
 
 async fn build(
     exec: &Executor,

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::plan::{plan, GoCommand, Phase};
-use cbs_domain::{BuildRequest, Platform, Plugin};
+use cbs_domain::{BuildRequest, Platform};
 use cbs_executor::{CachePaths, Executor, GoSettings, LocalExecutor, PlanOutcome, Progress};
 use cbs_testkit::FixtureProxy;
 use tokio::sync::mpsc;
@@ -25,21 +25,7 @@ fn executor(proxy: &FixtureProxy, cache: &std::path::Path) -> Executor {
     ))
 }
 
-fn request(os: &str, arch: &str, arm: Option<&str>, plugins: &[(&str, &str)]) -> BuildRequest {
-    BuildRequest::new(
-        Platform::new(os, arch, arm).unwrap(),
-        "v2.8.4".parse().unwrap(),
-        plugins
-            .iter()
-            .map(|(m, v)| Plugin {
-                module: m.parse().unwrap(),
-                version: v.parse().unwrap(),
-            })
-            .collect(),
-        vec![],
-    )
-    .unwrap()
-}
+use cbs_testkit::request_with as request;
 
 async fn build(
     exec: &Executor,

@@ -56,6 +56,22 @@ fn rss_mb(pid: u32) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// A new build, requested and claimed (nothing runs it): the subject of a benchmark.
+async fn running_build(app: &App) -> anyhow::Result<cbs_projections::BuildState> {
+    let key = cbs_domain::BuildKey::digest(&rand::random::<[u8; 32]>());
+    let request = cbs_domain::BuildRequest::new(
+        cbs_domain::Platform::new("linux", "amd64", None)?,
+        "v2.8.4".parse()?,
+        vec![],
+        vec![],
+    )?;
+    app.store.request_build(&key, &request).await?;
+    app.store
+        .claim_key_for_bench(&key)
+        .await?
+        .context("claim the bench build")
+}
+
 /// Sends a GET and returns when the response's first bytes arrive, then drains it.
 async fn get_first_byte(addr: &str, path: &str) -> anyhow::Result<(Instant, usize)> {
     let mut s = TcpStream::connect(addr).await?;
@@ -80,19 +96,8 @@ async fn get_first_byte(addr: &str, path: &str) -> anyhow::Result<(Instant, usiz
 /// Opens `n` long-polls on a build, waits until they are parked, commits one event and
 /// measures when each answer starts.
 async fn wake(app: &App, args: &ApiArgs, n: usize) -> anyhow::Result<()> {
-    let key = cbs_domain::BuildKey::digest(&rand::random::<[u8; 32]>());
-    let request = cbs_domain::BuildRequest::new(
-        cbs_domain::Platform::new("linux", "amd64", None)?,
-        "v2.8.4".parse()?,
-        vec![],
-        vec![],
-    )?;
-    app.store.request_build(&key, &request).await?;
-    let build = app
-        .store
-        .claim_key_for_bench(&key)
-        .await?
-        .context("claim the bench build")?;
+    let build = running_build(app).await?;
+    let key = build.key.clone();
     let path = format!("/api/build/{key}?wait=120s&after={}", build.last_seq);
     let connect = Arc::new(Semaphore::new(512));
     let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -192,19 +197,8 @@ pub async fn api(app: App, args: ApiArgs) -> anyhow::Result<()> {
     };
     // Publish the file as a finished build's artifact.
     let bytes = tokio::fs::read(file).await?;
-    let key = cbs_domain::BuildKey::digest(&rand::random::<[u8; 32]>());
-    let request = cbs_domain::BuildRequest::new(
-        cbs_domain::Platform::new("linux", "amd64", None)?,
-        "v2.8.4".parse()?,
-        vec![],
-        vec![],
-    )?;
-    app.store.request_build(&key, &request).await?;
-    let b = app
-        .store
-        .claim_key_for_bench(&key)
-        .await?
-        .context("claim the bench build")?;
+    let b = running_build(&app).await?;
+    let key = b.key.clone();
     let location = format!("builds/{}/{key}/{}", key.shard(), b.attempt);
     let dir = app.config.storage.dir.join(&location);
     tokio::fs::create_dir_all(&dir).await?;

@@ -43,6 +43,28 @@ pub fn go_binary() -> std::path::PathBuf {
     go
 }
 
+/// A resolved request for Caddy v2.8.4 on a platform with plugins at versions.
+pub fn request_with(
+    os: &str,
+    arch: &str,
+    arm: Option<&str>,
+    plugins: &[(&str, &str)],
+) -> cbs_domain::BuildRequest {
+    cbs_domain::BuildRequest::new(
+        cbs_domain::Platform::new(os, arch, arm).expect("valid platform"),
+        "v2.8.4".parse().expect("valid version"),
+        plugins
+            .iter()
+            .map(|(m, v)| cbs_domain::Plugin {
+                module: m.parse().expect("valid module"),
+                version: v.parse().expect("valid version"),
+            })
+            .collect(),
+        vec![],
+    )
+    .expect("valid request")
+}
+
 /// A build request for tests; `n` makes it distinct (it is the Caddy patch version).
 pub fn sample_request(n: u32) -> cbs_domain::BuildRequest {
     cbs_domain::BuildRequest::new(
