@@ -328,7 +328,7 @@ async fn a_cancelled_run_leaves_no_container_behind() {
     let cmd = GoCommand {
         args: vec!["run".into(), ".".into()],
     };
-    let run = exec.run(dir.path(), "cancel", &cmd, Phase::Compile, &target, &tx);
+    let mut run = Box::pin(exec.run(dir.path(), "cancel", &cmd, Phase::Compile, &target, &tx));
     let started = async {
         while let Some(l) = rx.recv().await {
             if l == "started" {
@@ -337,16 +337,50 @@ async fn a_cancelled_run_leaves_no_container_behind() {
         }
     };
     tokio::select! {
-        r = run => panic!("the endless program ended: {r:?}"),
+        r = &mut run => panic!("the endless program ended: {r:?}"),
         () = started => {}
     }
-    // The run future is dropped here; its container must go away.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !our_containers(worker).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "container left behind"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let id = our_containers(worker);
+    assert_eq!(id.lines().count(), 1, "one running container: {id:?}");
+    // Listen for the engine's event that this container is destroyed, then drop the run.
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 120;
+    let mut watcher = tokio::process::Command::new("docker")
+        .args([
+            "events",
+            "--format",
+            "{{.ID}}",
+            "--until",
+            &until.to_string(),
+        ])
+        .args([
+            "--filter",
+            &format!("container={id}"),
+            "--filter",
+            "event=destroy",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut events = tokio::io::BufReader::new(watcher.stdout.take().unwrap());
+    use tokio::io::AsyncBufReadExt;
+    // With --until, docker also replays its recent events, so the destroy is seen even if
+    // it happens before the watcher has subscribed.
+    drop(run);
+    let destroyed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut line = String::new();
+        events.read_line(&mut line).await.unwrap();
+        line
+    })
+    .await
+    .expect("the container was destroyed");
+    assert!(
+        id.starts_with(destroyed.trim()) || destroyed.trim().starts_with(&id),
+        "{destroyed}"
+    );
+    assert_eq!(our_containers(worker), "", "container left behind");
 }

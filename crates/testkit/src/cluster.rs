@@ -5,7 +5,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// A running cluster; stopped and removed when the process exits.
 #[derive(Debug)]
@@ -59,6 +59,7 @@ impl Cluster {
         let port = free_port()?;
         let postgres = bin.join("postgres");
         let (tx, rx) = std::sync::mpsc::channel();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
         let (data2, dir2) = (data.clone(), dir.clone());
         // The parent-death signal fires when the THREAD that forked the server ends, so the
         // server is started from a thread that lives as long as the process.
@@ -84,11 +85,7 @@ impl Cluster {
                         "shared_buffers=128MB",
                     ])
                     .stdout(Stdio::null())
-                    .stderr(
-                        std::fs::File::create(dir2.join("postgres.log"))
-                            .map(Stdio::from)
-                            .unwrap_or_else(|_| Stdio::null()),
-                    );
+                    .stderr(Stdio::piped());
                 // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
                 unsafe {
                     cmd.pre_exec(|| {
@@ -98,8 +95,16 @@ impl Cluster {
                         Ok(())
                     });
                 }
-                let child = cmd.spawn();
-                let _ = tx.send(child.map(|c| c.id()));
+                let child = cmd.spawn().map(|mut c| {
+                    // The server's log goes to postgres.log; the line that says it accepts
+                    // connections is the event `wait_ready` waits for.
+                    if let Some(stderr) = c.stderr.take() {
+                        let log_path = dir2.join("postgres.log");
+                        std::thread::spawn(move || copy_log(stderr, &log_path, ready_tx));
+                    }
+                    c.id()
+                });
+                let _ = tx.send(child);
                 loop {
                     std::thread::park();
                 }
@@ -114,7 +119,7 @@ impl Cluster {
         unsafe {
             libc::atexit(stop_at_exit);
         }
-        wait_ready(&data, &dir, pid)?;
+        wait_ready(&ready_rx, &dir)?;
         Ok(Cluster { port, dir })
     }
 
@@ -165,22 +170,30 @@ fn remove_stale_clusters() {
     }
 }
 
-/// Waits until the server accepts connections (postmaster.pid says "ready").
-fn wait_ready(data: &Path, dir: &Path, pid: u32) -> Result<(), String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(text) = std::fs::read_to_string(data.join("postmaster.pid")) {
-            if text.lines().nth(7).is_some_and(|l| l.trim() == "ready") {
-                return Ok(());
-            }
+/// Copies the server's stderr into `log`, and says when the server is ready.
+fn copy_log(stderr: std::process::ChildStderr, log: &Path, ready: std::sync::mpsc::Sender<()>) {
+    use std::io::{BufRead, Write};
+    let mut file = std::fs::File::create(log).ok();
+    for line in std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+    {
+        if let Some(f) = file.as_mut() {
+            let _ = writeln!(f, "{line}");
         }
-        // SAFETY: signal 0 only checks whether the process exists.
-        if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 || Instant::now() > deadline {
-            let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
-            return Err(format!("test postgres did not start:\n{log}"));
+        if line.contains("database system is ready to accept connections") {
+            let _ = ready.send(());
         }
-        std::thread::sleep(Duration::from_millis(10));
     }
+    // The server ended: dropping `ready` tells a waiter that it will never be ready.
+}
+
+/// Waits for the server's "ready to accept connections", with a deadline.
+fn wait_ready(ready: &std::sync::mpsc::Receiver<()>, dir: &Path) -> Result<(), String> {
+    ready.recv_timeout(Duration::from_secs(60)).map_err(|e| {
+        let log = std::fs::read_to_string(dir.join("postgres.log")).unwrap_or_default();
+        format!("test postgres did not start ({e}):\n{log}")
+    })
 }
 
 fn free_port() -> Result<u16, String> {
