@@ -90,17 +90,23 @@ impl ModulePath {
     /// The path in the module proxy's case encoding: each upper-case letter becomes `!` and
     /// its lower-case form (`github.com/Acme/x` -> `github.com/!acme/x`).
     pub fn escaped(&self) -> String {
-        let mut out = String::with_capacity(self.0.len() + 4);
-        for c in self.0.chars() {
-            if c.is_ascii_uppercase() {
-                out.push('!');
-                out.push(c.to_ascii_lowercase());
-            } else {
-                out.push(c);
-            }
-        }
-        out
+        escape(&self.0)
     }
+}
+
+/// The module proxy's case encoding of a path, version or query: each upper-case letter
+/// becomes `!` and its lower-case form.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 4);
+    for c in s.chars() {
+        if c.is_ascii_uppercase() {
+            out.push('!');
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Splits a path into prefix and major suffix; `None` if the suffix is malformed.

@@ -127,19 +127,7 @@ fn parse_goproxy(value: &str) -> Result<Vec<(String, Fallthrough)>, ResolveError
     Ok(out)
 }
 
-/// The proxy's case encoding (`!` + lower case for upper case) for a version or query.
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    for c in s.chars() {
-        if c.is_ascii_uppercase() {
-            out.push('!');
-            out.push(c.to_ascii_lowercase());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+use cbs_domain::module::escape;
 
 impl Resolver {
     pub fn new(config: &ProxyConfig) -> Result<Resolver, ResolveError> {

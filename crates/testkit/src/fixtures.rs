@@ -166,17 +166,7 @@ fn all() -> Vec<Fixture> {
     ]
 }
 
-fn escape(path: &str) -> String {
-    path.chars()
-        .flat_map(|c| {
-            if c.is_ascii_uppercase() {
-                vec!['!', c.to_ascii_lowercase()]
-            } else {
-                vec![c]
-            }
-        })
-        .collect()
-}
+use cbs_domain::module::escape;
 
 /// Writes every fixture into `root` in the GOPROXY layout (`<escaped path>/@v/list`,
 /// `<v>.info`, `<v>.mod`, `<v>.zip` with entries prefixed `<path>@<v>/`).
