@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use cbs_config::{Config, ExecutorKind};
+use cbs_config::Config;
 use cbs_roles::App;
 use cbs_testkit::{FixtureProxy, TestDb};
 use serde_json::Value;
@@ -44,26 +44,13 @@ async fn server_configured(
     let db = TestDb::new().await;
     let proxy = FixtureProxy::start().await;
     let dirs = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.database = db.config();
+    let worker_id = format!("api-test-{}", std::process::id());
+    let mut config = cbs_testkit::role_config(&db, &proxy.url(), dirs.path(), &worker_id);
     config.database.pool_size = 32;
-    config.notify.poll_interval = Duration::from_secs(1);
-    config.go.proxy = proxy.url();
-    config.go.sumdb = "off".into();
-    config.storage.dir = dirs.path().join("artifacts");
     config.api.listen = "127.0.0.1:0".parse().unwrap();
     config.api.download_wait = Duration::from_secs(240);
     // Many requests come from one address here; the limit has its own test.
     config.api.submissions_per_minute = 0;
-    let w = &mut config.worker;
-    w.id = format!("api-test-{}", std::process::id());
-    w.executor = ExecutorKind::Docker;
-    w.build_dir = dirs.path().join("builds");
-    w.cache_dir = dirs.path().join("cache");
-    w.docker.image = cbs_testkit::builder_image();
-    w.docker.path = "/usr/local/go/bin".into();
-    w.docker.user = cbs_testkit::builder_user();
-    w.docker.resolve_network = "host".into();
     customize(&mut config);
     let shutdown = CancellationToken::new();
     let app = App::new(config, &shutdown).unwrap();

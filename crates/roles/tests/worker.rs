@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use cbs_config::{Config, ExecutorKind};
 use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::{BuildKey, BuildSpec};
 use cbs_events::{Event, EventType, FailureKind};
@@ -25,21 +24,7 @@ struct Setup {
 
 async fn start_worker(db: &TestDb, goproxy: &str, id: &str) -> Setup {
     let dirs = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.database = db.config();
-    config.notify.poll_interval = Duration::from_secs(1);
-    config.go.proxy = goproxy.to_owned();
-    config.go.sumdb = "off".into();
-    config.storage.dir = dirs.path().join("artifacts");
-    let w = &mut config.worker;
-    w.id = id.to_owned();
-    w.executor = ExecutorKind::Docker;
-    w.build_dir = dirs.path().join("builds");
-    w.cache_dir = dirs.path().join("cache");
-    w.docker.image = cbs_testkit::builder_image();
-    w.docker.path = "/usr/local/go/bin".into();
-    w.docker.user = cbs_testkit::builder_user();
-    w.docker.resolve_network = "host".into();
+    let config = cbs_testkit::role_config(db, goproxy, dirs.path(), id);
     let shutdown = CancellationToken::new();
     let app = App::new(config, &shutdown).unwrap();
     let worker = tokio::spawn(cbs_roles::worker::run(app.clone(), shutdown.clone()));

@@ -43,6 +43,33 @@ pub fn go_binary() -> std::path::PathBuf {
     go
 }
 
+/// A config for in-process roles on `db`: module proxy `goproxy` (GOSUMDB off), artifacts,
+/// builds and caches under `dir`, a docker worker `worker_id` with the test builder image
+/// whose resolve steps use the host network (the fixture proxy is on loopback).
+pub fn role_config(
+    db: &TestDb,
+    goproxy: &str,
+    dir: &std::path::Path,
+    worker_id: &str,
+) -> cbs_config::Config {
+    let mut config = cbs_config::Config::default();
+    config.database = db.config();
+    config.notify.poll_interval = Duration::from_secs(1);
+    config.go.proxy = goproxy.to_owned();
+    config.go.sumdb = "off".into();
+    config.storage.dir = dir.join("artifacts");
+    let w = &mut config.worker;
+    w.id = worker_id.to_owned();
+    w.executor = cbs_config::ExecutorKind::Docker;
+    w.build_dir = dir.join("builds");
+    w.cache_dir = dir.join("cache");
+    w.docker.image = builder_image();
+    w.docker.path = "/usr/local/go/bin".into();
+    w.docker.user = builder_user();
+    w.docker.resolve_network = "host".into();
+    config
+}
+
 /// A resolved request for Caddy v2.8.4 on a platform with plugins at versions.
 pub fn request_with(
     os: &str,
