@@ -52,4 +52,7 @@ pub enum BenchCommand {
     Queue(crate::bench::QueueArgs),
     /// Long-poll wake latency, API memory, and download throughput (see scripts/bench-api).
     Api(crate::bench_api::ApiArgs),
+    /// The bare server of `bench api`'s floor measurement (started by `bench api` itself).
+    #[command(hide = true)]
+    WakeFloorServer(crate::bench_api::FloorArgs),
 }

@@ -20,9 +20,10 @@ use tracing::info;
 use cli::{BenchCommand, Command, JanitorCommand};
 
 /// What every role shares in one process: config, store, and the one listening connection.
+/// Cheap to clone (every request handler gets a clone).
 #[derive(Clone, Debug)]
 pub struct App {
-    pub config: Config,
+    pub config: std::sync::Arc<Config>,
     pub store: Store,
     pub hub: Hub,
 }
@@ -36,7 +37,11 @@ impl App {
             config.notify.clone(),
             shutdown.clone(),
         );
-        Ok(App { config, store, hub })
+        Ok(App {
+            config: std::sync::Arc::new(config),
+            store,
+            hub,
+        })
     }
 }
 
@@ -87,6 +92,9 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             epoch.wait_for(|e| *e > 0).await?;
             bench_api::api(app, args).await
         }
+        Command::Bench {
+            command: BenchCommand::WakeFloorServer(args),
+        } => bench_api::floor_server(args).await,
         Command::Bench {
             command: BenchCommand::Queue(args),
         } => {

@@ -27,6 +27,11 @@ pub fn status_name(s: Status) -> &'static str {
 }
 
 /// The status JSON of a build.
+/// The body of a status answer.
+pub fn status_body(b: &BuildState) -> Bytes {
+    Bytes::from(json!({ "result": build_json(b) }).to_string())
+}
+
 pub fn build_json(b: &BuildState) -> Value {
     let key = b.key.as_str();
     let mut v = json!({
@@ -226,7 +231,7 @@ pub async fn get_build(
     // Subscribe before reading: a commit between the read and the wait still wakes us.
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + p.wait;
-    let render = |b: &BuildState| Bytes::from(json!({ "result": build_json(b) }).to_string());
+    let render = status_body;
     let answer = |body: Bytes| {
         (
             [(axum::http::header::CONTENT_TYPE, "application/json")],

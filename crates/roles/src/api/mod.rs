@@ -37,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::App;
+pub use builds::status_body;
 pub use error::ApiError;
 
 /// Largest request body accepted.
