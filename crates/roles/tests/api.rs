@@ -60,7 +60,7 @@ async fn server_configured(
     if worker {
         let mut worker_app = app.clone();
         if let Some(p) = worker_proxy {
-            worker_app.config.go.proxy = p;
+            std::sync::Arc::make_mut(&mut worker_app.config).go.proxy = p;
         }
         tokio::spawn(cbs_roles::worker::run(worker_app, shutdown.clone()));
     }
