@@ -19,6 +19,8 @@ const FLAG_INLINE: u8 = 0x2;
 pub struct ModuleInfo {
     pub path: String,
     pub version: String,
+    /// The go.sum hash (`h1:...`), when the binary records one (local replacements have none).
+    pub sum: Option<String>,
     /// The module it was replaced with, if any.
     pub replace: Option<Box<ModuleInfo>>,
 }
@@ -102,6 +104,7 @@ impl BuildInfo {
         let module = |f: &[&str]| ModuleInfo {
             path: f.get(1).copied().unwrap_or_default().to_owned(),
             version: f.get(2).copied().unwrap_or_default().to_owned(),
+            sum: f.get(3).filter(|s| !s.is_empty()).map(|s| (*s).to_owned()),
             replace: None,
         };
         for line in text.lines() {
