@@ -33,6 +33,7 @@ pub struct Config {
     pub worker: WorkerConfig,
     pub go: GoConfig,
     pub storage: StorageConfig,
+    pub signing: SigningConfig,
     pub packages: PackagesConfig,
     pub janitor: JanitorConfig,
     pub log: LogConfig,
@@ -302,17 +303,117 @@ impl PackagesConfig {
     }
 }
 
-/// Where artifacts are published (a directory; S3 comes with the storage issue).
+/// Where artifacts are published: a directory (local disk or NFS) or an S3-compatible bucket.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    pub backend: StorageBackend,
+    /// The directory of the `fs` backend.
     pub dir: PathBuf,
+    pub s3: S3Config,
 }
 
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: StorageBackend::Fs,
             dir: PathBuf::from("/var/lib/caddy-build-server/artifacts"),
+            s3: S3Config::default(),
+        }
+    }
+}
+
+/// Which storage backend holds artifacts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StorageBackend {
+    Fs,
+    S3,
+}
+
+/// The `s3` backend: any S3-compatible service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct S3Config {
+    /// Endpoint URL (`http://127.0.0.1:9000`); empty for AWS's own endpoints.
+    pub endpoint: String,
+    pub region: String,
+    pub bucket: String,
+    /// Prepended to every object key (`caddy/` puts artifacts under `caddy/builds/...`).
+    pub prefix: String,
+    /// Path-style addressing (`endpoint/bucket/key`), what most S3-compatible servers need.
+    pub path_style: bool,
+    /// Static credentials; when empty, the SDK's default chain (environment, profile, web
+    /// identity, instance metadata) is used.
+    pub access_key_id: String,
+    pub secret_access_key: Option<Secret<String>>,
+    /// Objects at least this large are uploaded in parts of this size (min 5 MiB).
+    pub part_size: u64,
+    /// Attempts per request (the SDK retries with exponential backoff and jitter).
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Per-request timeout of small operations (head, delete, part upload has its own).
+    #[serde(with = "humantime_serde")]
+    pub operation_timeout: Duration,
+    /// The api answers downloads with a redirect to a short-lived presigned URL instead
+    /// of streaming the object itself.
+    pub presign_downloads: bool,
+    #[serde(with = "humantime_serde")]
+    pub presign_ttl: Duration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            endpoint: String::new(),
+            region: "us-east-1".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            path_style: true,
+            access_key_id: String::new(),
+            secret_access_key: None,
+            part_size: 16 * 1024 * 1024,
+            max_attempts: 4,
+            connect_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(60),
+            presign_downloads: false,
+            presign_ttl: Duration::from_secs(600),
+        }
+    }
+}
+
+/// How artifacts are signed (by the worker; the api only reads the public key).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SigningConfig {
+    /// The minisign secret key file (`caddy-build-server keygen` or `minisign -G` writes one).
+    pub key_file: PathBuf,
+    /// Its password; empty for an unencrypted key.
+    pub password: Option<Secret<String>>,
+    /// The public key file; empty means `<key_file>.pub`.
+    pub public_key_file: PathBuf,
+}
+
+impl Default for SigningConfig {
+    fn default() -> Self {
+        SigningConfig {
+            key_file: PathBuf::from("/etc/caddy-build-server/minisign.key"),
+            password: None,
+            public_key_file: PathBuf::new(),
+        }
+    }
+}
+
+impl SigningConfig {
+    /// The public key file in effect.
+    pub fn public_key_path(&self) -> PathBuf {
+        if self.public_key_file.as_os_str().is_empty() {
+            let mut s = self.key_file.as_os_str().to_owned();
+            s.push(".pub");
+            PathBuf::from(s)
+        } else {
+            self.public_key_file.clone()
         }
     }
 }

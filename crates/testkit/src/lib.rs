@@ -16,6 +16,7 @@ mod cluster;
 pub mod fixtures;
 mod image;
 mod proxy;
+pub mod s3;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
