@@ -87,6 +87,11 @@ pub struct Artifact {
     pub size: u64,
     /// Lower-case hex SHA-256 of the binary.
     pub sha256: String,
+    /// Every file stored under `location`, the binary first (`caddy`, `caddy.minisig`,
+    /// `caddy.sha256`, `provenance.json`, `provenance.json.minisig`). Empty in events written
+    /// before artifacts were signed (their binary is named by the platform alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
 }
 
 /// The build is done and its files are stored.
@@ -442,6 +447,7 @@ mod tests {
                     location: "builds/ab/abcd/1".into(),
                     size: 42,
                     sha256: "00".repeat(32),
+                    files: vec![],
                 },
             }),
             Event::Failed(Failed {

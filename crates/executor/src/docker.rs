@@ -77,6 +77,8 @@ pub struct DockerExecutor {
     /// Host path of the compiled runner.
     runner: PathBuf,
     worker: String,
+    /// The builder image's id (`sha256:...`), read at connect.
+    image_id: String,
 }
 
 fn engine(e: bollard::errors::Error) -> ExecError {
@@ -106,8 +108,8 @@ impl DockerExecutor {
             .inspect_image(&settings.image)
             .await
             .map_err(|e| ExecError::Engine(format!("builder image {}: {e}", settings.image)))?;
-        let image_id = image.id.unwrap_or_default();
-        let image_id = image_id.trim_start_matches("sha256:");
+        let full_image_id = image.id.unwrap_or_default();
+        let image_id = full_image_id.trim_start_matches("sha256:");
         let runner_dir = modcache
             .parent()
             .unwrap_or(&modcache)
@@ -120,6 +122,7 @@ impl DockerExecutor {
             gocache,
             runner: runner_dir.join("runner"),
             worker,
+            image_id: full_image_id.clone(),
         };
         for dir in [&executor.modcache, &executor.gocache] {
             tokio::fs::create_dir_all(dir).await?;
@@ -129,6 +132,11 @@ impl DockerExecutor {
             executor.build_runner(&runner_dir).await?;
         }
         Ok(executor)
+    }
+
+    /// The builder image: its reference and its id.
+    pub fn image(&self) -> (&str, &str) {
+        (&self.settings.image, &self.image_id)
     }
 
     /// Compiles the runner with the builder image (no network), for the image's platform.

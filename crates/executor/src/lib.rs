@@ -152,6 +152,18 @@ pub enum Executor {
 }
 
 impl Executor {
+    /// What builds run in, for provenance: the image reference and id (`sha256:...`), or
+    /// `local` and an empty id for the local executor.
+    pub fn builder(&self) -> (String, String) {
+        match self {
+            Executor::Local(_) => ("local".into(), String::new()),
+            Executor::Docker(d) => {
+                let (image, id) = d.image();
+                (image.to_owned(), id.to_owned())
+            }
+        }
+    }
+
     /// Runs one Go command in `dir` for build `build_key`; output lines go to `lines`.
     pub async fn run(
         &self,

@@ -58,6 +58,7 @@ fn succeeded(attempt: u32) -> Event {
             location: "builds/x".into(),
             size: 1,
             sha256: "00".repeat(32),
+            files: vec![],
         },
     })
 }

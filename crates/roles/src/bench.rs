@@ -162,6 +162,7 @@ async fn cycle_rest(store: &Store, b: cbs_projections::BuildState) -> anyhow::Re
                     location: format!("builds/{}/{}/{attempt}", b.key.shard(), b.key),
                     size: 1,
                     sha256: "0".repeat(64),
+                    files: vec![],
                 },
             }),
         )

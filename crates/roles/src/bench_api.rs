@@ -342,9 +342,10 @@ pub async fn api(app: App, args: ApiArgs) -> anyhow::Result<()> {
     let b = running_build(&app).await?;
     let key = b.key.clone();
     let location = format!("builds/{}/{key}/{}", key.shard(), b.attempt);
-    let dir = app.config.storage.dir.join(&location);
-    tokio::fs::create_dir_all(&dir).await?;
-    tokio::fs::write(dir.join("caddy"), &bytes).await?;
+    // Through the configured storage, as the worker stores it (unsigned: the download path
+    // does not read the signature).
+    let storage = cbs_storage::Storage::connect(&app.config.storage).await?;
+    storage.put_file(&format!("{location}/caddy"), file).await?;
     use sha2::Digest;
     app.store
         .append(
@@ -355,6 +356,7 @@ pub async fn api(app: App, args: ApiArgs) -> anyhow::Result<()> {
                     location,
                     size: bytes.len() as u64,
                     sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+                    files: vec!["caddy".into()],
                 },
             }),
         )

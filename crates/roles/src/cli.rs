@@ -26,6 +26,14 @@ pub enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Write a new minisign key pair for signing artifacts: the secret key to
+    /// signing.key_file (or --out), encrypted with signing.password when that is set, and the
+    /// public key beside it (<file>.pub). Refuses to overwrite. Prints the public key.
+    Keygen {
+        /// Where to write the secret key instead of signing.key_file.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Every role in one process (a single machine).
     All,
     /// Benchmarks.

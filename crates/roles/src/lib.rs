@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bench_api;
 pub mod cli;
 pub mod janitor;
+pub mod publish;
 pub mod shutdown;
 pub mod worker;
 
@@ -55,6 +56,26 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
     }
     let shutdown = shutdown::on_signals();
     match cli.command {
+        Command::Keygen { out } => {
+            let path = out.unwrap_or_else(|| config.signing.key_file.clone());
+            let password = config.signing.password.as_ref().map(|p| p.expose().clone());
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let public = tokio::task::spawn_blocking({
+                let path = path.clone();
+                move || cbs_signing::keygen(&path, password.as_deref())
+            })
+            .await??;
+            janitor::print_out(&public);
+            info!(
+                secret = %path.display(),
+                public = %cbs_signing::public_key_path(&path).display(),
+                "key pair written"
+            );
+            Ok(())
+        }
         Command::Migrate => {
             let connector = cbs_store::PgConnector::new(&config.database)?;
             let applied = cbs_store::migrate::run(&connector)

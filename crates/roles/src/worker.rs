@@ -4,7 +4,6 @@
 //! Every event a worker writes names its attempt and goes through `append_latest`, so a
 //! worker whose lease was taken away is refused (fenced) and stops that build.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn, Instrument};
 
+use crate::publish::{publish, Publisher};
 use crate::App;
 
 /// Output lines are coalesced into one event per this many lines...
@@ -111,6 +111,9 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     tokio::fs::create_dir_all(&app.config.worker.build_dir)
         .await
         .with_context(|| format!("creating {}", app.config.worker.build_dir.display()))?;
+    // Without its key or its storage a worker could build but never publish: refuse to start.
+    let publisher = Arc::new(Publisher::from_config(&app.config).await?);
+    info!(worker.id = %id, storage = %publisher.storage.describe(), signing.key_id = %publisher.signer.key_id(), "publishing set up");
     let permits = Arc::new(Semaphore::new(
         app.config.worker.max_concurrent_builds.max(1),
     ));
@@ -128,6 +131,7 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
                 builds.spawn(run_build(
                     app.clone(),
                     exec.clone(),
+                    publisher.clone(),
                     id.clone(),
                     build,
                     permit,
@@ -175,6 +179,7 @@ impl Failure {
 async fn run_build(
     app: App,
     exec: Arc<Executor>,
+    publisher: Arc<Publisher>,
     worker: String,
     build: BuildState,
     _permit: OwnedSemaphorePermit,
@@ -184,7 +189,7 @@ async fn run_build(
     let span = tracing::info_span!("build", build.key = %key, attempt, worker.id = %worker);
     async move {
         info!(request = %build.request.canonical().replace('\n', "; "), "build claimed");
-        let event = match attempt_build(&app, &exec, &build).await {
+        let event = match attempt_build(&app, &exec, &publisher, &worker, &build).await {
             Ok(Some(artifact)) => Event::Succeeded(Succeeded { attempt, artifact }),
             Ok(None) => return, // fenced: another attempt owns the build now
             Err(f) => Event::Failed(Failed {
@@ -209,8 +214,11 @@ async fn run_build(
 async fn attempt_build(
     app: &App,
     exec: &Executor,
+    publisher: &Publisher,
+    worker: &str,
     build: &BuildState,
 ) -> Result<Option<Artifact>, Failure> {
+    let started = chrono::Utc::now();
     let plan = plan(&build.request);
     let dir = tempfile::Builder::new()
         .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
@@ -289,11 +297,30 @@ async fn attempt_build(
                     ),
                 });
             }
-            let artifact = publish(&app.config.storage.dir, build, &binary, plan.output)
-                .await
-                .map_err(|e| {
-                    Failure::ours(Some("publish"), format!("cannot store the artifact: {e:#}"))
-                })?;
+            let sha256 = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&bytes))
+            };
+            let size = bytes.len() as u64;
+            drop(bytes);
+            let artifact = publish(
+                publisher,
+                crate::publish::Input {
+                    build,
+                    binary: &binary,
+                    name: plan.output,
+                    size,
+                    sha256: &sha256,
+                    info: &info,
+                    builder: exec.builder(),
+                    worker,
+                    started,
+                },
+            )
+            .await
+            .map_err(|e| {
+                Failure::ours(Some("publish"), format!("cannot store the artifact: {e:#}"))
+            })?;
             Ok(Some(artifact))
         }
     }
@@ -407,47 +434,4 @@ async fn record(
         }))
         .await;
     }
-}
-
-/// Copies the binary to `<storage>/builds/<key[0:2]>/<key>/<attempt>/<name>` (temp file,
-/// fsync, rename: readers never see a partial file) and returns what the event records.
-async fn publish(
-    storage: &Path,
-    build: &BuildState,
-    binary: &Path,
-    name: &str,
-) -> anyhow::Result<Artifact> {
-    use sha2::Digest;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let location = format!(
-        "builds/{}/{}/{}",
-        build.key.shard(),
-        build.key,
-        build.attempt
-    );
-    let dir: PathBuf = storage.join(&location);
-    tokio::fs::create_dir_all(&dir).await?;
-    let tmp = dir.join(format!(".{name}.partial"));
-    let mut src = tokio::fs::File::open(binary).await?;
-    let mut dst = tokio::fs::File::create(&tmp).await?;
-    let mut hasher = sha2::Sha256::new();
-    let mut size: u64 = 0;
-    let mut buf = vec![0u8; 1 << 16];
-    loop {
-        let n = src.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        dst.write_all(&buf[..n]).await?;
-        size += n as u64;
-    }
-    dst.sync_all().await?;
-    drop(dst);
-    tokio::fs::rename(&tmp, dir.join(name)).await?;
-    Ok(Artifact {
-        location,
-        size,
-        sha256: hex::encode(hasher.finalize()),
-    })
 }

@@ -3,83 +3,11 @@
 
 use std::time::Duration;
 
-use cbs_config::Config;
-use cbs_roles::App;
 use cbs_testkit::{FixtureProxy, TestDb};
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
-struct Server {
-    base: String,
-    app: App,
-    db: TestDb,
-    shutdown: CancellationToken,
-    _proxy: FixtureProxy,
-    _dirs: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
-    }
-}
-
-/// Starts the api (and, if `worker`, a worker) on a fresh database.
-async fn server(worker: bool) -> Server {
-    server_with(worker, None).await
-}
-
-/// The same; the worker's GOPROXY is `worker_proxy` if given (the api always resolves
-/// through the fixture proxy).
-async fn server_with(worker: bool, worker_proxy: Option<String>) -> Server {
-    server_configured(worker, worker_proxy, |_| {}).await
-}
-
-/// The same, with a last word on the config.
-async fn server_configured(
-    worker: bool,
-    worker_proxy: Option<String>,
-    customize: impl FnOnce(&mut Config),
-) -> Server {
-    let db = TestDb::new().await;
-    let proxy = FixtureProxy::start().await;
-    let dirs = tempfile::tempdir().unwrap();
-    let worker_id = format!("api-test-{}", std::process::id());
-    let mut config = cbs_testkit::role_config(&db, &proxy.url(), dirs.path(), &worker_id);
-    config.database.pool_size = 32;
-    config.api.listen = "127.0.0.1:0".parse().unwrap();
-    config.api.download_wait = Duration::from_secs(240);
-    // Many requests come from one address here; the limit has its own test.
-    config.api.submissions_per_minute = 0;
-    customize(&mut config);
-    let shutdown = CancellationToken::new();
-    let app = App::new(config, &shutdown).unwrap();
-    let listener = cbs_roles::api::bind(&app.config).await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(cbs_roles::api::run(app.clone(), listener, shutdown.clone()));
-    if worker {
-        let mut worker_app = app.clone();
-        if let Some(p) = worker_proxy {
-            std::sync::Arc::make_mut(&mut worker_app.config).go.proxy = p;
-        }
-        tokio::spawn(cbs_roles::worker::run(worker_app, shutdown.clone()));
-    }
-    Server {
-        base,
-        app,
-        db,
-        shutdown,
-        _proxy: proxy,
-        _dirs: dirs,
-    }
-}
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(300))
-        .build()
-        .unwrap()
-}
+mod common;
+use common::{client, server, server_configured, server_with};
 
 async fn event_count(db: &TestDb) -> i64 {
     db.client()

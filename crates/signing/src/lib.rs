@@ -189,6 +189,15 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), SigningError> {
     f.sync_all().map_err(err)
 }
 
+/// Parses a public key file's text; returns the key alone, base64 (as `minisign -P` takes
+/// it).
+pub fn parse_public_key(text: &str) -> Result<String, SigningError> {
+    minisign::PublicKeyBox::from_string(text)
+        .and_then(|b| b.into_public_key())
+        .map(|pk| pk.to_base64())
+        .map_err(|e| SigningError::Verify(format!("not a minisign public key: {e}")))
+}
+
 /// Checks a `.minisig` text against a public key file's text and the data; returns the
 /// trusted comment.
 pub fn verify(

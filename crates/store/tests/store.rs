@@ -44,6 +44,7 @@ fn succeeded(attempt: u32) -> Event {
             location: format!("builds/{attempt}"),
             size: 10,
             sha256: "ab".repeat(32),
+            files: vec![],
         },
     })
 }

@@ -59,6 +59,7 @@ pub fn role_config(
     config.go.proxy = goproxy.to_owned();
     config.go.sumdb = "off".into();
     config.storage.dir = dir.join("artifacts");
+    config.signing.key_file = signing_key(dir);
     let w = &mut config.worker;
     w.id = worker_id.to_owned();
     w.executor = cbs_config::ExecutorKind::Docker;
@@ -69,6 +70,18 @@ pub fn role_config(
     w.docker.user = builder_user();
     w.docker.resolve_network = "host".into();
     config
+}
+
+/// An unencrypted minisign key pair under `dir` (made once per directory): `minisign.key`
+/// and `minisign.key.pub`. Unencrypted because scrypt takes seconds in debug builds; the
+/// encrypted path is covered by cbs-signing's own tests.
+pub fn signing_key(dir: &std::path::Path) -> std::path::PathBuf {
+    let path = dir.join("minisign.key");
+    if !path.exists() {
+        std::fs::create_dir_all(dir).expect("key dir");
+        cbs_signing::keygen(&path, None).expect("keygen");
+    }
+    path
 }
 
 /// A resolved request for Caddy v2.8.4 on a platform with plugins at versions.

@@ -2,8 +2,6 @@
 //! which waits until the build is done. Files are streamed (never read whole into memory),
 //! with Content-Length, an ETag (the sha256), and single-range requests.
 
-use std::io::SeekFrom;
-
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -12,7 +10,6 @@ use axum::Json;
 use cbs_events::FailureKind;
 use cbs_projections::{BuildState, Status};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::builds::{build_json, parse_key, submit};
 use super::error::ApiError;
@@ -122,14 +119,12 @@ async fn serve_artifact(
         .artifact
         .as_ref()
         .ok_or_else(|| ApiError::internal("artifact", "succeeded build without artifact"))?;
-    let name = build.request.platform().binary_name();
-    let path = state
-        .app
-        .config
-        .storage
-        .dir
-        .join(&artifact.location)
-        .join(name);
+    let name = artifact
+        .files
+        .first()
+        .map(String::as_str)
+        .unwrap_or_else(|| build.request.platform().binary_name());
+    let object_key = format!("{}/{name}", artifact.location);
     let etag = format!("\"{}\"", artifact.sha256);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -138,9 +133,24 @@ async fn serve_artifact(
     {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response());
     }
-    let mut file = tokio::fs::File::open(&path)
-        .await
-        .map_err(|e| ApiError::internal("artifact storage", e))?;
+    let s3 = &state.app.config.storage.s3;
+    if s3.presign_downloads && method == Method::GET {
+        if let Some(url) = state
+            .storage
+            .presign_get(&object_key, s3.presign_ttl, name)
+            .await
+            .map_err(|e| storage_error(build, e))?
+        {
+            return Ok((
+                StatusCode::FOUND,
+                [
+                    (header::LOCATION, url),
+                    (header::CACHE_CONTROL, "no-store".to_owned()),
+                ],
+            )
+                .into_response());
+        }
+    }
     let size = artifact.size;
     let range = match headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
         Some(r) => match parse_range(r, size) {
@@ -183,15 +193,191 @@ async fn serve_artifact(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        file.seek(SeekFrom::Start(start))
+        let object = state
+            .storage
+            .get(&object_key, Some((start, len)))
             .await
-            .map_err(|e| ApiError::internal("artifact storage", e))?;
-        let stream = tokio_util::io::ReaderStream::with_capacity(file.take(len), 256 * 1024);
-        Body::from_stream(stream)
+            .map_err(|e| storage_error(build, e))?;
+        Body::from_stream(object.body)
     };
     builder
         .body(body)
         .map_err(|e| ApiError::internal("response", e))
+}
+
+/// A storage failure while serving a succeeded build's file.
+fn storage_error(build: &BuildState, e: cbs_storage::StorageError) -> ApiError {
+    if e.is_not_found() {
+        // A succeeded build always has its files; this one's were removed from storage.
+        tracing::error!(build.key = %build.key, error = %e, "a published file is missing from storage");
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the files of build {} are missing from artifact storage; the operators were alerted",
+                build.key
+            ),
+        );
+    }
+    ApiError::internal("artifact storage", e)
+}
+
+/// The companion files of an artifact.
+#[derive(Debug, Clone, Copy)]
+enum Companion {
+    Signature,
+    Checksum,
+    Provenance,
+    ProvenanceSignature,
+}
+
+impl Companion {
+    /// The stored file's name, the download's file name and its content type.
+    fn file(self, binary: &str) -> (String, String, &'static str) {
+        match self {
+            Companion::Signature => {
+                let n = format!("{binary}.minisig");
+                (n.clone(), n, "text/plain; charset=utf-8")
+            }
+            Companion::Checksum => {
+                let n = format!("{binary}.sha256");
+                (n.clone(), n, "text/plain; charset=utf-8")
+            }
+            Companion::Provenance => (
+                crate::publish::PROVENANCE.to_owned(),
+                crate::publish::PROVENANCE.to_owned(),
+                "application/vnd.in-toto+json",
+            ),
+            Companion::ProvenanceSignature => {
+                let n = format!("{}.minisig", crate::publish::PROVENANCE);
+                (n.clone(), n, "text/plain; charset=utf-8")
+            }
+        }
+    }
+}
+
+/// A companion file of a build: 202 while it builds, the build's error if it failed.
+async fn companion(
+    state: &ApiState,
+    key: &str,
+    which: Companion,
+    method: &Method,
+    headers: &HeaderMap,
+) -> Result<Response, ApiError> {
+    let key = parse_key(key)?;
+    let build = state
+        .app
+        .store
+        .build(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+    if build.status != Status::Succeeded {
+        return answer(state, &build, method, headers).await;
+    }
+    let artifact = build
+        .artifact
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("artifact", "succeeded build without artifact"))?;
+    let binary = artifact
+        .files
+        .first()
+        .map(String::as_str)
+        .unwrap_or_else(|| build.request.platform().binary_name());
+    let (stored, download, content_type) = which.file(binary);
+    if !artifact.files.contains(&stored) {
+        return Err(ApiError::not_found(format!(
+            "build {key} was published before artifacts were signed: it has no {stored}"
+        )));
+    }
+    let bytes = state
+        .storage
+        .get(&format!("{}/{stored}", artifact.location), None)
+        .await
+        .map_err(|e| storage_error(&build, e))?
+        .bytes(16 * 1024 * 1024)
+        .await
+        .map_err(|e| storage_error(&build, e))?;
+    let mut resp = Response::builder()
+        .header(header::CONTENT_TYPE, content_type)
+        .header(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename={download}"),
+        )
+        .header(header::CACHE_CONTROL, "public, max-age=31536000, immutable")
+        .header("x-caddy-build-key", build.key.as_str());
+    if method == Method::HEAD {
+        resp = resp.header(header::CONTENT_LENGTH, bytes.len());
+    }
+    resp.body(if method == Method::HEAD {
+        Body::empty()
+    } else {
+        Body::from(bytes)
+    })
+    .map_err(|e| ApiError::internal("response", e))
+}
+
+/// `GET|HEAD /api/build/{key}/download.minisig`: the binary's minisign signature.
+pub async fn signature(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    companion(&state, &key, Companion::Signature, &method, &headers).await
+}
+
+/// `GET|HEAD /api/build/{key}/download.sha256`: `<sha256>  caddy`, for `sha256sum -c`.
+pub async fn checksum(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    companion(&state, &key, Companion::Checksum, &method, &headers).await
+}
+
+/// `GET|HEAD /api/build/{key}/provenance`: the in-toto statement (SLSA provenance v1).
+pub async fn provenance(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    companion(&state, &key, Companion::Provenance, &method, &headers).await
+}
+
+/// `GET|HEAD /api/build/{key}/provenance.minisig`: the statement's signature.
+pub async fn provenance_signature(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    companion(
+        &state,
+        &key,
+        Companion::ProvenanceSignature,
+        &method,
+        &headers,
+    )
+    .await
+}
+
+/// `GET /api/public-key`: the signing public key, in minisign's file format.
+pub async fn public_key(State(state): State<ApiState>) -> Result<Response, ApiError> {
+    let key = state.public_key.clone().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server has no signing public key configured (signing.public_key_file)",
+        )
+    })?;
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=300"),
+        ],
+        key.to_string(),
+    )
+        .into_response())
 }
 
 /// `GET|HEAD /api/download?os&arch&arm&p=...` and `/api/compat?...&version&r=...`: resolve,

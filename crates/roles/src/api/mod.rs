@@ -50,6 +50,9 @@ pub struct ApiState {
     pub resolver: Arc<Resolver>,
     pub limiter: Option<Arc<limit::Limiter>>,
     pub fresh: Arc<fresh::FreshBuilds>,
+    pub storage: cbs_storage::Storage,
+    /// The signing public key in minisign's file format, if one is configured.
+    pub public_key: Option<Arc<str>>,
 }
 
 /// Binds the configured address, with a long accept queue: thousands of long-polls and
@@ -81,6 +84,17 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build/{key}/history", get(builds::history))
         .route("/api/build/{key}/events", get(sse::events))
         .route("/api/build/{key}/download", get(download::by_key))
+        .route(
+            "/api/build/{key}/download.minisig",
+            get(download::signature),
+        )
+        .route("/api/build/{key}/download.sha256", get(download::checksum))
+        .route("/api/build/{key}/provenance", get(download::provenance))
+        .route(
+            "/api/build/{key}/provenance.minisig",
+            get(download::provenance_signature),
+        )
+        .route("/api/public-key", get(download::public_key))
         .route("/api/download/{key}", get(download::by_key))
         .route("/api/download", get(download::compat))
         .route("/api/compat", get(download::compat))
@@ -143,6 +157,23 @@ async fn request_id(req: axum::extract::Request, next: Next) -> Response {
     resp
 }
 
+/// Reads the public key the api serves (it never needs the secret key). Checked as a
+/// minisign public key; a missing or bad file is logged and `/api/public-key` answers 503.
+async fn load_public_key(signing: &cbs_config::SigningConfig) -> Option<Arc<str>> {
+    let path = signing.public_key_path();
+    match tokio::fs::read_to_string(&path).await {
+        Ok(text) if cbs_signing::parse_public_key(&text).is_ok() => Some(text.into()),
+        Ok(_) => {
+            tracing::error!(path = %path.display(), "signing public key file is not a minisign public key");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "no signing public key: GET /api/public-key answers 503");
+            None
+        }
+    }
+}
+
 /// Serves until `shutdown`, then lets open requests finish for `api.shutdown_grace`.
 pub async fn run(
     app: App,
@@ -163,11 +194,17 @@ pub async fn run(
         app.config.api.submission_burst,
     )
     .map(Arc::new);
+    let storage = cbs_storage::Storage::connect(&app.config.storage)
+        .await
+        .context("artifact storage")?;
+    let public_key = load_public_key(&app.config.signing).await;
     let router = router(ApiState {
         app,
         resolver: Arc::new(resolver),
         limiter,
         fresh: Arc::new(fresh::FreshBuilds::default()),
+        storage,
+        public_key,
     });
     info!(%addr, "api listening");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();

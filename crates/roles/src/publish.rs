@@ -1,0 +1,187 @@
+//! Publishing a verified binary: sign it, write its checksum and signed provenance, store
+//! all of it under `builds/<key[0:2]>/<key>/<attempt>/`, and say what was stored (the
+//! `succeeded` event is appended by the caller only after every file is stored).
+
+use std::path::Path;
+
+use anyhow::Context;
+use cbs_domain::buildinfo::{BuildInfo, ModuleInfo};
+use cbs_events::Artifact;
+use cbs_projections::BuildState;
+use cbs_signing::provenance::{self, Module};
+use cbs_signing::{checksum_file, modules_hash, Signer, TrustedComment};
+use cbs_storage::Storage;
+use chrono::{DateTime, Utc};
+
+/// File name of the provenance statement.
+pub const PROVENANCE: &str = "provenance.json";
+
+/// Storage and the signing key of a worker.
+#[derive(Debug)]
+pub struct Publisher {
+    pub storage: Storage,
+    pub signer: std::sync::Arc<Signer>,
+}
+
+impl Publisher {
+    /// Loads the signing key and sets up storage; an error names what is wrong.
+    pub async fn from_config(config: &cbs_config::Config) -> anyhow::Result<Publisher> {
+        let s = &config.signing;
+        let password = s.password.as_ref().map(|p| p.expose().as_str());
+        let key_file = s.key_file.clone();
+        let pw = password.map(str::to_owned);
+        // Decrypting an scrypt-protected key takes a moment: off the async threads.
+        let signer = tokio::task::spawn_blocking(move || Signer::load(&key_file, pw.as_deref()))
+            .await
+            .context("loading the signing key")??;
+        let storage = Storage::connect(&config.storage)
+            .await
+            .context("artifact storage")?;
+        Ok(Publisher {
+            storage,
+            signer: std::sync::Arc::new(signer),
+        })
+    }
+}
+
+/// What a publication needs to know.
+#[derive(Debug)]
+pub struct Input<'a> {
+    pub build: &'a BuildState,
+    pub binary: &'a Path,
+    /// `caddy` or `caddy.exe`.
+    pub name: &'a str,
+    pub size: u64,
+    pub sha256: &'a str,
+    pub info: &'a BuildInfo,
+    /// Builder image reference and id.
+    pub builder: (String, String),
+    pub worker: &'a str,
+    pub started: DateTime<Utc>,
+}
+
+fn module(m: &ModuleInfo) -> Module {
+    Module {
+        path: m.path.clone(),
+        version: m.version.clone(),
+        sum: m.sum.clone(),
+        replaced_by: m.replace.as_deref().map(|r| Box::new(module(r))),
+    }
+}
+
+/// The trusted comment's module-list hash for a binary's build information.
+pub fn binary_modules_hash(info: &BuildInfo) -> String {
+    let lines: Vec<String> = info
+        .deps
+        .iter()
+        .map(|d| format!("{}@{}", d.path, d.version))
+        .collect();
+    modules_hash(lines.iter().map(String::as_str))
+}
+
+/// Signs a file in a blocking thread (it hashes the whole file).
+async fn sign_file(
+    signer: &std::sync::Arc<Signer>,
+    path: &Path,
+    trusted: String,
+) -> anyhow::Result<String> {
+    let file = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let signer = signer.clone();
+    tokio::task::spawn_blocking(move || {
+        signer
+            .sign(std::io::BufReader::with_capacity(1 << 20, file), &trusted)
+            .map_err(anyhow::Error::from)
+    })
+    .await?
+}
+
+/// Signs and stores the binary and its companions; returns the artifact the `succeeded`
+/// event records. Any error leaves the build unpublished (files of this attempt may remain
+/// in storage, unreferenced, for the clean-up to remove).
+pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
+    let b = i.build;
+    let location = format!("builds/{}/{}/{}", b.key.shard(), b.key, b.attempt);
+    let now = Utc::now();
+    let modules_sha = binary_modules_hash(i.info);
+    let caddy_version = b.request.caddy_version().to_string();
+    let trusted = TrustedComment {
+        timestamp: now.timestamp(),
+        build_key: b.key.as_str(),
+        caddy_version: &caddy_version,
+        modules_sha256: &modules_sha,
+        file: i.name,
+        sha256: i.sha256,
+    }
+    .to_string();
+    let signature = sign_file(&p.signer, i.binary, trusted).await?;
+    let modules: Vec<Module> = i.info.deps.iter().map(module).collect();
+    let statement = provenance::statement(&provenance::Input {
+        file_name: i.name,
+        sha256: i.sha256,
+        build_key: b.key.as_str(),
+        attempt: b.attempt,
+        request: serde_json::to_value(&b.request).context("request as JSON")?,
+        go_version: &i.info.go_version,
+        modules: &modules,
+        builder_image_id: &i.builder.1,
+        builder_image: &i.builder.0,
+        worker_id: i.worker,
+        server_version: env!("CARGO_PKG_VERSION"),
+        started: i.started,
+        finished: now,
+    });
+    let mut statement = serde_json::to_vec_pretty(&statement).context("provenance")?;
+    statement.push(b'\n');
+    let statement_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&statement))
+    };
+    // A few kilobytes: signed in place.
+    let statement_sig = p.signer.sign(
+        &statement[..],
+        &TrustedComment {
+            timestamp: now.timestamp(),
+            build_key: b.key.as_str(),
+            caddy_version: &caddy_version,
+            modules_sha256: &modules_sha,
+            file: PROVENANCE,
+            sha256: &statement_sha,
+        }
+        .to_string(),
+    )?;
+
+    let sig_name = format!("{}.minisig", i.name);
+    let sum_name = format!("{}.sha256", i.name);
+    let prov_sig_name = format!("{PROVENANCE}.minisig");
+    let stored = p
+        .storage
+        .put_file(&format!("{location}/{}", i.name), i.binary)
+        .await?;
+    anyhow::ensure!(
+        stored == i.size,
+        "stored {stored} bytes of a {}-byte binary",
+        i.size
+    );
+    for (name, body) in [
+        (&sig_name, signature.into_bytes()),
+        (&sum_name, checksum_file(i.sha256, i.name).into_bytes()),
+        (&prov_sig_name, statement_sig.into_bytes()),
+        (&PROVENANCE.to_owned(), statement),
+    ] {
+        p.storage
+            .put_bytes(&format!("{location}/{name}"), body.into())
+            .await?;
+    }
+    Ok(Artifact {
+        location,
+        size: i.size,
+        sha256: i.sha256.to_owned(),
+        files: vec![
+            i.name.to_owned(),
+            sig_name,
+            sum_name,
+            PROVENANCE.to_owned(),
+            prov_sig_name,
+        ],
+    })
+}
