@@ -146,6 +146,10 @@ async fn serve_artifact(
                 [
                     (header::LOCATION, url),
                     (header::CACHE_CONTROL, "no-store".to_owned()),
+                    (
+                        header::HeaderName::from_static("x-caddy-build-key"),
+                        build.key.to_string(),
+                    ),
                 ],
             )
                 .into_response());
