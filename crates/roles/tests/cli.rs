@@ -20,8 +20,10 @@ fn config_for(db: &TestDb, extra: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(
         &path,
         format!(
-            "database:\n  url: \"{}\"\napi:\n  listen: 127.0.0.1:0\n  shutdown_grace: 2s\nnotify:\n  poll_interval: 1s\n{extra}",
-            db.url
+            "database:\n  url: \"{}\"\napi:\n  listen: 127.0.0.1:0\n  shutdown_grace: 2s\nnotify:\n  poll_interval: 1s\nstorage:\n  dir: {}\nsigning:\n  key_file: {}\n{extra}",
+            db.url,
+            dir.path().join("artifacts").display(),
+            dir.path().join("keys/minisign.key").display(),
         ),
     )
     .unwrap();
@@ -285,4 +287,46 @@ async fn readyz_is_503_with_the_error_shape_before_migrations() {
     );
     sigterm(&child);
     assert!(wait_exit(child).success());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keygen_writes_a_key_pair_minisign_accepts_and_never_overwrites() {
+    let db = TestDb::empty().await;
+    let (dir, config) = config_for(&db, "");
+    let out = run(&config, &["keygen"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let public = text(&out.stdout);
+    let key = dir.path().join("keys/minisign.key");
+    let pub_path = dir.path().join("keys/minisign.key.pub");
+    assert_eq!(std::fs::read_to_string(&pub_path).unwrap(), public);
+    assert!(public.starts_with("untrusted comment: minisign public key "));
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the secret key is private");
+    }
+    // A second run refuses to overwrite, and says why.
+    let again = run(&config, &["keygen"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+    assert_eq!(std::fs::read_to_string(&pub_path).unwrap(), public);
+    // What the key signs, the stock minisign verifies.
+    let signer = cbs_signing::Signer::load(&key, None).unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"some artifact").unwrap();
+    let sig = signer.sign(&b"some artifact"[..], "t").unwrap();
+    std::fs::write(dir.path().join("data.minisig"), sig).unwrap();
+    let v = Command::new("minisign")
+        .arg("-Vm")
+        .arg(&data)
+        .arg("-p")
+        .arg(&pub_path)
+        .output()
+        .unwrap();
+    assert!(v.status.success(), "{}", text(&v.stderr));
+    // --out writes elsewhere.
+    let other = dir.path().join("other.key");
+    let out = run(&config, &["keygen", "--out", other.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(other.exists());
 }
