@@ -60,6 +60,9 @@ pub enum BenchCommand {
     Queue(crate::bench::QueueArgs),
     /// Long-poll wake latency, API memory, and download throughput (see scripts/bench-api).
     Api(crate::bench_api::ApiArgs),
+    /// Upload and download throughput and peak memory of the configured artifact storage
+    /// (see scripts/bench-storage, which runs it for both backends).
+    Storage(crate::bench_storage::StorageArgs),
     /// The bare server of `bench api`'s floor measurement (started by `bench api` itself).
     #[command(hide = true)]
     WakeFloorServer(crate::bench_api::FloorArgs),

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod bench;
 pub mod bench_api;
+pub mod bench_storage;
 pub mod cli;
 pub mod janitor;
 pub mod publish;
@@ -113,6 +114,9 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             epoch.wait_for(|e| *e > 0).await?;
             bench_api::api(app, args).await
         }
+        Command::Bench {
+            command: BenchCommand::Storage(args),
+        } => bench_storage::run(&config, args).await,
         Command::Bench {
             command: BenchCommand::WakeFloorServer(args),
         } => bench_api::floor_server(args).await,

@@ -308,7 +308,11 @@ async fn keygen_writes_a_key_pair_minisign_accepts_and_never_overwrites() {
     // A second run refuses to overwrite, and says why.
     let again = run(&config, &["keygen"]);
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("already exists"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("already exists"),
+        "{}",
+        text(&again.stderr)
+    );
     assert_eq!(std::fs::read_to_string(&pub_path).unwrap(), public);
     // What the key signs, the stock minisign verifies.
     let signer = cbs_signing::Signer::load(&key, None).unwrap();
