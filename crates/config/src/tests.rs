@@ -162,12 +162,12 @@ fn example_documents_every_key() {
 #[test]
 fn secrets_never_show_in_debug() {
     let cfg = load(
-        "database:\n  url: postgres://app:hunter2@db/x?sslmode=disable&password=hunter3\n  password: hunter4\n",
+        "database:\n  url: postgres://app:hunter2@db/x?sslmode=disable&password=hunter3\n  password: hunter4\nstorage:\n  s3:\n    secret_access_key: hunter5\nsigning:\n  password: hunter6\n",
         &[],
     )
     .unwrap();
     let dbg = format!("{cfg:?} {}", cfg.database.url);
-    for secret in ["hunter2", "hunter3", "hunter4"] {
+    for secret in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
         assert!(!dbg.contains(secret), "{secret} leaked: {dbg}");
     }
     assert!(dbg.contains("postgres://app:[redacted]@db/x"), "{dbg}");
