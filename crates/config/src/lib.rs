@@ -151,6 +151,45 @@ pub struct WorkerConfig {
     pub docker: DockerConfig,
     /// The `go` binary of the local executor (the real one: `$GOROOT/bin/go`).
     pub local_go: PathBuf,
+    /// On SIGTERM/SIGINT: how long running builds may go on before they are stopped and
+    /// released to other workers.
+    #[serde(with = "humantime_serde")]
+    pub stop_timeout: Duration,
+    pub preemption: PreemptionConfig,
+}
+
+/// How a worker on a spot/preemptible VM learns that its VM is going away.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreemptionConfig {
+    pub detector: PreemptionDetector,
+    /// Base URL of the metadata service; empty for the provider's own
+    /// (gcp: http://metadata.google.internal, aws and azure: http://169.254.169.254).
+    pub metadata_url: String,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+}
+
+impl Default for PreemptionConfig {
+    fn default() -> Self {
+        PreemptionConfig {
+            detector: PreemptionDetector::None,
+            metadata_url: String::new(),
+            poll_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Which preemption notice a worker watches for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PreemptionDetector {
+    None,
+    Gcp,
+    Aws,
+    Azure,
+    /// SIGUSR1 (for platforms that forward their own notice as a signal).
+    Signal,
 }
 
 impl Default for WorkerConfig {
@@ -166,6 +205,8 @@ impl Default for WorkerConfig {
             command_timeout: Duration::from_secs(600),
             docker: DockerConfig::default(),
             local_go: PathBuf::from("/usr/local/go/bin/go"),
+            stop_timeout: Duration::from_secs(25),
+            preemption: PreemptionConfig::default(),
         }
     }
 }
@@ -424,12 +465,36 @@ impl SigningConfig {
 pub struct JanitorConfig {
     /// Run database migrations when the janitor starts.
     pub migrate_on_start: bool,
+    /// Backstop: the janitor looks for expired leases and failed builds this often even
+    /// without a notification.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// A standby janitor tries to take over this often; the leader checks its lock as often.
+    #[serde(with = "humantime_serde")]
+    pub leader_check_interval: Duration,
+    /// Attempts (failed or rescued) after which a build gives up.
+    pub max_attempts: u32,
+    /// Delay before the first retry; doubled for each further failure, with +-20% jitter.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff: Duration,
+    /// Longest delay between retries.
+    #[serde(with = "humantime_serde")]
+    pub retry_backoff_max: Duration,
+    /// How often containers of builds that no longer run are removed.
+    #[serde(with = "humantime_serde")]
+    pub orphan_cleanup_interval: Duration,
 }
 
 impl Default for JanitorConfig {
     fn default() -> Self {
         JanitorConfig {
             migrate_on_start: true,
+            poll_interval: Duration::from_secs(5),
+            leader_check_interval: Duration::from_secs(2),
+            max_attempts: 3,
+            retry_backoff: Duration::from_secs(10),
+            retry_backoff_max: Duration::from_secs(600),
+            orphan_cleanup_interval: Duration::from_secs(300),
         }
     }
 }

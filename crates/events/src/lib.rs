@@ -22,6 +22,7 @@ pub const SCHEMA_VERSION: i16 = 1;
 pub enum Event {
     Requested(Requested),
     Claimed(Claimed),
+    LeaseRenewed(LeaseRenewed),
     StepStarted(StepStarted),
     StepFinished(StepFinished),
     Output(Output),
@@ -167,11 +168,20 @@ pub struct GaveUp {
     pub message: String,
 }
 
+/// The worker running an attempt is alive: its lease now lasts until `lease_expires_at`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRenewed {
+    pub attempt: u32,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
 /// The name of an event's type, as stored in the log's `event_type` column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventType {
     Requested,
     Claimed,
+    LeaseRenewed,
     StepStarted,
     StepFinished,
     Output,
@@ -183,9 +193,10 @@ pub enum EventType {
 }
 
 impl EventType {
-    pub const ALL: [EventType; 10] = [
+    pub const ALL: [EventType; 11] = [
         EventType::Requested,
         EventType::Claimed,
+        EventType::LeaseRenewed,
         EventType::StepStarted,
         EventType::StepFinished,
         EventType::Output,
@@ -200,6 +211,7 @@ impl EventType {
         match self {
             EventType::Requested => "requested",
             EventType::Claimed => "claimed",
+            EventType::LeaseRenewed => "lease_renewed",
             EventType::StepStarted => "step_started",
             EventType::StepFinished => "step_finished",
             EventType::Output => "output",
@@ -258,6 +270,7 @@ impl Event {
         match self {
             Event::Requested(_) => EventType::Requested,
             Event::Claimed(_) => EventType::Claimed,
+            Event::LeaseRenewed(_) => EventType::LeaseRenewed,
             Event::StepStarted(_) => EventType::StepStarted,
             Event::StepFinished(_) => EventType::StepFinished,
             Event::Output(_) => EventType::Output,
@@ -273,6 +286,7 @@ impl Event {
     pub fn attempt(&self) -> Option<u32> {
         match self {
             Event::Claimed(e) => Some(e.attempt),
+            Event::LeaseRenewed(e) => Some(e.attempt),
             Event::StepStarted(e) => Some(e.attempt),
             Event::StepFinished(e) => Some(e.attempt),
             Event::Output(e) => Some(e.attempt),
@@ -289,6 +303,7 @@ impl Event {
         let v = match self {
             Event::Requested(e) => serde_json::to_value(e),
             Event::Claimed(e) => serde_json::to_value(e),
+            Event::LeaseRenewed(e) => serde_json::to_value(e),
             Event::StepStarted(e) => serde_json::to_value(e),
             Event::StepFinished(e) => serde_json::to_value(e),
             Event::Output(e) => serde_json::to_value(e),
@@ -319,6 +334,9 @@ impl Event {
         Ok(match event_type {
             EventType::Requested => Event::Requested(serde_json::from_value(payload).map_err(err)?),
             EventType::Claimed => Event::Claimed(serde_json::from_value(payload).map_err(err)?),
+            EventType::LeaseRenewed => {
+                Event::LeaseRenewed(serde_json::from_value(payload).map_err(err)?)
+            }
             EventType::StepStarted => {
                 Event::StepStarted(serde_json::from_value(payload).map_err(err)?)
             }

@@ -269,6 +269,10 @@ pub fn apply(
             next.lease_expires_at = Some(micros(c.lease_expires_at));
             next.current_step = None;
         }
+        Event::LeaseRenewed(l) => {
+            fence(l.attempt, &[Status::Running])?;
+            next.lease_expires_at = Some(micros(l.lease_expires_at));
+        }
         Event::StepStarted(s) => {
             fence(s.attempt, &[Status::Running])?;
             next.current_step = Some(s.step.clone());
@@ -303,8 +307,13 @@ pub fn apply(
         }
         Event::Requeued(r) => {
             match r.reason {
-                RequeueReason::LeaseExpired | RequeueReason::Preempted => {
+                RequeueReason::Preempted => {
                     fence(r.attempt, &[Status::Running])?;
+                }
+                RequeueReason::LeaseExpired => {
+                    fence(r.attempt, &[Status::Running])?;
+                    // A worker that died with the build may have died of it: it counts.
+                    next.failures = prev.failures + 1;
                 }
                 RequeueReason::Retry => {
                     fence(r.attempt, &[Status::Failed])?;

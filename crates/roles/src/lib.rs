@@ -9,6 +9,7 @@ pub mod bench_api;
 pub mod bench_storage;
 pub mod cli;
 pub mod janitor;
+pub mod preempt;
 pub mod publish;
 pub mod shutdown;
 pub mod worker;

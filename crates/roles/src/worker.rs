@@ -12,7 +12,8 @@ use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::failure::{classify, Blame};
 use cbs_domain::plan::{plan, BuildPlan};
 use cbs_events::{
-    Artifact, Event, Failed, FailureKind, Output, StepFinished, StepStarted, Succeeded,
+    Artifact, Event, Failed, FailureKind, LeaseRenewed, Output, RequeueReason, Requeued,
+    StepFinished, StepStarted, Succeeded,
 };
 use cbs_executor::{
     CachePaths, DockerExecutor, DockerSettings, Executor, GoSettings, LocalExecutor, PlanOutcome,
@@ -117,14 +118,20 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     let permits = Arc::new(Semaphore::new(
         app.config.worker.max_concurrent_builds.max(1),
     ));
+    // Cancelled to stop running builds and release them to other workers.
+    let stop = CancellationToken::new();
+    let preemption = app.config.worker.preemption.clone();
+    let mut notice = Box::pin(crate::preempt::wait(&preemption));
     // Subscribed once, before the first claim: a build requested while we claim wakes us.
     let mut queue = app.hub.watch_queue();
     let mut builds = JoinSet::new();
     info!(worker.id = %id, "worker started");
+    let mut preempted = None;
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => p.expect("semaphore is never closed"),
             _ = shutdown.cancelled() => break,
+            n = &mut notice => { preempted = Some(n); break }
         };
         match app.store.claim(&id, app.config.worker.lease).await {
             Ok(Some(build)) => {
@@ -134,6 +141,7 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
                     publisher.clone(),
                     id.clone(),
                     build,
+                    stop.clone(),
                     permit,
                 ));
                 continue;
@@ -149,12 +157,36 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
             _ = tokio::time::sleep(app.config.worker.claim_poll_interval) => {}
             Some(_) = builds.join_next() => {}
             _ = shutdown.cancelled() => break,
+            n = &mut notice => { preempted = Some(n); break }
         }
     }
-    if !builds.is_empty() {
-        info!(worker.id = %id, running = builds.len(), "waiting for running builds");
+    match &preempted {
+        Some(n) => {
+            // The VM goes away soon: release everything now, claim nothing more.
+            warn!(worker.id = %id, notice = %n.detail, running = builds.len(), "preemption notice: releasing every build");
+            stop.cancel();
+        }
+        None if !builds.is_empty() => {
+            let grace = app.config.worker.stop_timeout;
+            info!(worker.id = %id, running = builds.len(), stop_timeout = ?grace, "stopping: running builds may finish within the stop timeout");
+            let finished =
+                tokio::time::timeout(grace, async { while builds.join_next().await.is_some() {} })
+                    .await;
+            if finished.is_err() {
+                warn!(worker.id = %id, running = builds.len(), "stop timeout reached: releasing the remaining builds");
+                stop.cancel();
+            }
+        }
+        None => {}
     }
     while builds.join_next().await.is_some() {}
+    if let Some(n) = preempted {
+        n.acknowledge().await;
+        info!(worker.id = %id, "worker stopped after a preemption notice (no more claims)");
+        // Claim nothing more; wait to be stopped.
+        shutdown.cancelled().await;
+        return Ok(());
+    }
     info!(worker.id = %id, "worker stopped");
     Ok(())
 }
@@ -176,12 +208,41 @@ impl Failure {
     }
 }
 
+/// Renews the attempt's lease every third of the lease period until the attempt ends;
+/// cancels `fenced` if the build was taken away (the lease had expired and the janitor
+/// requeued it), which stops the attempt.
+async fn renew_lease(app: App, build: BuildState, fenced: CancellationToken) {
+    let lease = app.config.worker.lease;
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the claim itself set the first lease
+    loop {
+        tick.tick().await;
+        let until = chrono::Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
+        let event = Event::LeaseRenewed(LeaseRenewed {
+            attempt: build.attempt,
+            lease_expires_at: until,
+        });
+        match app.store.append_latest(&build.key, event).await {
+            Ok(_) => {}
+            Err(e) if e.is_fenced() => {
+                warn!(error = %e, "lease lost: stopping the attempt");
+                fenced.cancel();
+                return;
+            }
+            // The database may be back before the lease ends; the next tick tries again.
+            Err(e) => warn!(error = %e, "cannot renew the lease"),
+        }
+    }
+}
+
 async fn run_build(
     app: App,
     exec: Arc<Executor>,
     publisher: Arc<Publisher>,
     worker: String,
     build: BuildState,
+    stop: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
     let key = build.key.clone();
@@ -189,10 +250,24 @@ async fn run_build(
     let span = tracing::info_span!("build", build.key = %key, attempt, worker.id = %worker);
     async move {
         info!(request = %build.request.canonical().replace('\n', "; "), "build claimed");
-        let event = match attempt_build(&app, &exec, &publisher, &worker, &build).await {
-            Ok(Some(artifact)) => Event::Succeeded(Succeeded { attempt, artifact }),
-            Ok(None) => return, // fenced: another attempt owns the build now
-            Err(f) => Event::Failed(Failed {
+        let fenced = CancellationToken::new();
+        let renewer = tokio::spawn(renew_lease(app.clone(), build.clone(), fenced.clone()));
+        let outcome = tokio::select! {
+            r = attempt_build(&app, &exec, &publisher, &worker, &build, &fenced) => Some(r),
+            _ = stop.cancelled() => None,
+        };
+        renewer.abort();
+        let event = match outcome {
+            // Stopped (preemption or shutdown): hand the build to another worker at once.
+            // Does not count as a failed attempt.
+            None => Event::Requeued(Requeued {
+                attempt,
+                reason: RequeueReason::Preempted,
+                not_before: chrono::Utc::now(),
+            }),
+            Some(Ok(Some(artifact))) => Event::Succeeded(Succeeded { attempt, artifact }),
+            Some(Ok(None)) => return, // fenced: another attempt owns the build now
+            Some(Err(f)) => Event::Failed(Failed {
                 attempt,
                 kind: f.kind,
                 step: f.step,
@@ -210,13 +285,15 @@ async fn run_build(
     .await
 }
 
-/// Runs one attempt. `Ok(None)` when the attempt was fenced off midway.
+/// Runs one attempt. `Ok(None)` when the attempt was fenced off midway (`fenced` is
+/// cancelled by whoever learns it first: the progress recorder or the lease renewal).
 async fn attempt_build(
     app: &App,
     exec: &Executor,
     publisher: &Publisher,
     worker: &str,
     build: &BuildState,
+    fenced: &CancellationToken,
 ) -> Result<Option<Artifact>, Failure> {
     let started = chrono::Utc::now();
     let plan = plan(&build.request);
@@ -225,7 +302,6 @@ async fn attempt_build(
         .tempdir_in(&app.config.worker.build_dir)
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let fenced = CancellationToken::new();
     let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));
     let outcome = tokio::select! {
         r = exec.run_plan(&plan, build.key.as_str(), dir.path(), &tx) => Some(r),

@@ -45,10 +45,13 @@ struct Shared {
     queue: watch::Sender<u64>,
     /// Bumped after every (re)connection: waiters re-read from the log.
     epoch: watch::Sender<u64>,
+    /// Bumped on every event of any build (for the janitor).
+    any: watch::Sender<u64>,
 }
 
 impl Shared {
     fn dispatch(&self, key: &str, seq: u32, claimable: bool) {
+        self.any.send_modify(|n| *n = n.wrapping_add(1));
         if claimable {
             self.queue.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -137,6 +140,7 @@ impl Hub {
         let shared = Arc::new(Shared {
             builds: Mutex::new(HashMap::new()),
             queue: watch::Sender::new(0),
+            any: watch::Sender::new(0),
             epoch: watch::Sender::new(0),
         });
         tokio::spawn(listen_forever(shared.clone(), connector, config, shutdown));
@@ -166,6 +170,11 @@ impl Hub {
 
     /// A receiver of the connection epoch: it changes after every (re)connection, once the
     /// hub is listening and has caught up with the log. Tests wait on it.
+    /// Changes on every event of any build and after every reconnection.
+    pub fn watch_any(&self) -> watch::Receiver<u64> {
+        self.shared.any.subscribe()
+    }
+
     pub fn epoch(&self) -> watch::Receiver<u64> {
         self.shared.epoch.subscribe()
     }
@@ -225,6 +234,7 @@ async fn session(
     *cursor = Some(catch_up(shared, &client, start).await?);
     *connected = true;
     shared.epoch.send_modify(|n| *n += 1);
+    shared.any.send_modify(|n| *n = n.wrapping_add(1));
     info!(database = connector.display(), "listening for build events");
 
     let mut backstop = tokio::time::interval(config.poll_interval);

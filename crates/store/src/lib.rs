@@ -258,4 +258,60 @@ impl Store {
         let client = self.client().await?;
         queries::count_connections(&client, name).await
     }
+
+    /// Running builds whose lease has expired (their worker stopped renewing it).
+    pub async fn expired_leases(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::expired_leases(&client, limit).await
+    }
+
+    /// When the next lease of a running build expires, if any build runs.
+    pub async fn next_lease_expiry(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+        let client = self.client().await?;
+        queries::next_lease_expiry(&client).await
+    }
+
+    /// Builds whose last attempt failed retryably and that wait for a retry decision.
+    pub async fn retryable_failures(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::retryable_failures(&client, limit).await
+    }
+
+    /// Tries to become the one leader of `name` (a session-level advisory lock on a
+    /// connection of its own). `None` if another process leads.
+    pub async fn try_lead(&self, name: &str) -> Result<Option<Leadership>, StoreError> {
+        let (client, _messages) = self.connector.connect_with_messages("").await?;
+        queries::name_connection(&client, self.connector.application_name(), "leader").await?;
+        // A stable 63-bit id from the name.
+        let id = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        }) >> 1;
+        if queries::try_advisory_lock(&client, id as i64).await? {
+            Ok(Some(Leadership { client }))
+        } else {
+            Ok(None)
+        }
+    }
+}
+
+/// Held leadership: the advisory lock lives as long as this connection. Dropping it (or the
+/// connection breaking) lets another process take over.
+#[derive(Debug)]
+pub struct Leadership {
+    client: tokio_postgres::Client,
+}
+
+impl Leadership {
+    /// Whether the lock is still ours: the connection answers. A leader that cannot tell
+    /// must stop acting (another may already lead; the appends it would make are fenced and
+    /// conflict-checked, so a short overlap changes nothing twice).
+    pub async fn still_held(&self) -> bool {
+        !self.client.is_closed()
+            && tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                self.client.simple_query("SELECT 1"),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
 }

@@ -616,3 +616,52 @@ pub(crate) async fn count_connections(
         .await?;
     Ok(row.try_get(0)?)
 }
+
+/// Running builds whose lease ended before now, oldest expiry first.
+pub(crate) async fn expired_leases(
+    c: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE status = 'running' AND lease_expires_at < now()
+             ORDER BY lease_expires_at LIMIT $1"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&limit]).await?;
+    rows.iter().map(build_from_row).collect()
+}
+
+/// The earliest lease expiry of any running build.
+pub(crate) async fn next_lease_expiry(
+    c: &impl GenericClient,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+    let stmt = c
+        .prepare_cached("SELECT min(lease_expires_at) FROM builds WHERE status = 'running'")
+        .await?;
+    Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
+}
+
+/// Builds that failed retryably and wait for the janitor's decision (retry or give up).
+pub(crate) async fn retryable_failures(
+    c: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE status = 'failed' AND (last_error->>'kind') = 'retryable'
+             ORDER BY updated_at LIMIT $1"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&limit]).await?;
+    rows.iter().map(build_from_row).collect()
+}
+
+/// Takes the session-level advisory lock `id` if nobody holds it.
+pub(crate) async fn try_advisory_lock(c: &Client, id: i64) -> Result<bool, StoreError> {
+    Ok(c.query_one("SELECT pg_try_advisory_lock($1)", &[&id])
+        .await?
+        .try_get(0)?)
+}

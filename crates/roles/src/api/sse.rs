@@ -76,6 +76,8 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
             vec![state("running", json!({ "attempt": c.attempt }))],
             false,
         ),
+        // Heartbeats are for the janitor, not for people watching.
+        Event::LeaseRenewed(_) => (vec![], false),
         Event::StepStarted(s) => (vec![msg(head, "step", json!({ "step": s.step }))], false),
         Event::StepFinished(s) => {
             let how = match s.exit_code {
