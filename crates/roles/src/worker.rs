@@ -208,6 +208,15 @@ impl Failure {
     }
 }
 
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Renews the attempt's lease every third of the lease period until the attempt ends;
 /// cancels `fenced` if the build was taken away (the lease had expired and the janitor
 /// requeued it), which stops the attempt.
@@ -251,12 +260,18 @@ async fn run_build(
     async move {
         info!(request = %build.request.canonical().replace('\n', "; "), "build claimed");
         let fenced = CancellationToken::new();
-        let renewer = tokio::spawn(renew_lease(app.clone(), build.clone(), fenced.clone()));
+        // Aborted when this attempt ends or is dropped (a worker that is torn down must not
+        // keep renewing a lease it no longer works under).
+        let renewer = AbortOnDrop(tokio::spawn(renew_lease(
+            app.clone(),
+            build.clone(),
+            fenced.clone(),
+        )));
         let outcome = tokio::select! {
             r = attempt_build(&app, &exec, &publisher, &worker, &build, &fenced) => Some(r),
             _ = stop.cancelled() => None,
         };
-        renewer.abort();
+        drop(renewer);
         let event = match outcome {
             // Stopped (preemption or shutdown): hand the build to another worker at once.
             // Does not count as a failed attempt.
