@@ -138,7 +138,8 @@ async fn scan(app: &App) -> anyhow::Result<Duration> {
             Event::Requeued(Requeued {
                 attempt: b.attempt,
                 reason: RequeueReason::LeaseExpired,
-                not_before: Utc::now(),
+                // Its old place in the queue: it was at the front when it was claimed.
+                not_before: b.available_at.min(Utc::now()),
             })
         };
         record(app, &b, event).await;

@@ -278,7 +278,8 @@ async fn run_build(
             None => Event::Requeued(Requeued {
                 attempt,
                 reason: RequeueReason::Preempted,
-                not_before: chrono::Utc::now(),
+                // Its old place in the queue, ahead of builds requested since.
+                not_before: build.available_at.min(chrono::Utc::now()),
             }),
             Some(Ok(Some(artifact))) => Event::Succeeded(Succeeded { attempt, artifact }),
             Some(Ok(None)) => return, // fenced: another attempt owns the build now
