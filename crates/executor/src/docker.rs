@@ -228,6 +228,13 @@ impl DockerExecutor {
         for c in &orphans {
             if let Some(id) = &c.id {
                 self.remove(id).await;
+                // A removal already under way (a dropped run's guard) answers at once: wait
+                // for the engine's word that the container is gone (an error once it is).
+                let gone = bollard::query_parameters::WaitContainerOptions {
+                    condition: "removed".into(),
+                };
+                let mut w = self.docker.wait_container(id, Some(gone));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w.next()).await;
             }
         }
         if !orphans.is_empty() {

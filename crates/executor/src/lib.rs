@@ -164,6 +164,15 @@ impl Executor {
         }
     }
 
+    /// Removes every container this worker may have left (a stopped build's container is
+    /// removed in the background when its run is dropped; this waits for all of them).
+    pub async fn remove_leftovers(&self) -> Result<usize, ExecError> {
+        match self {
+            Executor::Local(_) => Ok(0),
+            Executor::Docker(d) => d.remove_orphans().await,
+        }
+    }
+
     /// Runs one Go command in `dir` for build `build_key`; output lines go to `lines`.
     pub async fn run(
         &self,

@@ -180,6 +180,10 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
         None => {}
     }
     while builds.join_next().await.is_some() {}
+    // Stopped builds' containers are being removed in the background: make sure.
+    if let Err(e) = exec.remove_leftovers().await {
+        warn!(worker.id = %id, error = %e, "cannot remove leftover containers");
+    }
     if let Some(n) = preempted {
         n.acknowledge().await;
         info!(worker.id = %id, "worker stopped after a preemption notice (no more claims)");

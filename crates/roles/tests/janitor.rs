@@ -563,3 +563,52 @@ async fn an_unreachable_metadata_service_is_not_a_preemption() {
         .iter()
         .any(|r| matches!(r.event, Event::Requeued(_))));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_sigterm_a_worker_waits_stop_timeout_then_releases_its_builds() {
+    let e = env().await;
+    let mut c = e.config("w-stopping", "stopping-worker");
+    c.go.proxy = hanging_proxy().await;
+    c.worker.stop_timeout = Duration::from_millis(500);
+    let token = e.shutdown.child_token();
+    let worker_app = e.app(c, &token);
+    let worker = tokio::spawn(cbs_roles::worker::run(worker_app, token.clone()));
+    // The test watches through its own process-wide parts (the worker's stop with it).
+    let app = e.app(e.config("", "observer"), &e.shutdown);
+    let key = request(&app, &[("github.com/acme/alpha", "v1.1.0")]).await;
+    wait_build(&app, &key, Duration::from_secs(60), "it runs", |b| {
+        b.status == Status::Running
+    })
+    .await;
+    // SIGTERM reaches the worker as its shutdown token.
+    token.cancel();
+    let released = wait_build(&app, &key, Duration::from_secs(30), "released", |b| {
+        b.status == Status::Queued
+    })
+    .await;
+    assert_eq!(released.failures, 0);
+    assert!(matches!(
+        &events(&app, &key).await.last().unwrap().event,
+        Event::Requeued(q) if q.reason == RequeueReason::Preempted
+    ));
+    tokio::time::timeout(Duration::from_secs(30), worker)
+        .await
+        .expect("the worker stops after releasing")
+        .unwrap()
+        .unwrap();
+    // Its containers are gone with it.
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-aq",
+            "--filter",
+            "label=org.caddy-build-server.worker=w-stopping",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
+        "containers left: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
