@@ -156,6 +156,11 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub stop_timeout: Duration,
     pub preemption: PreemptionConfig,
+    /// How often a worker removes what dead workers left on its host: containers of ours
+    /// whose build no longer runs under the worker that made them, and their build
+    /// directories.
+    #[serde(with = "humantime_serde")]
+    pub cleanup_interval: Duration,
 }
 
 /// How a worker on a spot/preemptible VM learns that its VM is going away.
@@ -207,6 +212,7 @@ impl Default for WorkerConfig {
             local_go: PathBuf::from("/usr/local/go/bin/go"),
             stop_timeout: Duration::from_secs(25),
             preemption: PreemptionConfig::default(),
+            cleanup_interval: Duration::from_secs(300),
         }
     }
 }
@@ -480,9 +486,6 @@ pub struct JanitorConfig {
     /// Longest delay between retries.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
-    /// How often containers of builds that no longer run are removed.
-    #[serde(with = "humantime_serde")]
-    pub orphan_cleanup_interval: Duration,
 }
 
 impl Default for JanitorConfig {
@@ -494,7 +497,6 @@ impl Default for JanitorConfig {
             max_attempts: 3,
             retry_backoff: Duration::from_secs(10),
             retry_backoff_max: Duration::from_secs(600),
-            orphan_cleanup_interval: Duration::from_secs(300),
         }
     }
 }

@@ -227,20 +227,51 @@ impl DockerExecutor {
             .map_err(engine)?;
         for c in &orphans {
             if let Some(id) = &c.id {
-                self.remove(id).await;
-                // A removal already under way (a dropped run's guard) answers at once: wait
-                // for the engine's word that the container is gone (an error once it is).
-                let gone = bollard::query_parameters::WaitContainerOptions {
-                    condition: "removed".into(),
-                };
-                let mut w = self.docker.wait_container(id, Some(gone));
-                let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w.next()).await;
+                // A removal already under way (a dropped run's guard) answers at once; this
+                // waits for the engine's word that the container is gone.
+                self.remove_container(id).await;
             }
         }
         if !orphans.is_empty() {
             info!(count = orphans.len(), worker.id = %self.worker, "removed orphaned build containers");
         }
         Ok(orphans.len())
+    }
+
+    /// Every container of ours on this engine, whichever worker made it.
+    pub async fn managed_containers(&self) -> Result<Vec<ManagedContainer>, ExecError> {
+        let filters: HashMap<String, Vec<String>> =
+            HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}")])]);
+        let options = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(engine)?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                Some(ManagedContainer {
+                    id: c.id?,
+                    worker: labels.get(LABEL_WORKER).cloned().unwrap_or_default(),
+                    build: labels.get(LABEL_BUILD).cloned().unwrap_or_default(),
+                })
+            })
+            .collect())
+    }
+
+    /// Removes a container (forced) and waits until it is gone.
+    pub async fn remove_container(&self, id: &str) {
+        self.remove(id).await;
+        let gone = bollard::query_parameters::WaitContainerOptions {
+            condition: "removed".into(),
+        };
+        let mut w = self.docker.wait_container(id, Some(gone));
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), w.next()).await;
     }
 
     async fn remove(&self, id: &str) {
@@ -439,6 +470,14 @@ impl DockerExecutor {
 }
 
 /// Removes a container when dropped before `disarm`: the cleanup of cancelled runs.
+/// A container with our labels.
+#[derive(Debug, Clone)]
+pub struct ManagedContainer {
+    pub id: String,
+    pub worker: String,
+    pub build: String,
+}
+
 struct RemoveOnDrop {
     docker: Option<Docker>,
     id: String,

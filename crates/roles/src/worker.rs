@@ -109,9 +109,17 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
             }
         }
     };
-    tokio::fs::create_dir_all(&app.config.worker.build_dir)
+    // This worker's build directories live under build_dir/<id>/; what is there at start
+    // was left by this worker's previous life.
+    let own_dir = app.config.worker.build_dir.join(&id);
+    if own_dir.exists() {
+        if let Err(e) = tokio::fs::remove_dir_all(&own_dir).await {
+            warn!(dir = %own_dir.display(), error = %e, "cannot remove leftover build directories");
+        }
+    }
+    tokio::fs::create_dir_all(&own_dir)
         .await
-        .with_context(|| format!("creating {}", app.config.worker.build_dir.display()))?;
+        .with_context(|| format!("creating {}", own_dir.display()))?;
     // Without its key or its storage a worker could build but never publish: refuse to start.
     let publisher = Arc::new(Publisher::from_config(&app.config).await?);
     info!(worker.id = %id, storage = %publisher.storage.describe(), signing.key_id = %publisher.signer.key_id(), "publishing set up");
@@ -125,6 +133,11 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Subscribed once, before the first claim: a build requested while we claim wakes us.
     let mut queue = app.hub.watch_queue();
     let mut builds = JoinSet::new();
+    let cleaner = AbortOnDrop(tokio::spawn(clean_host_every(
+        app.clone(),
+        exec.clone(),
+        id.clone(),
+    )));
     info!(worker.id = %id, "worker started");
     let mut preempted = None;
     loop {
@@ -180,6 +193,7 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
         None => {}
     }
     while builds.join_next().await.is_some() {}
+    drop(cleaner);
     // Stopped builds' containers are being removed in the background: make sure.
     if let Err(e) = exec.remove_leftovers().await {
         warn!(worker.id = %id, error = %e, "cannot remove leftover containers");
@@ -208,6 +222,90 @@ impl Failure {
             kind: FailureKind::Retryable,
             step: step.map(str::to_owned),
             message,
+        }
+    }
+}
+
+/// Runs [`clean_host`] every `worker.cleanup_interval`.
+async fn clean_host_every(app: App, exec: Arc<Executor>, me: String) {
+    let mut tick = tokio::time::interval(app.config.worker.cleanup_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        clean_host(&app, &exec, &me).await;
+    }
+}
+
+/// Removes what dead workers left on this host: containers of ours whose build is not
+/// running under the worker that made them, and build directories (build_dir/<worker>/
+/// build-<key prefix>-...) of builds their worker no longer runs. When the database cannot
+/// say, nothing is removed.
+pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
+    if let Executor::Docker(d) = exec {
+        match d.managed_containers().await {
+            Ok(list) => {
+                for c in list {
+                    let live = match c.build.parse::<cbs_domain::BuildKey>() {
+                        Ok(k) => match app.store.build(&k).await {
+                            Ok(Some(b)) => {
+                                b.status == cbs_projections::Status::Running
+                                    && b.owner.as_deref() == Some(c.worker.as_str())
+                            }
+                            Ok(None) => false,
+                            Err(_) => continue,
+                        },
+                        Err(_) => false,
+                    };
+                    if !live {
+                        d.remove_container(&c.id).await;
+                        info!(container = %c.id, worker.id = %c.worker, build.key = %c.build, "removed a dead worker's container");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot list containers for clean-up"),
+        }
+    }
+    let root = &app.config.worker.build_dir;
+    let Ok(mut workers) = tokio::fs::read_dir(root).await else {
+        return;
+    };
+    while let Ok(Some(w)) = workers.next_entry().await {
+        let worker = w.file_name().to_string_lossy().into_owned();
+        if worker == me || !w.path().is_dir() {
+            continue;
+        }
+        // Directories first, then the running builds: a directory listed here was made
+        // after its build's claim committed, so the read below sees that build running
+        // (or already finished).
+        let Ok(mut entries) = tokio::fs::read_dir(w.path()).await else {
+            continue;
+        };
+        let mut dirs = Vec::new();
+        while let Ok(Some(d)) = entries.next_entry().await {
+            dirs.push(d);
+        }
+        let Ok(running) = app.store.running_builds_of(&worker).await else {
+            continue;
+        };
+        let mut left = 0;
+        for d in dirs {
+            let name = d.file_name().to_string_lossy().into_owned();
+            let prefix = name
+                .strip_prefix("build-")
+                .and_then(|r| r.split('-').next())
+                .unwrap_or_default()
+                .to_owned();
+            if !prefix.is_empty() && running.iter().any(|k| k.starts_with(&prefix)) {
+                left += 1;
+                continue;
+            }
+            if let Err(e) = tokio::fs::remove_dir_all(d.path()).await {
+                warn!(dir = %d.path().display(), error = %e, "cannot remove a dead worker's build directory");
+                left += 1;
+            }
+        }
+        if left == 0 {
+            let _ = tokio::fs::remove_dir(w.path()).await;
         }
     }
 }
@@ -319,7 +417,7 @@ async fn attempt_build(
     let plan = plan(&build.request);
     let dir = tempfile::Builder::new()
         .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
-        .tempdir_in(&app.config.worker.build_dir)
+        .tempdir_in(app.config.worker.build_dir.join(worker))
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));

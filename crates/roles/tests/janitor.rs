@@ -612,3 +612,83 @@ async fn on_sigterm_a_worker_waits_stop_timeout_then_releases_its_builds() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+fn docker(args: &[&str]) -> String {
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+fn labelled_container(worker: &str, build: &str) -> String {
+    docker(&[
+        "create",
+        "--label",
+        "org.caddy-build-server.managed=true",
+        "--label",
+        &format!("org.caddy-build-server.worker={worker}"),
+        "--label",
+        &format!("org.caddy-build-server.build={build}"),
+        &cbs_testkit::builder_image(),
+        "/usr/local/go/bin/go",
+        "version",
+    ])
+}
+
+fn exists(container: &str) -> bool {
+    !docker(&["ps", "-aq", "--filter", &format!("id={container}")]).is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_removes_what_dead_workers_left_on_its_host() {
+    let e = env().await;
+    let c = e.config("cleaner", "cleaner");
+    let build_dir = c.worker.build_dir.clone();
+    let app = e.app(c, &e.shutdown);
+    let exec = cbs_roles::worker::executor(&app, "cleaner").await.unwrap();
+    // A live worker's build: running under it, with its container and directory.
+    let live_key = request(&app, &[]).await;
+    let claimed = app
+        .store
+        .claim("live-w", Duration::from_secs(600))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(claimed.key, live_key);
+    let live_container = labelled_container("live-w", live_key.as_str());
+    let live_dir = build_dir
+        .join("live-w")
+        .join(format!("build-{}-abc", &live_key.as_str()[..12]));
+    std::fs::create_dir_all(&live_dir).unwrap();
+    // A dead worker's leftovers: a container and a directory of a build it no longer runs.
+    let dead_key = request(&app, &[("github.com/acme/alpha", "v1.1.0")]).await;
+    let dead_container = labelled_container("ghost", dead_key.as_str());
+    let dead_dir = build_dir
+        .join("ghost")
+        .join(format!("build-{}-xyz", &dead_key.as_str()[..12]));
+    std::fs::create_dir_all(dead_dir.join("sub")).unwrap();
+    // And a container claiming the live build but made by another worker (a stale attempt).
+    let stale_container = labelled_container("ghost", live_key.as_str());
+
+    cbs_roles::worker::clean_host(&app, &exec, "cleaner").await;
+
+    assert!(exists(&live_container), "the live build's container stays");
+    assert!(live_dir.exists(), "the live build's directory stays");
+    assert!(
+        !exists(&dead_container),
+        "the dead worker's container is gone"
+    );
+    assert!(
+        !exists(&stale_container),
+        "the stale attempt's container is gone"
+    );
+    assert!(!dead_dir.exists(), "the dead worker's directory is gone");
+    assert!(!build_dir.join("ghost").exists());
+    docker(&["rm", "-f", &live_container]);
+}

@@ -271,6 +271,12 @@ impl Store {
         queries::next_lease_expiry(&client).await
     }
 
+    /// Keys of the builds a worker runs now.
+    pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
+        let client = self.client().await?;
+        queries::running_builds_of(&client, owner).await
+    }
+
     /// Builds whose last attempt failed retryably and that wait for a retry decision.
     pub async fn retryable_failures(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
         let client = self.client().await?;

@@ -665,3 +665,15 @@ pub(crate) async fn try_advisory_lock(c: &Client, id: i64) -> Result<bool, Store
         .await?
         .try_get(0)?)
 }
+
+/// Keys of the builds `owner` runs now.
+pub(crate) async fn running_builds_of(
+    c: &impl GenericClient,
+    owner: &str,
+) -> Result<Vec<String>, StoreError> {
+    let stmt = c
+        .prepare_cached("SELECT key FROM builds WHERE status = 'running' AND owner = $1")
+        .await?;
+    let rows = c.query(&stmt, &[&owner]).await?;
+    rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+}
