@@ -280,3 +280,92 @@ fn command(program: &Path, user: &RunAs) -> Command {
     }
     cmd
 }
+
+/// A Postgres server of one test, managed with `pg_ctl`, that the test can restart (the
+/// shared [`Cluster`] cannot be: other tests use it). Stopped when dropped.
+#[derive(Debug)]
+pub struct PgServer {
+    port: u16,
+    dir: PathBuf,
+    bin: PathBuf,
+}
+
+impl PgServer {
+    pub fn start() -> Result<PgServer, String> {
+        let bin = bindir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("cbs-pgserver-")
+            .tempdir()
+            .map_err(|e| format!("temp dir: {e}"))?
+            .keep();
+        let user = RunAs::for_postgres()?;
+        user.chown(&dir)?;
+        let out = command(&bin.join("initdb"), &user)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+            ])
+            .output()
+            .map_err(|e| format!("initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let server = PgServer {
+            port: free_port()?,
+            dir,
+            bin,
+        };
+        server.pg_ctl(&["start"])?;
+        Ok(server)
+    }
+
+    fn pg_ctl(&self, action: &[&str]) -> Result<(), String> {
+        let user = RunAs::for_postgres()?;
+        let out = command(&self.bin.join("pg_ctl"), &user)
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-t", "60", "-m", "fast", "-l"])
+            .arg(self.dir.join("server.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.display()
+            ))
+            .args(action)
+            .output()
+            .map_err(|e| format!("pg_ctl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "pg_ctl {action:?}: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Stops the server (fast: every connection is cut) and starts it again; returns when
+    /// it accepts connections.
+    pub fn restart(&self) -> Result<(), String> {
+        self.pg_ctl(&["restart"])
+    }
+
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["stop"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -24,7 +24,7 @@ use std::time::Duration;
 use cbs_config::{DatabaseConfig, DatabaseUrl};
 use tokio::sync::OnceCell;
 
-pub use cluster::Cluster;
+pub use cluster::{Cluster, PgServer};
 pub use image::{builder_image, builder_user};
 pub use proxy::FixtureProxy;
 
