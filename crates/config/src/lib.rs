@@ -486,6 +486,13 @@ pub struct JanitorConfig {
     /// Longest delay between retries.
     #[serde(with = "humantime_serde")]
     pub retry_backoff_max: Duration,
+    /// Artifacts neither built nor downloaded for this long are deleted (the build shows as
+    /// `expired`; a new request rebuilds it). 0 keeps them forever.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often the janitor looks for such artifacts.
+    #[serde(with = "humantime_serde")]
+    pub retention_check_interval: Duration,
 }
 
 impl Default for JanitorConfig {
@@ -497,6 +504,8 @@ impl Default for JanitorConfig {
             max_attempts: 3,
             retry_backoff: Duration::from_secs(10),
             retry_backoff_max: Duration::from_secs(600),
+            retention: Duration::from_secs(90 * 24 * 3600),
+            retention_check_interval: Duration::from_secs(3600),
         }
     }
 }

@@ -31,6 +31,7 @@ pub enum Event {
     Requeued(Requeued),
     Cancelled(Cancelled),
     GaveUp(GaveUp),
+    ArtifactDeleted(ArtifactDeleted),
 }
 
 /// A build was requested for the first time: the full normalized request.
@@ -168,6 +169,16 @@ pub struct GaveUp {
     pub message: String,
 }
 
+/// The published files of a succeeded build were deleted (retention); a new request
+/// rebuilds it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactDeleted {
+    /// The attempt whose files were deleted (the published one).
+    pub attempt: u32,
+    pub reason: String,
+}
+
 /// The worker running an attempt is alive: its lease now lasts until `lease_expires_at`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -190,10 +201,11 @@ pub enum EventType {
     Requeued,
     Cancelled,
     GaveUp,
+    ArtifactDeleted,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 11] = [
+    pub const ALL: [EventType; 12] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::LeaseRenewed,
@@ -205,6 +217,7 @@ impl EventType {
         EventType::Requeued,
         EventType::Cancelled,
         EventType::GaveUp,
+        EventType::ArtifactDeleted,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -220,6 +233,7 @@ impl EventType {
             EventType::Requeued => "requeued",
             EventType::Cancelled => "cancelled",
             EventType::GaveUp => "gave_up",
+            EventType::ArtifactDeleted => "artifact_deleted",
         }
     }
 
@@ -279,6 +293,7 @@ impl Event {
             Event::Requeued(_) => EventType::Requeued,
             Event::Cancelled(_) => EventType::Cancelled,
             Event::GaveUp(_) => EventType::GaveUp,
+            Event::ArtifactDeleted(_) => EventType::ArtifactDeleted,
         }
     }
 
@@ -294,6 +309,7 @@ impl Event {
             Event::Failed(e) => Some(e.attempt),
             Event::Requeued(e) => Some(e.attempt),
             Event::GaveUp(e) => Some(e.attempt),
+            Event::ArtifactDeleted(e) => Some(e.attempt),
             Event::Requested(_) | Event::Cancelled(_) => None,
         }
     }
@@ -312,6 +328,7 @@ impl Event {
             Event::Requeued(e) => serde_json::to_value(e),
             Event::Cancelled(e) => serde_json::to_value(e),
             Event::GaveUp(e) => serde_json::to_value(e),
+            Event::ArtifactDeleted(e) => serde_json::to_value(e),
         };
         // Serializing plain structs of strings, numbers and timestamps into a Value cannot fail.
         v.expect("event payloads serialize to JSON")
@@ -349,6 +366,9 @@ impl Event {
             EventType::Requeued => Event::Requeued(serde_json::from_value(payload).map_err(err)?),
             EventType::Cancelled => Event::Cancelled(serde_json::from_value(payload).map_err(err)?),
             EventType::GaveUp => Event::GaveUp(serde_json::from_value(payload).map_err(err)?),
+            EventType::ArtifactDeleted => {
+                Event::ArtifactDeleted(serde_json::from_value(payload).map_err(err)?)
+            }
         })
     }
 }

@@ -38,16 +38,19 @@ pub enum Status {
     Failed,
     Cancelled,
     GaveUp,
+    /// Succeeded, but its files were deleted (retention); a new request rebuilds it.
+    Expired,
 }
 
 impl Status {
-    pub const ALL: [Status; 6] = [
+    pub const ALL: [Status; 7] = [
         Status::Queued,
         Status::Running,
         Status::Succeeded,
         Status::Failed,
         Status::Cancelled,
         Status::GaveUp,
+        Status::Expired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +61,7 @@ impl Status {
             Status::Failed => "failed",
             Status::Cancelled => "cancelled",
             Status::GaveUp => "gave_up",
+            Status::Expired => "expired",
         }
     }
 }
@@ -124,7 +128,7 @@ impl BuildState {
     /// No event can change the build any more without a forced reopen.
     pub fn is_terminal(&self) -> bool {
         match self.status {
-            Status::Succeeded | Status::Cancelled | Status::GaveUp => true,
+            Status::Succeeded | Status::Cancelled | Status::GaveUp | Status::Expired => true,
             Status::Failed => self
                 .last_error
                 .as_ref()
@@ -332,7 +336,7 @@ pub fn apply(
                     }
                     let reopenable = matches!(
                         prev.status,
-                        Status::Failed | Status::GaveUp | Status::Cancelled
+                        Status::Failed | Status::GaveUp | Status::Cancelled | Status::Expired
                     );
                     if !reopenable {
                         return Err(invalid());
@@ -347,11 +351,16 @@ pub fn apply(
             next.lease_expires_at = None;
             next.current_step = None;
         }
+        Event::ArtifactDeleted(d) => {
+            fence(d.attempt, &[Status::Succeeded])?;
+            next.status = Status::Expired;
+            next.artifact = None;
+        }
         Event::Cancelled(_) => {
             let cancellable = match prev.status {
                 Status::Queued | Status::Running => true,
                 Status::Failed => !prev.is_terminal(),
-                Status::Succeeded | Status::Cancelled | Status::GaveUp => false,
+                Status::Succeeded | Status::Cancelled | Status::GaveUp | Status::Expired => false,
             };
             if !cancellable {
                 return Err(invalid());

@@ -39,6 +39,18 @@ const SCAN_SPACING: Duration = Duration::from_millis(100);
 /// that interval after Postgres notices its connection is gone.
 pub async fn run_services(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     let cfg = app.config.janitor.clone();
+    // Artifact retention deletes files: the janitor needs the storage (not the signing key).
+    let storage = if cfg.retention.is_zero() {
+        None
+    } else {
+        match cbs_storage::Storage::connect(&app.config.storage).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "no artifact storage: artifact retention is off");
+                None
+            }
+        }
+    };
     info!("janitor started");
     loop {
         let lead = tokio::select! {
@@ -48,7 +60,7 @@ pub async fn run_services(app: App, shutdown: CancellationToken) -> anyhow::Resu
         match lead {
             Ok(Some(leadership)) => {
                 info!("janitor leads");
-                lead_while_held(&app, &leadership, &shutdown).await;
+                lead_while_held(&app, &leadership, storage.as_ref(), &shutdown).await;
                 drop(leadership);
                 if shutdown.is_cancelled() {
                     break;
@@ -69,9 +81,16 @@ pub async fn run_services(app: App, shutdown: CancellationToken) -> anyhow::Resu
 
 /// Acts (rescue, retry) on every notification and at least every poll interval or lease
 /// expiry, until the lock is lost or `shutdown`.
-async fn lead_while_held(app: &App, leadership: &Leadership, shutdown: &CancellationToken) {
+async fn lead_while_held(
+    app: &App,
+    leadership: &Leadership,
+    storage: Option<&cbs_storage::Storage>,
+    shutdown: &CancellationToken,
+) {
     let cfg = &app.config.janitor;
     let mut any = app.hub.watch_any();
+    let mut retention = tokio::time::interval(cfg.retention_check_interval);
+    retention.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut check = tokio::time::interval(cfg.leader_check_interval);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -97,6 +116,13 @@ async fn lead_while_held(app: &App, leadership: &Leadership, shutdown: &Cancella
                 _ = check.tick() => {
                     if !leadership.still_held().await {
                         return;
+                    }
+                }
+                _ = retention.tick(), if storage.is_some() => {
+                    if let Some(s) = storage {
+                        if let Err(e) = expire_artifacts(app, s).await {
+                            warn!(error = %e, "artifact retention pass failed");
+                        }
                     }
                 }
                 _ = shutdown.cancelled() => return,
@@ -177,6 +203,40 @@ async fn scan(app: &App) -> anyhow::Result<Duration> {
             .saturating_add(Duration::from_millis(50)),
         None => cfg.poll_interval,
     })
+}
+
+/// Deletes the files of succeeded builds neither built nor downloaded for
+/// `janitor.retention`. The event comes first (from then on the api no longer serves the
+/// files, and a new request rebuilds the build), then the files go.
+async fn expire_artifacts(app: &App, storage: &cbs_storage::Storage) -> anyhow::Result<()> {
+    let cfg = &app.config.janitor;
+    let cutoff = Utc::now() - chrono::Duration::from_std(cfg.retention)?;
+    for b in app.store.stale_artifacts(cutoff, BATCH).await? {
+        let event = Event::ArtifactDeleted(cbs_events::ArtifactDeleted {
+            attempt: b.attempt,
+            reason: format!(
+                "not downloaded for {}",
+                humantime::format_duration(cfg.retention)
+            ),
+        });
+        match app.store.append(&b, event).await {
+            Ok(_) => {}
+            Err(StoreError::Conflict { .. }) => continue,
+            Err(e) => {
+                warn!(build.key = %b.key, error = %e, "cannot expire an artifact");
+                continue;
+            }
+        }
+        let prefix = format!("builds/{}/{}", b.key.shard(), b.key);
+        match storage.delete_prefix(&prefix).await {
+            Ok(n) => info!(build.key = %b.key, files = n, "expired artifact deleted"),
+            // The build is expired either way; the files stay as garbage.
+            Err(e) => {
+                warn!(build.key = %b.key, error = %e, "cannot delete an expired artifact's files")
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn record(app: &App, b: &cbs_projections::BuildState, event: Event) {

@@ -393,3 +393,55 @@ async fn s3_unreachable_during_upload_fails_retryably_and_the_retry_publishes() 
     assert_eq!(k, key.as_str());
     check_published(&s, &k, &binary, dir.path()).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn artifacts_not_downloaded_for_the_retention_expire_and_a_new_request_rebuilds() {
+    let s = server_configured(true, None, |c| {
+        c.janitor.retention = Duration::from_secs(2);
+        c.janitor.retention_check_interval = Duration::from_millis(200);
+        c.janitor.leader_check_interval = Duration::from_millis(300);
+    })
+    .await;
+    tokio::spawn(cbs_roles::janitor::run_services(
+        s.app.clone(),
+        s.shutdown.clone(),
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let (first, key) = download(&s, dir.path()).await;
+    let parsed: BuildKey = key.parse().unwrap();
+    let built = s.app.store.build(&parsed).await.unwrap().unwrap();
+    let location = built.artifact.clone().unwrap().location;
+    let expired = wait_build(&s, &parsed, "expired", |b| b.status == Status::Expired).await;
+    assert!(expired.artifact.is_none());
+    assert!(
+        !s.app.config.storage.dir.join(&location).exists(),
+        "the files are deleted"
+    );
+    let history = s.app.store.events(&parsed, 0, 1000).await.unwrap();
+    assert!(matches!(
+        &history.last().unwrap().event,
+        cbs_events::Event::ArtifactDeleted(d) if d.reason.contains("not downloaded")
+    ));
+    // By key: gone, and the message says how to get it back.
+    let r = client()
+        .get(format!("{}/api/build/{key}/download", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 410);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("request the build again"),
+        "{body}"
+    );
+    // The same request again rebuilds it (a new attempt) and serves it.
+    let (again, key2) = download(&s, dir.path()).await;
+    assert_eq!(key2, key);
+    let rebuilt = s.app.store.build(&parsed).await.unwrap().unwrap();
+    assert_eq!(rebuilt.status, Status::Succeeded);
+    assert_eq!(rebuilt.attempt, built.attempt + 1);
+    assert_eq!(again.len(), first.len());
+}

@@ -271,6 +271,22 @@ impl Store {
         queries::next_lease_expiry(&client).await
     }
 
+    /// Records that `key`'s artifact was downloaded now.
+    pub async fn record_download(&self, key: &BuildKey) -> Result<(), StoreError> {
+        let client = self.client().await?;
+        queries::record_download(&client, key.as_str()).await
+    }
+
+    /// Succeeded builds neither finished nor downloaded since `cutoff`.
+    pub async fn stale_artifacts(
+        &self,
+        cutoff: chrono::DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::stale_artifacts(&client, cutoff, limit).await
+    }
+
     /// Keys of the builds a worker runs now.
     pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;

@@ -677,3 +677,39 @@ pub(crate) async fn running_builds_of(
     let rows = c.query(&stmt, &[&owner]).await?;
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
+
+/// Records a download of `key` now.
+pub(crate) async fn record_download(c: &impl GenericClient, key: &str) -> Result<(), StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO artifact_downloads (build_key, last_download_at) VALUES ($1, now())
+             ON CONFLICT (build_key) DO UPDATE SET last_download_at = now()",
+        )
+        .await?;
+    c.execute(&stmt, &[&key]).await?;
+    Ok(())
+}
+
+/// Succeeded builds neither built nor downloaded since `cutoff`, oldest first.
+pub(crate) async fn stale_artifacts(
+    c: &impl GenericClient,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let cols = BUILD_COLUMNS
+        .split(',')
+        .map(|c| format!("b.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {cols} FROM builds b
+             LEFT JOIN artifact_downloads d ON d.build_key = b.key
+             WHERE b.status = 'succeeded'
+               AND greatest(b.updated_at, d.last_download_at) < $1
+             ORDER BY greatest(b.updated_at, d.last_download_at) LIMIT $2"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&cutoff, &limit]).await?;
+    rows.iter().map(build_from_row).collect()
+}

@@ -26,12 +26,12 @@ pub fn status_name(s: Status) -> &'static str {
     }
 }
 
-/// The status JSON of a build.
 /// The body of a status answer.
 pub fn status_body(b: &BuildState) -> Bytes {
     Bytes::from(json!({ "result": build_json(b) }).to_string())
 }
 
+/// The status JSON of a build.
 pub fn build_json(b: &BuildState) -> Value {
     let key = b.key.as_str();
     let mut v = json!({
@@ -126,7 +126,8 @@ pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiE
         build.status,
         Status::Failed | Status::GaveUp | Status::Cancelled
     );
-    if parsed.force && reopenable {
+    // An expired build (its files were deleted for retention) is rebuilt on request.
+    if (parsed.force && reopenable) || build.status == Status::Expired {
         let event = Event::Requeued(Requeued {
             attempt: build.attempt,
             reason: RequeueReason::Forced,

@@ -44,6 +44,13 @@ async fn answer(
         Status::Failed | Status::GaveUp | Status::Cancelled if build.is_terminal() => {
             Err(failed(build))
         }
+        Status::Expired => Err(ApiError::new(
+            StatusCode::GONE,
+            format!(
+                "the files of build {} were deleted after a long time without downloads; request the build again (POST /api/build or /api/download) to rebuild it",
+                build.key
+            ),
+        )),
         _ => Ok((
             StatusCode::ACCEPTED,
             Json(json!({ "result": build_json(build) })),
@@ -193,6 +200,9 @@ async fn serve_artifact(
         .header("x-checksum-sha256", &artifact.sha256);
     if let Some((s, e)) = range {
         builder = builder.header(header::CONTENT_RANGE, format!("bytes {s}-{e}/{size}"));
+    }
+    if method == Method::GET {
+        state.downloads.touch(&state.app.store, &build.key);
     }
     let body = if method == Method::HEAD {
         Body::empty()

@@ -22,6 +22,7 @@ mod sse;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::{DefaultBodyLimit, State};
@@ -51,6 +52,7 @@ pub struct ApiState {
     pub limiter: Option<Arc<limit::Limiter>>,
     pub fresh: Arc<fresh::FreshBuilds>,
     pub storage: cbs_storage::Storage,
+    pub downloads: Arc<Downloads>,
     /// The signing public key in minisign's file format, if one is configured.
     pub public_key: Option<Arc<str>>,
 }
@@ -157,6 +159,36 @@ async fn request_id(req: axum::extract::Request, next: Next) -> Response {
     resp
 }
 
+/// Records when builds were last downloaded (what artifact retention goes by), at most once
+/// an hour per build and process, in the background.
+#[derive(Debug, Default)]
+pub struct Downloads {
+    recorded: std::sync::Mutex<std::collections::HashMap<cbs_domain::BuildKey, std::time::Instant>>,
+}
+
+impl Downloads {
+    const EVERY: Duration = Duration::from_secs(3600);
+
+    pub fn touch(&self, store: &cbs_store::Store, key: &cbs_domain::BuildKey) {
+        {
+            let mut m = self.recorded.lock().expect("downloads lock");
+            if m.get(key).is_some_and(|t| t.elapsed() < Self::EVERY) {
+                return;
+            }
+            if m.len() > 100_000 {
+                m.retain(|_, t| t.elapsed() < Self::EVERY);
+            }
+            m.insert(key.clone(), std::time::Instant::now());
+        }
+        let (store, key) = (store.clone(), key.clone());
+        tokio::spawn(async move {
+            if let Err(e) = store.record_download(&key).await {
+                tracing::warn!(build.key = %key, error = %e, "cannot record a download");
+            }
+        });
+    }
+}
+
 /// Reads the public key the api serves (it never needs the secret key). Checked as a
 /// minisign public key; a missing or bad file is logged and `/api/public-key` answers 503.
 async fn load_public_key(signing: &cbs_config::SigningConfig) -> Option<Arc<str>> {
@@ -204,6 +236,7 @@ pub async fn run(
         limiter,
         fresh: Arc::new(fresh::FreshBuilds::default()),
         storage,
+        downloads: Arc::new(Downloads::default()),
         public_key,
     });
     info!(%addr, "api listening");

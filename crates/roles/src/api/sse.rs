@@ -78,6 +78,7 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
         ),
         // Heartbeats are for the janitor, not for people watching.
         Event::LeaseRenewed(_) => (vec![], false),
+        Event::ArtifactDeleted(d) => (vec![state("expired", json!({ "reason": d.reason }))], false),
         Event::StepStarted(s) => (vec![msg(head, "step", json!({ "step": s.step }))], false),
         Event::StepFinished(s) => {
             let how = match s.exit_code {
