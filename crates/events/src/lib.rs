@@ -507,6 +507,14 @@ mod tests {
                 failures: 3,
                 message: "proxy timed out".into(),
             }),
+            Event::LeaseRenewed(LeaseRenewed {
+                attempt: 1,
+                lease_expires_at: t,
+            }),
+            Event::ArtifactDeleted(ArtifactDeleted {
+                attempt: 1,
+                reason: "not downloaded for 90days".into(),
+            }),
         ]
     }
 

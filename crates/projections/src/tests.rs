@@ -332,3 +332,65 @@ fn status_names_round_trip() {
     }
     assert!("done".parse::<Status>().is_err());
 }
+
+fn renewed(attempt: u32, at: i64) -> Event {
+    Event::LeaseRenewed(cbs_events::LeaseRenewed {
+        attempt,
+        lease_expires_at: t(at),
+    })
+}
+
+fn deleted(attempt: u32) -> Event {
+    Event::ArtifactDeleted(cbs_events::ArtifactDeleted {
+        attempt,
+        reason: "retention".into(),
+    })
+}
+
+#[test]
+fn leases_renewals_rescues_and_retention() {
+    // A renewal moves the lease; a stale attempt's renewal is fenced.
+    let b = run(&[requested(), claimed(1), renewed(1, 500)]).unwrap();
+    assert_eq!(b.lease_expires_at, Some(t(500)));
+    assert!(matches!(
+        run(&[
+            requested(),
+            claimed(1),
+            requeued(1, RequeueReason::LeaseExpired),
+            claimed(2),
+            renewed(1, 500)
+        ]),
+        Err(FoldError::Fenced { .. })
+    ));
+    // A rescue counts as a failed attempt; a preemption does not.
+    let b = run(&[
+        requested(),
+        claimed(1),
+        requeued(1, RequeueReason::LeaseExpired),
+    ])
+    .unwrap();
+    assert_eq!((b.status, b.failures), (Status::Queued, 1));
+    let b = run(&[
+        requested(),
+        claimed(1),
+        requeued(1, RequeueReason::Preempted),
+    ])
+    .unwrap();
+    assert_eq!((b.status, b.failures), (Status::Queued, 0));
+    // Retention: only a succeeded build's published attempt expires; a forced request
+    // reopens it.
+    let b = run(&[requested(), claimed(1), succeeded(1), deleted(1)]).unwrap();
+    assert_eq!(b.status, Status::Expired);
+    assert!(b.artifact.is_none() && b.is_terminal());
+    let b = run(&[
+        requested(),
+        claimed(1),
+        succeeded(1),
+        deleted(1),
+        requeued(1, RequeueReason::Forced),
+    ])
+    .unwrap();
+    assert_eq!(b.status, Status::Queued);
+    assert!(run(&[requested(), claimed(1), deleted(1)]).is_err());
+    assert!(run(&[requested(), claimed(1), succeeded(1), deleted(2)]).is_err());
+}
