@@ -43,6 +43,7 @@ async fn docker(proxy: &FixtureProxy, cache: &Path) -> Executor {
             cpus: 2.0,
             pids_limit: 1024,
             tmpfs_size: "2g".into(),
+            deployment: "executor-tests".into(),
         },
         go(proxy),
         cache.join("mod"),

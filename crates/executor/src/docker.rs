@@ -31,6 +31,9 @@ pub const LABEL_MANAGED: &str = "org.caddy-build-server.managed";
 pub const LABEL_WORKER: &str = "org.caddy-build-server.worker";
 /// Label with the build key.
 pub const LABEL_BUILD: &str = "org.caddy-build-server.build";
+/// Label: the deployment (database) the container's build belongs to. Clean-ups only ever
+/// touch containers of their own deployment: several deployments may share an engine.
+pub const LABEL_DEPLOYMENT: &str = "org.caddy-build-server.deployment";
 
 /// Where things are mounted inside a build container.
 const BUILD_DIR: &str = "/build";
@@ -63,6 +66,8 @@ pub struct DockerSettings {
     pub pids_limit: i64,
     /// Size of the /tmp tmpfs, like `1g`.
     pub tmpfs_size: String,
+    /// The deployment's id (from its database), put on every container as a label.
+    pub deployment: String,
 }
 
 /// Runs Go commands in containers.
@@ -214,7 +219,10 @@ impl DockerExecutor {
     pub async fn remove_orphans(&self) -> Result<usize, ExecError> {
         let filters: HashMap<String, Vec<String>> = HashMap::from([(
             "label".to_owned(),
-            vec![format!("{LABEL_WORKER}={}", self.worker)],
+            vec![
+                format!("{LABEL_WORKER}={}", self.worker),
+                format!("{LABEL_DEPLOYMENT}={}", self.settings.deployment),
+            ],
         )]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
@@ -238,10 +246,15 @@ impl DockerExecutor {
         Ok(orphans.len())
     }
 
-    /// Every container of ours on this engine, whichever worker made it.
+    /// Every container of this deployment on this engine, whichever worker made it.
     pub async fn managed_containers(&self) -> Result<Vec<ManagedContainer>, ExecError> {
-        let filters: HashMap<String, Vec<String>> =
-            HashMap::from([("label".to_owned(), vec![format!("{LABEL_MANAGED}")])]);
+        let filters: HashMap<String, Vec<String>> = HashMap::from([(
+            "label".to_owned(),
+            vec![
+                LABEL_MANAGED.to_owned(),
+                format!("{LABEL_DEPLOYMENT}={}", self.settings.deployment),
+            ],
+        )]);
         let options = ListContainersOptionsBuilder::default()
             .all(true)
             .filters(&filters)
@@ -276,8 +289,14 @@ impl DockerExecutor {
 
     async fn remove(&self, id: &str) {
         let options = RemoveContainerOptionsBuilder::default().force(true).build();
-        if let Err(e) = self.docker.remove_container(id, Some(options)).await {
-            warn!(container = id, error = %e, "cannot remove build container");
+        match self.docker.remove_container(id, Some(options)).await {
+            Ok(()) => {}
+            // Already gone, or another removal of it is under way.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => debug!(container = id, "container already gone or going"),
+            Err(e) => warn!(container = id, error = %e, "cannot remove build container"),
         }
     }
 
@@ -366,6 +385,10 @@ impl DockerExecutor {
                 (LABEL_MANAGED.to_owned(), "true".to_owned()),
                 (LABEL_WORKER.to_owned(), self.worker.clone()),
                 (LABEL_BUILD.to_owned(), build_key.to_owned()),
+                (
+                    LABEL_DEPLOYMENT.to_owned(),
+                    self.settings.deployment.clone(),
+                ),
             ])),
             network_disabled: Some(phase == Phase::Compile),
             host_config: Some(host_config),

@@ -14,7 +14,10 @@ use std::time::{Duration, Instant};
 use cbs_domain::plan::{BuildPlan, GoCommand, Phase};
 use tokio::sync::mpsc;
 
-pub use docker::{DockerExecutor, DockerSettings, LABEL_BUILD, LABEL_MANAGED, LABEL_WORKER};
+pub use docker::{
+    DockerExecutor, DockerSettings, ManagedContainer, LABEL_BUILD, LABEL_DEPLOYMENT, LABEL_MANAGED,
+    LABEL_WORKER,
+};
 pub use local::LocalExecutor;
 
 /// Settings every executor shares: proxies and where the caches live.

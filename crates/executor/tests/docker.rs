@@ -28,6 +28,7 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
         cpus: 2.0,
         pids_limit: 512,
         tmpfs_size: "1g".into(),
+        deployment: "executor-tests".into(),
     };
     let go = GoSettings {
         goproxy: goproxy.to_owned(),

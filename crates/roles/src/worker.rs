@@ -74,6 +74,11 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
                     cpus: d.cpus,
                     pids_limit: d.pids_limit,
                     tmpfs_size: d.tmpfs_size.clone(),
+                    deployment: app
+                        .store
+                        .deployment_id()
+                        .await
+                        .context("reading the deployment id")?,
                 },
                 go,
                 w.cache_dir.join("mod"),
@@ -245,16 +250,18 @@ pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
         match d.managed_containers().await {
             Ok(list) => {
                 for c in list {
-                    let live = match c.build.parse::<cbs_domain::BuildKey>() {
-                        Ok(k) => match app.store.build(&k).await {
-                            Ok(Some(b)) => {
-                                b.status == cbs_projections::Status::Running
-                                    && b.owner.as_deref() == Some(c.worker.as_str())
-                            }
-                            Ok(None) => false,
-                            Err(_) => continue,
-                        },
-                        Err(_) => false,
+                    // Not a build's (a worker compiling its runner): its own worker
+                    // removes it if it dies meanwhile (orphans are removed at start).
+                    let Ok(k) = c.build.parse::<cbs_domain::BuildKey>() else {
+                        continue;
+                    };
+                    let live = match app.store.build(&k).await {
+                        Ok(Some(b)) => {
+                            b.status == cbs_projections::Status::Running
+                                && b.owner.as_deref() == Some(c.worker.as_str())
+                        }
+                        Ok(None) => false,
+                        Err(_) => continue,
                     };
                     if !live {
                         d.remove_container(&c.id).await;

@@ -14,7 +14,12 @@ use cbs_roles::App;
 use cbs_testkit::{FixtureProxy, TestDb};
 use tokio_util::sync::CancellationToken;
 
+/// Tests that build in Docker take turns, two at a time: each starts with cold Go caches,
+/// and ten cold builds at once on two cores starve the workers' lease renewals.
+static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 struct Env {
+    _turn: tokio::sync::SemaphorePermit<'static>,
     db: TestDb,
     proxy: FixtureProxy,
     dir: tempfile::TempDir,
@@ -28,7 +33,16 @@ impl Drop for Env {
 }
 
 async fn env() -> Env {
+    // Role logs show with a failing test's output (`RUST_LOG` filters; default warnings).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_test_writer()
+        .try_init();
     Env {
+        _turn: TURNS.acquire().await.unwrap(),
         db: TestDb::new().await,
         proxy: FixtureProxy::start().await,
         dir: tempfile::tempdir().unwrap(),
@@ -43,7 +57,7 @@ impl Env {
             cbs_testkit::role_config(&self.db, &self.proxy.url(), self.dir.path(), worker_id);
         c.database.url =
             cbs_config::DatabaseUrl::new(format!("{}?application_name={app_name}", self.db.url));
-        c.worker.lease = Duration::from_secs(3);
+        c.worker.lease = Duration::from_secs(5);
         c.worker.claim_poll_interval = Duration::from_millis(500);
         c.janitor.poll_interval = Duration::from_secs(1);
         c.janitor.leader_check_interval = Duration::from_millis(300);
@@ -294,7 +308,9 @@ async fn a_dead_workers_build_is_rescued_and_built_by_another_worker() {
     // Renewals keep the lease alive past its 3 s while A lives.
     let first_lease = claimed.lease_expires_at.unwrap();
     wait_build(&a_app, &key, Duration::from_secs(30), "a renewal", |b| {
-        b.status == Status::Running && b.lease_expires_at.is_some_and(|l| l > first_lease)
+        b.status == Status::Running
+            && b.attempt == 1
+            && b.lease_expires_at.is_some_and(|l| l > first_lease)
     })
     .await;
     assert!(events(&a_app, &key)
@@ -322,7 +338,7 @@ async fn a_dead_workers_build_is_rescued_and_built_by_another_worker() {
     ));
     let took = died.elapsed();
     eprintln!(
-        "death to claim by another worker: about {took:?} (lease 3 s); claimed at seq {}",
+        "death to claim by another worker: about {took:?} (lease 5 s); claimed at seq {}",
         claimed_b.seq
     );
 }
@@ -626,11 +642,13 @@ fn docker(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
-fn labelled_container(worker: &str, build: &str) -> String {
+fn labelled_container(deployment: &str, worker: &str, build: &str) -> String {
     docker(&[
         "create",
         "--label",
         "org.caddy-build-server.managed=true",
+        "--label",
+        &format!("org.caddy-build-server.deployment={deployment}"),
         "--label",
         &format!("org.caddy-build-server.worker={worker}"),
         "--label",
@@ -652,6 +670,7 @@ async fn a_worker_removes_what_dead_workers_left_on_its_host() {
     let build_dir = c.worker.build_dir.clone();
     let app = e.app(c, &e.shutdown);
     let exec = cbs_roles::worker::executor(&app, "cleaner").await.unwrap();
+    let dep = app.store.deployment_id().await.unwrap();
     // A live worker's build: running under it, with its container and directory.
     let live_key = request(&app, &[]).await;
     let claimed = app
@@ -661,20 +680,23 @@ async fn a_worker_removes_what_dead_workers_left_on_its_host() {
         .unwrap()
         .unwrap();
     assert_eq!(claimed.key, live_key);
-    let live_container = labelled_container("live-w", live_key.as_str());
+    let live_container = labelled_container(&dep, "live-w", live_key.as_str());
     let live_dir = build_dir
         .join("live-w")
         .join(format!("build-{}-abc", &live_key.as_str()[..12]));
     std::fs::create_dir_all(&live_dir).unwrap();
     // A dead worker's leftovers: a container and a directory of a build it no longer runs.
     let dead_key = request(&app, &[("github.com/acme/alpha", "v1.1.0")]).await;
-    let dead_container = labelled_container("ghost", dead_key.as_str());
+    let dead_container = labelled_container(&dep, "ghost", dead_key.as_str());
     let dead_dir = build_dir
         .join("ghost")
         .join(format!("build-{}-xyz", &dead_key.as_str()[..12]));
     std::fs::create_dir_all(dead_dir.join("sub")).unwrap();
     // And a container claiming the live build but made by another worker (a stale attempt).
-    let stale_container = labelled_container("ghost", live_key.as_str());
+    let stale_container = labelled_container(&dep, "ghost", live_key.as_str());
+
+    // Another deployment's container on the same engine is not ours to judge.
+    let foreign = labelled_container("another-deployment", "ghost", dead_key.as_str());
 
     cbs_roles::worker::clean_host(&app, &exec, "cleaner").await;
 
@@ -690,5 +712,6 @@ async fn a_worker_removes_what_dead_workers_left_on_its_host() {
     );
     assert!(!dead_dir.exists(), "the dead worker's directory is gone");
     assert!(!build_dir.join("ghost").exists());
-    docker(&["rm", "-f", &live_container]);
+    assert!(exists(&foreign), "another deployment's container stays");
+    docker(&["rm", "-f", &live_container, &foreign]);
 }

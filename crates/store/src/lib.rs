@@ -271,6 +271,12 @@ impl Store {
         queries::next_lease_expiry(&client).await
     }
 
+    /// This deployment's id (one per database, made by the migrations).
+    pub async fn deployment_id(&self) -> Result<String, StoreError> {
+        let client = self.client().await?;
+        queries::deployment_id(&client).await
+    }
+
     /// Records that `key`'s artifact was downloaded now.
     pub async fn record_download(&self, key: &BuildKey) -> Result<(), StoreError> {
         let client = self.client().await?;

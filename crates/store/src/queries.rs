@@ -713,3 +713,14 @@ pub(crate) async fn stale_artifacts(
     let rows = c.query(&stmt, &[&cutoff, &limit]).await?;
     rows.iter().map(build_from_row).collect()
 }
+
+/// This deployment's id: the random id the migrations made, with the database's name (a
+/// database cloned or restored under another name is another deployment).
+pub(crate) async fn deployment_id(c: &impl GenericClient) -> Result<String, StoreError> {
+    Ok(c.query_one(
+        "SELECT left(md5(id || '/' || current_database()), 16) FROM deployment",
+        &[],
+    )
+    .await?
+    .try_get(0)?)
+}
