@@ -9,7 +9,8 @@ use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::plan::{plan, GoCommand, Phase};
 use cbs_domain::{BuildRequest, Platform};
 use cbs_executor::{
-    DockerExecutor, DockerSettings, Executor, GoSettings, PlanOutcome, Progress, LABEL_WORKER,
+    DockerExecutor, DockerSettings, Executor, GoSettings, PlanOutcome, Progress, LABEL_DEPLOYMENT,
+    LABEL_WORKER,
 };
 use cbs_testkit::FixtureProxy;
 use tokio::sync::mpsc;
@@ -286,25 +287,43 @@ async fn compile_commands_have_no_network_and_no_command_sees_the_workers_secret
 async fn orphans_of_this_worker_are_removed_at_start() {
     let cache = tempfile::tempdir().unwrap();
     let worker = "docker-test-orphans";
-    // A container left behind by an earlier run of this worker.
-    let out = Command::new("docker")
-        .args(["create", "--label", &format!("{LABEL_WORKER}={worker}")])
-        .arg(cbs_testkit::builder_image())
-        .arg("go")
-        .arg("version")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_ne!(our_containers(worker), "");
+    let create = |deployment: &str| {
+        let out = Command::new("docker")
+            .args([
+                "create",
+                "--label",
+                &format!("{LABEL_WORKER}={worker}"),
+                "--label",
+                &format!("{LABEL_DEPLOYMENT}={deployment}"),
+            ])
+            .arg(cbs_testkit::builder_image())
+            .arg("go")
+            .arg("version")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // Whatever an earlier failed run of this test left.
+    for id in our_containers(worker).lines() {
+        let _ = Command::new("docker").args(["rm", "-f", id]).output();
+    }
+    // A container left behind by an earlier run of this worker, and one of a worker with
+    // the same name in another deployment sharing the engine.
+    create("executor-tests");
+    let foreign = create("another-deployment");
     let Executor::Docker(exec) = executor("http://127.0.0.1:9", cache.path(), worker).await else {
         unreachable!()
     };
     assert_eq!(exec.remove_orphans().await.unwrap(), 1);
-    assert_eq!(our_containers(worker), "");
+    let left = our_containers(worker);
+    assert!(left.contains(&foreign[..12]), "{left}");
+    assert_eq!(left.lines().count(), 1, "{left}");
+    let _ = Command::new("docker").args(["rm", "-f", &foreign]).output();
 }
 
 #[tokio::test]
