@@ -55,15 +55,44 @@ fn base_url(cfg: &PreemptionConfig, default: &str) -> String {
     b.trim_end_matches('/').to_owned()
 }
 
-/// Waits until the configured detector sees a preemption; never returns for `none`.
-pub async fn wait(cfg: &PreemptionConfig) -> Notice {
+/// A future that resolves when the configured detector sees a preemption (never, for
+/// `none`). The SIGUSR1 handler is installed here, before the future is first polled, so a
+/// signal that comes early is not the default action (which ends the process).
+pub fn watch(
+    cfg: &PreemptionConfig,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Notice> + Send>> {
+    if cfg.detector == PreemptionDetector::Signal {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::user_defined1()) {
+                Ok(mut s) => {
+                    return Box::pin(async move {
+                        s.recv().await;
+                        Notice {
+                            detail: "SIGUSR1".into(),
+                            ack: None,
+                        }
+                    })
+                }
+                Err(e) => warn!(error = %e, "cannot watch SIGUSR1; preemption by signal is off"),
+            }
+        }
+        return Box::pin(std::future::pending());
+    }
+    let cfg = cfg.clone();
+    Box::pin(async move { wait(&cfg).await })
+}
+
+/// Polls the provider's metadata service until it reports a preemption; never returns for
+/// `none` or `signal` (see [`watch`]).
+async fn wait(cfg: &PreemptionConfig) -> Notice {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(2).max(cfg.poll_interval / 2))
         .build()
         .unwrap_or_default();
     match cfg.detector {
-        PreemptionDetector::None => std::future::pending().await,
-        PreemptionDetector::Signal => signal().await,
+        PreemptionDetector::None | PreemptionDetector::Signal => std::future::pending().await,
         provider => {
             let base = match provider {
                 PreemptionDetector::Gcp => base_url(cfg, "http://metadata.google.internal"),
@@ -92,24 +121,6 @@ pub async fn wait(cfg: &PreemptionConfig) -> Notice {
             }
         }
     }
-}
-
-async fn signal() -> Notice {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::user_defined1()) {
-            Ok(mut s) => {
-                s.recv().await;
-                return Notice {
-                    detail: "SIGUSR1".into(),
-                    ack: None,
-                };
-            }
-            Err(e) => warn!(error = %e, "cannot watch SIGUSR1; preemption by signal is off"),
-        }
-    }
-    std::future::pending().await
 }
 
 /// GCP: `instance/preempted` says `TRUE` once the VM is being preempted.

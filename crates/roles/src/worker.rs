@@ -134,7 +134,7 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     // Cancelled to stop running builds and release them to other workers.
     let stop = CancellationToken::new();
     let preemption = app.config.worker.preemption.clone();
-    let mut notice = Box::pin(crate::preempt::wait(&preemption));
+    let mut notice = crate::preempt::watch(&preemption);
     // Subscribed once, before the first claim: a build requested while we claim wakes us.
     let mut queue = app.hub.watch_queue();
     let mut builds = JoinSet::new();
