@@ -170,9 +170,19 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
                 warn!(worker.id = %id, error = %e, "claim failed");
             }
         }
+        // Nothing claimable now: wake at the poll interval, or sooner when a queued build's
+        // backoff ends (a retry's not_before makes no notification when it passes).
+        let poll = app.config.worker.claim_poll_interval;
+        let wait = match app.store.next_available().await {
+            Ok(Some(at)) => (at - chrono::Utc::now())
+                .to_std()
+                .map_or(poll, |d| d.min(poll))
+                .max(Duration::from_millis(10)),
+            _ => poll,
+        };
         tokio::select! {
             _ = queue.changed() => {}
-            _ = tokio::time::sleep(app.config.worker.claim_poll_interval) => {}
+            _ = tokio::time::sleep(wait) => {}
             Some(_) = builds.join_next() => {}
             _ = shutdown.cancelled() => break,
             n = &mut notice => { preempted = Some(n); break }

@@ -146,6 +146,8 @@ async fn retryable_failures_back_off_more_each_time_then_give_up() {
     // The worker's module proxy is down: every attempt fails retryably.
     let mut wc = e.config("w-retry", "retry-worker");
     wc.go.proxy = closed_port_url();
+    // No polling to lean on: the worker must wake when a retry's backoff ends.
+    wc.worker.claim_poll_interval = Duration::from_secs(120);
     let (app, _) = e.worker(wc);
     let mut jc = e.config("j", "retry-janitor");
     jc.janitor.max_attempts = 3;
@@ -153,7 +155,8 @@ async fn retryable_failures_back_off_more_each_time_then_give_up() {
     jc.janitor.retry_backoff_max = Duration::from_secs(30);
     e.janitor(jc);
     let key = request(&app, &[("github.com/acme/alpha", "v1.1.0")]).await;
-    let b = wait_build(&app, &key, Duration::from_secs(180), "gave up", |b| {
+    // Two retries at the poll interval alone would take 240 s.
+    let b = wait_build(&app, &key, Duration::from_secs(100), "gave up", |b| {
         b.status == Status::GaveUp
     })
     .await;

@@ -293,6 +293,12 @@ impl Store {
         queries::stale_artifacts(&client, cutoff, limit).await
     }
 
+    /// When the earliest queued build becomes claimable (now or later), if any is queued.
+    pub async fn next_available(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
+        let client = self.client().await?;
+        queries::next_available(&client).await
+    }
+
     /// Keys of the builds a worker runs now.
     pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;

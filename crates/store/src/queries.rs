@@ -724,3 +724,13 @@ pub(crate) async fn deployment_id(c: &impl GenericClient) -> Result<String, Stor
     .await?
     .try_get(0)?)
 }
+
+/// When the next queued build becomes claimable (a retry's backoff ends), if any waits.
+pub(crate) async fn next_available(
+    c: &impl GenericClient,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, StoreError> {
+    let stmt = c
+        .prepare_cached("SELECT min(available_at) FROM builds WHERE status = 'queued'")
+        .await?;
+    Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
+}
