@@ -178,6 +178,9 @@ pub async fn post_build(
     Ok((code, Json(json!({ "result": build_json(&build) }))).into_response())
 }
 
+/// After a failed read, a waiting request tries again this soon (or at the next wake-up).
+pub const READ_RETRY_PAUSE: Duration = Duration::from_millis(500);
+
 /// Query parameters of the status long-poll.
 struct WaitParams {
     wait: Duration,
@@ -258,11 +261,23 @@ pub async fn get_build(
         }
         // Woken: many waiters of this build read it once between them.
         let min_seq = waiter.latest_seq().max(after + 1);
-        let fresh = state
-            .fresh
-            .get(&state.app.store, &key, min_seq, render)
-            .await?
-            .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+        // The database may be away (a restart, a failover): the client asked to wait, so
+        // reads are retried until the deadline.
+        let fresh = loop {
+            match state
+                .fresh
+                .get(&state.app.store, &key, min_seq, render)
+                .await
+            {
+                Ok(f) => break f,
+                Err(e) if tokio::time::Instant::now() + READ_RETRY_PAUSE < deadline => {
+                    tracing::warn!(build.key = %key, error = %e, "long-poll read failed; trying again");
+                    tokio::time::sleep(READ_RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
         if fresh.last_seq > after || tokio::time::Instant::now() >= deadline {
             return Ok(answer(fresh.body));
         }

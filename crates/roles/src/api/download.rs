@@ -421,12 +421,20 @@ pub async fn compat(
             _ = waiter.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
         }
-        build = state
-            .app
-            .store
-            .build(&key)
-            .await?
-            .ok_or_else(|| ApiError::not_found("build vanished"))?;
+        // The database may be away: the wait is what the client asked for, so reads are
+        // retried until the deadline.
+        build = loop {
+            match state.app.store.build(&key).await {
+                Ok(b) => break b.ok_or_else(|| ApiError::not_found("build vanished"))?,
+                Err(e)
+                    if tokio::time::Instant::now() + super::builds::READ_RETRY_PAUSE < deadline =>
+                {
+                    tracing::warn!(build.key = %key, error = %e, "download wait: read failed; trying again");
+                    tokio::time::sleep(super::builds::READ_RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
     }
 }
 
