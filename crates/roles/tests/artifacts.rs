@@ -413,10 +413,18 @@ async fn artifacts_not_downloaded_for_the_retention_expire_and_a_new_request_reb
     let location = built.artifact.clone().unwrap().location;
     let expired = wait_build(&s, &parsed, "expired", |b| b.status == Status::Expired).await;
     assert!(expired.artifact.is_none());
-    assert!(
-        !s.app.config.storage.dir.join(&location).exists(),
-        "the files are deleted"
-    );
+    // The event comes first, then the janitor deletes the files (no event says when: the
+    // directory is watched, with a deadline).
+    let files = s.app.config.storage.dir.join(&location);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while files.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the files are deleted: {} still exists",
+            files.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let history = s.app.store.events(&parsed, 0, 1000).await.unwrap();
     assert!(matches!(
         &history.last().unwrap().event,
