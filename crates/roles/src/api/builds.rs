@@ -243,13 +243,19 @@ pub async fn get_build(
         )
             .into_response()
     };
-    // The first read is always fresh from the database.
-    let build = state
-        .app
-        .store
-        .build(&key)
-        .await?
-        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+    // The first read is always fresh from the database; like every read of a waiting
+    // request, it is retried until the deadline if the database is away.
+    let build = loop {
+        match state.app.store.build(&key).await {
+            Ok(b) => break b,
+            Err(e) if tokio::time::Instant::now() + READ_RETRY_PAUSE < deadline => {
+                tracing::warn!(build.key = %key, error = %e, "long-poll read failed; trying again");
+                tokio::time::sleep(READ_RETRY_PAUSE).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
     let after = p.after.unwrap_or(build.last_seq);
     if build.last_seq > after || p.wait.is_zero() {
         return Ok(answer(render(&build)));
