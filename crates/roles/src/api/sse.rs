@@ -196,9 +196,15 @@ pub async fn events(
         loop {
             let events = match store.events(&key, read_after, 500).await {
                 Ok(e) => e,
+                // The database is away (a restart): the stream stays open (keep-alives go
+                // on) and reads again shortly, for as long as the client listens.
                 Err(e) => {
-                    tracing::warn!(error = %e, "event stream: cannot read the log");
-                    return;
+                    if tx.is_closed() {
+                        return;
+                    }
+                    tracing::warn!(error = %e, "event stream: cannot read the log; trying again");
+                    tokio::time::sleep(super::builds::READ_RETRY_PAUSE).await;
+                    continue;
                 }
             };
             let got = events.len();
