@@ -353,6 +353,7 @@ async fn a_dead_workers_build_is_rescued_and_built_by_another_worker() {
 struct FakeMetadata {
     preempted: Arc<AtomicBool>,
     acks: Arc<std::sync::Mutex<Vec<String>>>,
+    acked: Arc<tokio::sync::Notify>,
     polls: Arc<AtomicUsize>,
 }
 
@@ -421,6 +422,7 @@ impl FakeMetadata {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
                 if let Some(id) = v["StartRequests"][0]["EventId"].as_str() {
                     s.acks.lock().unwrap().push(id.to_owned());
+                    s.acked.notify_one();
                 }
                 StatusCode::OK
             }
@@ -536,16 +538,10 @@ async fn azure_preemption_releases_builds_and_is_acknowledged() {
         })
         .await;
     // Acknowledged once its builds were released; the other VM's event never was.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let acks = meta.acks.lock().unwrap().clone();
-        if !acks.is_empty() {
-            assert_eq!(acks, vec!["ev-1".to_owned()]);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no acknowledgement");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(10), meta.acked.notified())
+        .await
+        .expect("no acknowledgement");
+    assert_eq!(*meta.acks.lock().unwrap(), vec!["ev-1".to_owned()]);
 }
 
 #[tokio::test(flavor = "multi_thread")]
