@@ -329,51 +329,28 @@ async fn companion(
     .map_err(|e| ApiError::internal("response", e))
 }
 
-/// `GET|HEAD /api/build/{key}/download.minisig`: the binary's minisign signature.
-pub async fn signature(
-    State(state): State<ApiState>,
-    Path(key): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    companion(&state, &key, Companion::Signature, &method, &headers).await
-}
+/// Route parameters of [`companion_file`].
+pub const SIGNATURE: u8 = 0;
+pub const CHECKSUM: u8 = 1;
+pub const PROVENANCE: u8 = 2;
+pub const PROVENANCE_SIGNATURE: u8 = 3;
 
-/// `GET|HEAD /api/build/{key}/download.sha256`: `<sha256>  caddy`, for `sha256sum -c`.
-pub async fn checksum(
+/// `GET|HEAD /api/build/{key}/download.minisig` (`W` = [`SIGNATURE`]), `download.sha256`
+/// ([`CHECKSUM`]: `<sha256>  caddy`, for `sha256sum -c`), `provenance` ([`PROVENANCE`]: the
+/// in-toto statement) and `provenance.minisig` ([`PROVENANCE_SIGNATURE`]).
+pub async fn companion_file<const W: u8>(
     State(state): State<ApiState>,
     Path(key): Path<String>,
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    companion(&state, &key, Companion::Checksum, &method, &headers).await
-}
-
-/// `GET|HEAD /api/build/{key}/provenance`: the in-toto statement (SLSA provenance v1).
-pub async fn provenance(
-    State(state): State<ApiState>,
-    Path(key): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    companion(&state, &key, Companion::Provenance, &method, &headers).await
-}
-
-/// `GET|HEAD /api/build/{key}/provenance.minisig`: the statement's signature.
-pub async fn provenance_signature(
-    State(state): State<ApiState>,
-    Path(key): Path<String>,
-    method: Method,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    companion(
-        &state,
-        &key,
-        Companion::ProvenanceSignature,
-        &method,
-        &headers,
-    )
-    .await
+    let which = match W {
+        SIGNATURE => Companion::Signature,
+        CHECKSUM => Companion::Checksum,
+        PROVENANCE => Companion::Provenance,
+        _ => Companion::ProvenanceSignature,
+    };
+    companion(&state, &key, which, &method, &headers).await
 }
 
 /// `GET /api/public-key`: the signing public key, in minisign's file format.

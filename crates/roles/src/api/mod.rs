@@ -88,13 +88,19 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build/{key}/download", get(download::by_key))
         .route(
             "/api/build/{key}/download.minisig",
-            get(download::signature),
+            get(download::companion_file::<{ download::SIGNATURE }>),
         )
-        .route("/api/build/{key}/download.sha256", get(download::checksum))
-        .route("/api/build/{key}/provenance", get(download::provenance))
+        .route(
+            "/api/build/{key}/download.sha256",
+            get(download::companion_file::<{ download::CHECKSUM }>),
+        )
+        .route(
+            "/api/build/{key}/provenance",
+            get(download::companion_file::<{ download::PROVENANCE }>),
+        )
         .route(
             "/api/build/{key}/provenance.minisig",
-            get(download::provenance_signature),
+            get(download::companion_file::<{ download::PROVENANCE_SIGNATURE }>),
         )
         .route("/api/public-key", get(download::public_key))
         .route("/api/download/{key}", get(download::by_key))
