@@ -1,18 +1,28 @@
 //! Reads the Go build information embedded in a binary: the data `go version -m` prints.
 //!
 //! Works for every GOOS/GOARCH we build (not wasm, see `platform`) without running the
-//! (untrusted) binary: since Go 1.18 the
-//! linker writes a blob that starts with the magic `\xff Go buildinf:`, then the pointer
-//! size, a flags byte (bit 1: strings inline), padding to 32 bytes, and two strings each
-//! prefixed by its length as a varint: the Go version and the module information. The module
-//! information is framed by 16 sentinel bytes on each side and holds tab-separated lines:
-//! `path`, `mod`, `dep` (and `=>` for a replacement of the line before), `build`.
+//! (untrusted) binary. Since Go 1.18 the linker writes a blob that starts with the magic
+//! `\xff Go buildinf:`, then the pointer size, a flags byte (bit 1: strings inline), padding
+//! to 32 bytes, and two strings each prefixed by its length as a varint: the Go version and
+//! the module information. The module information is framed by 16 sentinel bytes on each
+//! side and holds tab-separated lines: `path`, `mod`, `dep` (and `=>` for a replacement of
+//! the line before), `build`.
+//!
+//! The blob is looked for only where Go's own `debug/buildinfo` looks: in the data area the
+//! executable format designates for it (ELF: the `.go.buildinfo` section; PE: the first
+//! initialized read-write data section; Mach-O: the `__go_buildinfo` section), at a 16-byte
+//! aligned offset. Searching the whole file would find a look-alike first: any plugin can
+//! put a forged blob in a string constant, which lands in read-only data before the real
+//! one, and the forged module list would then be verified, signed and written into the
+//! provenance.
 
 use std::collections::BTreeMap;
 
 const MAGIC: &[u8] = b"\xff Go buildinf:";
 const HEADER: usize = 32;
 const FLAG_INLINE: u8 = 0x2;
+/// The blob starts at an offset of the data area aligned to this.
+const ALIGN: usize = 16;
 
 /// A module line of the build information.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +53,8 @@ pub struct BuildInfo {
 pub enum BuildInfoError {
     #[error("not a Go binary: no build information found")]
     NotFound,
+    #[error("not an executable this server reads (ELF, PE or Mach-O): {0}")]
+    NotExecutable(String),
     #[error(
         "build information is in the old (pre Go 1.18) pointer format, which is not supported"
     )]
@@ -70,10 +82,17 @@ fn read_string(b: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 impl BuildInfo {
-    /// Finds and parses the build information in a binary's bytes.
+    /// Finds and parses the build information of an executable (ELF, PE or Mach-O), in the
+    /// data area its format designates (see the module documentation).
     pub fn from_binary(data: &[u8]) -> Result<BuildInfo, BuildInfoError> {
-        let start = find(data, MAGIC).ok_or(BuildInfoError::NotFound)?;
-        let blob = &data[start..];
+        let area = data_area(data)?;
+        BuildInfo::from_data_area(area)
+    }
+
+    /// Parses the blob at the first 16-byte aligned magic of a data area.
+    fn from_data_area(area: &[u8]) -> Result<BuildInfo, BuildInfoError> {
+        let start = find_aligned(area, MAGIC).ok_or(BuildInfoError::NotFound)?;
+        let blob = &area[start..];
         let header = blob.get(..HEADER).ok_or(BuildInfoError::Malformed)?;
         if header[15] & FLAG_INLINE == 0 {
             return Err(BuildInfoError::OldFormat);
@@ -195,25 +214,49 @@ impl BuildInfo {
     }
 }
 
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    let first = needle[0];
-    let mut i = 0;
-    while i + needle.len() <= haystack.len() {
-        match haystack[i..haystack.len() - needle.len() + 1]
-            .iter()
-            .position(|&b| b == first)
-        {
-            None => return None,
-            Some(p) => {
-                let at = i + p;
-                if &haystack[at..at + needle.len()] == needle {
-                    return Some(at);
+/// The bytes of the data area where Go's linker puts the build information, as Go's
+/// `debug/buildinfo` finds it.
+fn data_area(data: &[u8]) -> Result<&[u8], BuildInfoError> {
+    use object::{Object, ObjectSection, SectionFlags};
+    let file =
+        object::File::parse(data).map_err(|e| BuildInfoError::NotExecutable(e.to_string()))?;
+    let section_data = |name: &str| -> Result<&[u8], BuildInfoError> {
+        let section = file.section_by_name(name).ok_or(BuildInfoError::NotFound)?;
+        section.data().map_err(|_| BuildInfoError::Malformed)
+    };
+    match file.format() {
+        object::BinaryFormat::Elf => section_data(".go.buildinfo"),
+        object::BinaryFormat::MachO => section_data("__go_buildinfo"),
+        object::BinaryFormat::Pe => {
+            // The first initialized read-write data section (Go's linker puts the blob at
+            // the start of .data).
+            const INITIALIZED_DATA: u32 = 0x0000_0040;
+            const MEM_READ: u32 = 0x4000_0000;
+            const MEM_WRITE: u32 = 0x8000_0000;
+            const ALIGN_32: u32 = 0x0060_0000;
+            for section in file.sections() {
+                let SectionFlags::Coff { characteristics } = section.flags() else {
+                    continue;
+                };
+                if section.size() != 0
+                    && characteristics & !ALIGN_32 == INITIALIZED_DATA | MEM_READ | MEM_WRITE
+                {
+                    return section.data().map_err(|_| BuildInfoError::Malformed);
                 }
-                i = at + 1;
             }
+            Err(BuildInfoError::NotFound)
         }
+        other => Err(BuildInfoError::NotExecutable(format!(
+            "{other:?} files are not built here"
+        ))),
     }
-    None
+}
+
+/// The first offset of `needle` in `haystack` that is a multiple of [`ALIGN`].
+fn find_aligned(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    (0..haystack.len())
+        .step_by(ALIGN)
+        .find(|&at| haystack[at..].starts_with(needle))
 }
 
 #[cfg(test)]
@@ -228,9 +271,9 @@ mod tests {
         out.push(n as u8);
     }
 
-    /// A blob laid out like the Go linker's, inside other bytes.
+    /// A data area with a blob laid out like the Go linker's, inside other bytes.
     fn binary(version: &str, modinfo: &str) -> Vec<u8> {
-        let mut out = vec![0u8; 1000];
+        let mut out = vec![0u8; 1024];
         out.extend_from_slice(MAGIC);
         out.push(8);
         out.push(FLAG_INLINE);
@@ -248,7 +291,7 @@ mod tests {
 
     #[test]
     fn reads_version_modules_replacements_and_settings() {
-        let info = BuildInfo::from_binary(&binary("go1.27.3", MODINFO)).unwrap();
+        let info = BuildInfo::from_data_area(&binary("go1.27.3", MODINFO)).unwrap();
         assert_eq!(info.go_version, "go1.27.3");
         assert_eq!(info.path, "caddy");
         assert_eq!(info.main.as_ref().unwrap().version, "(devel)");
@@ -304,18 +347,43 @@ mod tests {
 
     #[test]
     fn refuses_what_is_not_build_info() {
-        assert_eq!(
+        assert!(matches!(
             BuildInfo::from_binary(b"no go here"),
+            Err(BuildInfoError::NotExecutable(_))
+        ));
+        assert_eq!(
+            BuildInfo::from_data_area(b"no go here"),
             Err(BuildInfoError::NotFound)
         );
         let mut b = binary("go1.27.3", MODINFO);
-        let at = find(&b, MAGIC).unwrap();
+        let at = find_aligned(&b, MAGIC).unwrap();
         b[at + 15] = 0;
-        assert_eq!(BuildInfo::from_binary(&b), Err(BuildInfoError::OldFormat));
+        assert_eq!(
+            BuildInfo::from_data_area(&b),
+            Err(BuildInfoError::OldFormat)
+        );
         let b = binary("go1.27.3", MODINFO);
         assert_eq!(
-            BuildInfo::from_binary(&b[..at + 40]),
+            BuildInfo::from_data_area(&b[..at + 40]),
             Err(BuildInfoError::Malformed)
+        );
+    }
+
+    #[test]
+    fn a_blob_off_the_16_byte_grid_is_not_build_information() {
+        let real = binary("go1.27.3", MODINFO);
+        let forged = binary("go0.0.0-forged", MODINFO);
+        // A look-alike off the grid, before the real blob, is skipped.
+        let mut area = vec![0u8; 17];
+        area.extend_from_slice(&forged[1024..]);
+        area.resize(area.len().div_ceil(16) * 16, 0);
+        area.extend_from_slice(&real[1024..]);
+        let info = BuildInfo::from_data_area(&area).unwrap();
+        assert_eq!(info.go_version, "go1.27.3");
+        // Only the misaligned one: none found.
+        assert_eq!(
+            BuildInfo::from_data_area(&area[..area.len() - (real.len() - 1024)]),
+            Err(BuildInfoError::NotFound)
         );
     }
 }

@@ -175,3 +175,56 @@ async fn commands_see_only_the_explicit_environment() {
         assert!(env.iter().any(|l| l == want), "{want} missing: {env:?}");
     }
 }
+
+/// A plugin that carries a forged build-information blob in a string constant (which lands
+/// in read-only data, before the real blob) does not change what is read from the binary:
+/// for ELF, PE and Mach-O, the verified information names the real modules.
+#[tokio::test]
+async fn forged_build_information_in_a_plugin_is_not_what_is_read() {
+    let proxy = FixtureProxy::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let exec = executor(&proxy, cache.path());
+    let forged = cbs_testkit::fixtures::forged_blob();
+    for (os, arch) in [
+        ("linux", "amd64"),
+        ("windows", "amd64"),
+        ("darwin", "arm64"),
+    ] {
+        let req = request(
+            os,
+            arch,
+            None,
+            &[
+                ("example.com/forger", "v1.0.0"),
+                ("github.com/acme/alpha", "v1.1.0"),
+            ],
+        );
+        let (outcome, events, _dir) = build(&exec, &req).await;
+        let PlanOutcome::Built(binary) = outcome else {
+            panic!("{os}/{arch}: {outcome:?}\n{events:#?}")
+        };
+        let bytes = std::fs::read(&binary).unwrap();
+        // The look-alike is in the file, before the real blob.
+        let forged_at = bytes
+            .windows(forged.len())
+            .position(|w| w == forged)
+            .expect("the forged blob is in the binary");
+        let magic = b"\xff Go buildinf:";
+        let first_magic = bytes.windows(magic.len()).position(|w| w == magic);
+        assert_eq!(
+            first_magic,
+            Some(forged_at),
+            "{os}/{arch}: the look-alike comes first in the file"
+        );
+        let info = BuildInfo::from_binary(&bytes).unwrap();
+        assert!(
+            info.dep(cbs_testkit::fixtures::FORGED_MODULE).is_none(),
+            "{os}/{arch}: forged module list read: {info:?}"
+        );
+        assert!(info.go_version.starts_with("go1."), "{}", info.go_version);
+        assert_ne!(info.go_version, "go1.99.9");
+        assert_eq!(info.dep("github.com/acme/alpha").unwrap().version, "v1.1.0");
+        assert_eq!(info.settings["GOOS"], os);
+        assert_eq!(info.check_matches(&req), Ok(()), "{os}/{arch}");
+    }
+}

@@ -47,7 +47,11 @@ async fn get_ok(url: &str) -> reqwest::Response {
 
 /// Downloads the binary through caddyserver.com's endpoint; returns it and its build key.
 async fn download(s: &Server, dir: &Path) -> (Vec<u8>, String) {
-    let r = get_ok(&format!("{}/api/download?{QUERY}", s.base)).await;
+    download_query(s, dir, QUERY).await
+}
+
+async fn download_query(s: &Server, dir: &Path, query: &str) -> (Vec<u8>, String) {
+    let r = get_ok(&format!("{}/api/download?{query}", s.base)).await;
     let key = r.headers()["x-caddy-build-key"]
         .to_str()
         .unwrap()
@@ -238,6 +242,33 @@ async fn signed_artifacts_verify_with_the_stock_tools_fs_backend() {
             .as_u16(),
         404
     );
+}
+
+/// A plugin with a forged build-information blob in its read-only data: the trusted comment's
+/// module hash and the provenance name the modules the real `go version -m` reads, never the
+/// forged ones.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_forged_build_information_blob_is_not_signed() {
+    let s = server(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (binary, key) =
+        download_query(&s, dir.path(), "os=linux&arch=amd64&p=example.com/forger").await;
+    let forged = cbs_testkit::fixtures::forged_blob();
+    assert!(
+        binary.windows(forged.len()).any(|w| w == forged),
+        "the look-alike is in the binary"
+    );
+    check_published(&s, &key, &binary, dir.path()).await;
+    let prov = get_ok(&format!("{}/api/build/{key}/provenance", s.base))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !prov.contains(cbs_testkit::fixtures::FORGED_MODULE),
+        "{prov}"
+    );
+    assert!(prov.contains("example.com/forger"), "{prov}");
 }
 
 fn s3_storage(s3: &S3Server, endpoint: &str) -> cbs_config::StorageConfig {

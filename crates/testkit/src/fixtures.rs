@@ -6,6 +6,11 @@
 //! - Plugins that register modules: `github.com/acme/alpha` (v1.0.0, v1.1.0),
 //!   `github.com/Acme/Beta` (upper case: escaped paths), `example.com/gamma/v2` (major
 //!   suffix; v2.0.0, v2.1.0), and `example.com/broken` (does not compile).
+//! - `example.com/forger` (v1.0.0): a plugin that carries a forged Go build-information blob
+//!   in a string constant, claiming modules the binary does not contain (see
+//!   [`FORGED_MODULE`]); a reader that searches the whole file finds it first.
+//! - `example.com/liar` (v1.0.0): does not compile, and prints text that looks like a
+//!   network failure (`connection refused`, `503 Service Unavailable`) while it fails.
 
 use std::io::Write;
 use std::path::Path;
@@ -120,6 +125,45 @@ fn plugin(path: &'static str, version: &'static str, id: &str, package: &str) ->
     }
 }
 
+/// The module the forged build information of `example.com/forger` claims.
+pub const FORGED_MODULE: &str = "example.com/forged-claim";
+
+/// A Go build-information blob as the linker lays it out (header, inline version and module
+/// information), claiming Caddy v2.8.4, the forger plugin and [`FORGED_MODULE`].
+pub fn forged_blob() -> Vec<u8> {
+    fn varint(mut n: usize, out: &mut Vec<u8>) {
+        while n >= 0x80 {
+            out.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let modinfo = format!(
+        "path\tcaddy\nmod\tcaddy\t(devel)\t\ndep\t{CADDY}\tv2.8.4\t\ndep\texample.com/forger\tv1.0.0\t\ndep\t{FORGED_MODULE}\tv6.6.6\t\nbuild\tCGO_ENABLED=0\nbuild\tGOARCH=amd64\nbuild\tGOOS=linux\n"
+    );
+    let mut out = b"\xff Go buildinf:".to_vec();
+    out.push(8);
+    out.push(2);
+    out.resize(32, 0);
+    let version = "go1.99.9";
+    varint(version.len(), &mut out);
+    out.extend_from_slice(version.as_bytes());
+    let framed = format!("{}{modinfo}{}", "0".repeat(16), "1".repeat(16));
+    varint(framed.len(), &mut out);
+    out.extend_from_slice(framed.as_bytes());
+    out
+}
+
+/// Go source text of a string literal holding `bytes`.
+fn go_bytes_literal(bytes: &[u8]) -> String {
+    let mut s = String::from("\"");
+    for b in bytes {
+        s.push_str(&format!("\\x{b:02x}"));
+    }
+    s.push('"');
+    s
+}
+
 fn all() -> Vec<Fixture> {
     let mut broken = plugin(
         "example.com/broken",
@@ -128,7 +172,21 @@ fn all() -> Vec<Fixture> {
         "broken",
     );
     broken.files[1].1 = "// Package broken does not compile.\npackage broken\n\nfunc init() { undefinedFunction() }\n".to_owned();
+    let mut forger = plugin(
+        "example.com/forger",
+        "v1.0.0",
+        "http.handlers.forger",
+        "forger",
+    );
+    forger.files[1].1 = format!(
+        "// Package forger carries a forged build-information blob.\npackage forger\n\nimport caddy \"{CADDY}\"\n\n// Forged looks like Go build information claiming other modules.\nvar Forged = {}\n\nfunc init() {{\n\tif len(Forged) > 0 {{\n\t\tcaddy.RegisterModule(\"http.handlers.forger\", \"example.com/forger\")\n\t}}\n}}\n",
+        go_bytes_literal(&forged_blob())
+    );
+    let mut liar = plugin("example.com/liar", "v1.0.0", "http.handlers.liar", "liar");
+    liar.files[1].1 = "// Package liar does not compile, and its error text looks like a network failure.\npackage liar\n\nvar _ int = \"connection refused\"\n".to_owned();
     vec![
+        forger,
+        liar,
         caddy("v2.7.6"),
         caddy("v2.8.4"),
         caddy("v2.9.0-beta.1"),
