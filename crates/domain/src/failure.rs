@@ -1,5 +1,11 @@
 //! Whose fault a failed build step is: the request's (retrying cannot help) or the world's
-//! (the proxy timed out, Docker failed, the disk is full: try again later).
+//! (the proxy was down, the engine failed, a command was killed: try again later).
+//!
+//! Decided only from what the worker observed itself: the step's phase, how the command
+//! ended (its exit status, a timeout, a kill), and, for a failed resolve step, whether the
+//! module proxy answered the worker's own requests. Never from the text a build prints: a
+//! plugin controls that text (a compile error can quote any string), and a build that could
+//! make its failure look retryable would be retried on the house.
 
 use crate::plan::Phase;
 
@@ -12,46 +18,49 @@ pub enum Blame {
     Infrastructure,
 }
 
-/// Output that means the world failed, not the request (checked first, lower case).
-const INFRASTRUCTURE: &[&str] = &[
-    "connection refused",
-    "connection reset",
-    "i/o timeout",
-    "timeout awaiting",
-    "context deadline exceeded",
-    "tls handshake",
-    "no such host",
-    "temporary failure in name resolution",
-    "network is unreachable",
-    "500 internal server error",
-    "502 bad gateway",
-    "503 service unavailable",
-    "504 gateway",
-    "429 too many requests",
-    "no space left on device",
-    "cannot allocate memory",
-    "resource temporarily unavailable",
-    "signal: killed",
-    "timed out after",
-];
+/// What the worker learnt by asking the module proxy itself after a resolve step failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyCheck {
+    /// Not asked (not a resolve step, or the step did not exit on its own).
+    NotAsked,
+    /// The proxy answered every request (found or not found).
+    Answered,
+    /// The proxy could not be reached, timed out or answered with a server error.
+    Unavailable,
+}
 
-/// Classifies a failed command from its phase, exit and last lines of output.
-pub fn classify(phase: Phase, exit_code: Option<i64>, timed_out: bool, tail: &[String]) -> Blame {
-    if timed_out || exit_code.is_none() {
+/// What the worker itself saw of a failed step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Observed {
+    pub phase: Phase,
+    /// The go command's exit status; `None` when it did not exit on its own (killed by a
+    /// signal, the container ended early).
+    pub exit_code: Option<i64>,
+    /// The worker stopped it at its time limit.
+    pub timed_out: bool,
+    pub proxy: ProxyCheck,
+}
+
+/// Exit statuses of the command runner itself (it could not start or wait for go): the
+/// sandbox failed, not the request.
+const RUNNER_FAILURES: std::ops::RangeInclusive<i64> = 125..=127;
+
+/// Classifies a failed step from what the worker observed.
+pub fn classify(o: &Observed) -> Blame {
+    if o.timed_out || o.exit_code.is_none() {
         return Blame::Infrastructure;
     }
-    // Killed by a signal (137: SIGKILL, often the memory limit; 143: SIGTERM).
-    if matches!(exit_code, Some(137 | 143)) {
+    let code = o.exit_code.unwrap_or_default();
+    // Killed by a signal (137: SIGKILL, often the memory limit; 143: SIGTERM), or the
+    // runner could not run go at all.
+    if matches!(code, 137 | 143) || RUNNER_FAILURES.contains(&code) {
         return Blame::Infrastructure;
     }
-    let text = tail.join("\n").to_lowercase();
-    if INFRASTRUCTURE.iter().any(|p| text.contains(p)) {
-        return Blame::Infrastructure;
-    }
-    match phase {
-        // What is left: a 404/410 from the proxy, an unknown revision, a module that
-        // declares another path, a compile error. All the request's.
-        Phase::Resolve | Phase::Compile => Blame::Request,
+    match (o.phase, o.proxy) {
+        (Phase::Resolve, ProxyCheck::Unavailable) => Blame::Infrastructure,
+        // The proxy answers (or it is a compile step): an unknown module or version, a
+        // module that declares another path, a compile error. All the request's.
+        (Phase::Resolve, _) | (Phase::Compile, _) => Blame::Request,
     }
 }
 
@@ -60,25 +69,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn failures_are_blamed_on_the_request_or_the_world() {
+    fn failures_are_blamed_on_what_the_worker_saw() {
         use Blame::*;
         use Phase::*;
-        let cases: &[(Phase, Option<i64>, bool, &str, Blame)] = &[
-            (Compile, Some(1), false, "./main.go:3: undefined: undefinedFunction", Request),
-            (Resolve, Some(1), false, "go: example.com/x@v9.9.9: reading http://p/example.com/x/@v/v9.9.9.info: 404 Not Found", Request),
-            (Resolve, Some(1), false, "go: example.com/x@v1.0.0: invalid version: unknown revision v1.0.0", Request),
-            (Resolve, Some(1), false, "go: module example.com/x@latest found (v1.0.0), but does not contain package example.com/x", Request),
-            (Resolve, Some(1), false, "dial tcp 127.0.0.1:9: connect: connection refused", Infrastructure),
-            (Resolve, Some(1), false, "read tcp 10.0.0.1:5->1.2.3.4:443: i/o timeout", Infrastructure),
-            (Resolve, Some(1), false, "reading https://proxy.golang.org/x/@v/list: 503 Service Unavailable", Infrastructure),
-            (Compile, Some(1), false, "write /cache/build/x: no space left on device", Infrastructure),
-            (Compile, Some(137), false, "", Infrastructure),
-            (Compile, None, true, "", Infrastructure),
-            (Resolve, None, false, "", Infrastructure),
+        use ProxyCheck::*;
+        let cases: &[(Phase, Option<i64>, bool, ProxyCheck, Blame)] = &[
+            (Compile, Some(1), false, NotAsked, Request),
+            (Resolve, Some(1), false, Answered, Request),
+            (Resolve, Some(1), false, Unavailable, Infrastructure),
+            (Resolve, Some(1), false, NotAsked, Request),
+            (Compile, Some(2), false, NotAsked, Request),
+            (Compile, Some(137), false, NotAsked, Infrastructure),
+            (Compile, Some(143), false, NotAsked, Infrastructure),
+            (Compile, Some(127), false, NotAsked, Infrastructure),
+            (Compile, None, true, NotAsked, Infrastructure),
+            (Resolve, None, false, NotAsked, Infrastructure),
         ];
-        for (phase, code, timed_out, out, want) in cases {
-            let tail = vec!["go get x".to_owned(), (*out).to_owned()];
-            assert_eq!(classify(*phase, *code, *timed_out, &tail), *want, "{out}");
+        for &(phase, exit_code, timed_out, proxy, want) in cases {
+            let o = Observed {
+                phase,
+                exit_code,
+                timed_out,
+                proxy,
+            };
+            assert_eq!(classify(&o), want, "{o:?}");
         }
     }
 }

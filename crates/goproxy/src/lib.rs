@@ -266,6 +266,25 @@ impl Resolver {
         Ok(version)
     }
 
+    /// Asks the proxies, uncached, for every module version of `request` (Caddy, plugins,
+    /// replacements): `Err(Unavailable)` if one could not be asked (unreachable, timed out,
+    /// a server error), `Ok(())` if the proxies answered every request, found or not. The
+    /// worker uses this after a failed resolve step to tell whose fault it was.
+    pub async fn probe_request(&self, request: &BuildRequest) -> Result<(), ResolveError> {
+        let caddy = cbs_domain::caddy_module();
+        let mut wanted: Vec<(&ModulePath, &ModuleVersion)> =
+            vec![(&caddy, request.caddy_version())];
+        wanted.extend(request.plugins().iter().map(|p| (&p.module, &p.version)));
+        wanted.extend(request.replacements().iter().map(|r| (&r.new, &r.version)));
+        futures::future::try_join_all(wanted.into_iter().map(|(m, v)| async move {
+            self.fetch(&format!("{}/@v/{}.info", m.escaped(), escape(v.as_str())))
+                .await
+                .map(|_| ())
+        }))
+        .await
+        .map(|_| ())
+    }
+
     /// Resolves every version of a spec (concurrently) into a request ready to be keyed.
     pub async fn resolve_spec(&self, spec: &BuildSpec) -> Result<BuildRequest, ResolveError> {
         let caddy = cbs_domain::caddy_module();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use cbs_domain::buildinfo::BuildInfo;
-use cbs_domain::failure::{classify, Blame};
+use cbs_domain::failure::{classify, Blame, Observed, ProxyCheck};
 use cbs_domain::plan::{plan, BuildPlan};
 use cbs_events::{
     Artifact, Event, Failed, FailureKind, LeaseRenewed, Output, RequeueReason, Requeued,
@@ -127,6 +127,15 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", own_dir.display()))?;
     // Without its key or its storage a worker could build but never publish: refuse to start.
     let publisher = Arc::new(Publisher::from_config(&app.config).await?);
+    // Asked after a failed resolve step whether the module proxy answers.
+    let probe = Arc::new(
+        cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
+            goproxy: app.config.go.proxy.clone(),
+            timeout: app.config.go.resolve_timeout,
+            cache_ttl: std::time::Duration::ZERO,
+        })
+        .context("go.proxy")?,
+    );
     info!(worker.id = %id, storage = %publisher.storage.describe(), signing.key_id = %publisher.signer.key_id(), "publishing set up");
     let permits = Arc::new(Semaphore::new(
         app.config.worker.max_concurrent_builds.max(1),
@@ -157,6 +166,7 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
                     app.clone(),
                     exec.clone(),
                     publisher.clone(),
+                    probe.clone(),
                     id.clone(),
                     build,
                     stop.clone(),
@@ -364,10 +374,12 @@ async fn renew_lease(app: App, build: BuildState, fenced: CancellationToken) {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_build(
     app: App,
     exec: Arc<Executor>,
     publisher: Arc<Publisher>,
+    probe: Arc<cbs_goproxy::Resolver>,
     worker: String,
     build: BuildState,
     stop: CancellationToken,
@@ -387,7 +399,7 @@ async fn run_build(
             fenced.clone(),
         )));
         let outcome = tokio::select! {
-            r = attempt_build(&app, &exec, &publisher, &worker, &build, &fenced) => Some(r),
+            r = attempt_build(&app, &exec, &publisher, &probe, &worker, &build, &fenced) => Some(r),
             _ = stop.cancelled() => None,
         };
         drop(renewer);
@@ -426,6 +438,7 @@ async fn attempt_build(
     app: &App,
     exec: &Executor,
     publisher: &Publisher,
+    probe: &cbs_goproxy::Resolver,
     worker: &str,
     build: &BuildState,
     fenced: &CancellationToken,
@@ -459,7 +472,26 @@ async fn attempt_build(
             tail,
         }) => {
             let phase = phase_of(&plan, step);
-            let kind = match classify(phase, exit.code, exit.timed_out, &tail) {
+            // A resolve step that exited with an error: ask the proxy ourselves whether it
+            // answers (the build's own output says what it likes).
+            let proxy = if phase == cbs_domain::plan::Phase::Resolve && exit.code.is_some() {
+                match probe.probe_request(&build.request).await {
+                    Ok(()) => ProxyCheck::Answered,
+                    Err(e) => {
+                        warn!(error = %e, "the module proxy does not answer after a failed resolve step");
+                        ProxyCheck::Unavailable
+                    }
+                }
+            } else {
+                ProxyCheck::NotAsked
+            };
+            let observed = Observed {
+                phase,
+                exit_code: exit.code,
+                timed_out: exit.timed_out,
+                proxy,
+            };
+            let kind = match classify(&observed) {
                 Blame::Request => FailureKind::Permanent,
                 Blame::Infrastructure => FailureKind::Retryable,
             };

@@ -204,3 +204,33 @@ async fn an_unreachable_proxy_fails_the_build_as_retryable() {
     s.shutdown.cancel();
     s.worker.await.unwrap().unwrap();
 }
+
+/// A compile error whose text looks like a network failure ("connection refused") is still
+/// the request's fault: the worker classifies from what it observed (a compile step that
+/// exited with status 1), never from the build's output. One attempt, permanent.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_that_looks_like_a_network_failure_does_not_make_a_failure_retryable() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let s = start_worker(&db, &proxy.url(), "worker-test-liar").await;
+    let key = request(&s.app, &proxy, &[("example.com/liar", None)]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Failed);
+    assert!(b.is_terminal(), "a permanent failure is not retried");
+    let err = b.last_error.expect("error");
+    assert_eq!(err.kind, FailureKind::Permanent, "{}", err.message);
+    assert_eq!(err.step.as_deref(), Some("compile"));
+    assert!(
+        err.message.contains("connection refused"),
+        "{}",
+        err.message
+    );
+    let claims = history(&s.app, &key)
+        .await
+        .iter()
+        .filter(|e| e.event_type() == EventType::Claimed)
+        .count();
+    assert_eq!(claims, 1, "one attempt");
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
