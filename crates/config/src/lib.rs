@@ -98,9 +98,14 @@ pub struct ApiConfig {
     /// Longest `wait` a status long-poll may ask for.
     #[serde(with = "humantime_serde")]
     pub max_long_poll: Duration,
-    /// How long `/api/download` and `/api/compat` wait for a build to finish.
+    /// How long `/api/download` and `/api/compat` wait for a build to finish. When it runs
+    /// out they answer 503 with `Retry-After` (never a 2xx without the binary: Caddy's CLI
+    /// would install that body as its executable).
     #[serde(with = "humantime_serde")]
     pub download_wait: Duration,
+    /// The `Retry-After` of that 503.
+    #[serde(with = "humantime_serde")]
+    pub download_retry_after: Duration,
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
@@ -118,6 +123,7 @@ impl Default for ApiConfig {
             shutdown_grace: Duration::from_secs(10),
             max_long_poll: Duration::from_secs(60),
             download_wait: Duration::from_secs(15 * 60),
+            download_retry_after: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             submissions_per_minute: 60,
             submission_burst: 20,

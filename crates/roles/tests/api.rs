@@ -991,3 +991,220 @@ async fn one_client_cannot_submit_without_limit() {
         .unwrap();
     assert_eq!(status.status().as_u16(), 404);
 }
+
+/// Caddy's CLI installs any answer below 400 as its executable: when the wait of
+/// /api/download (and /api/compat) runs out, the answer is 503 with Retry-After and the
+/// error JSON, for GET and HEAD, never 202. The API's own endpoints keep their 202.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_compat_download_whose_wait_runs_out_is_a_503_not_a_2xx() {
+    let s = common::server_configured(false, None, |c| {
+        c.api.download_wait = Duration::from_millis(300);
+        c.api.download_retry_after = Duration::from_secs(7);
+    })
+    .await;
+    let c = client();
+    for path in ["/api/download", "/api/compat"] {
+        for method in [reqwest::Method::GET, reqwest::Method::HEAD] {
+            let resp = c
+                .request(
+                    method.clone(),
+                    format!(
+                        "{}{path}?os=linux&arch=amd64&p=github.com/acme/alpha",
+                        s.base
+                    ),
+                )
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status().as_u16(), 503, "{method} {path}");
+            assert_eq!(resp.headers()["retry-after"], "7", "{method} {path}");
+            assert!(resp.headers().contains_key("x-caddy-build-key"));
+            if method == reqwest::Method::GET {
+                let json: Value = resp.json().await.unwrap();
+                assert_eq!(json["status_code"], 503);
+                let message = json["error"]["message"].as_str().unwrap();
+                assert!(message.contains("still queued"), "{message}");
+                assert!(json["error"]["id"].is_string());
+            }
+        }
+    }
+    let key = c
+        .post(format!(
+            "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
+            s.base
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(key.status().as_u16(), 202, "the API's own endpoint");
+    let key: Value = key.json().await.unwrap();
+    let key = key["result"]["key"].as_str().unwrap();
+    let by_key = c
+        .get(format!("{}/api/build/{key}/download", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(by_key.status().as_u16(), 202);
+}
+
+/// Connects to a build's event stream with a resume point far past its end, reads the
+/// answer's head and hangs up.
+async fn connect_and_hang_up(addr: &str, key: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(
+        format!(
+            "GET /api/build/{key}/events HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 4294967295\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut head = [0u8; 12];
+    conn.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+}
+
+/// Thousands of clients that open an event stream with `Last-Event-ID: 4294967295` and hang
+/// up leave nothing behind: the server's tasks go back to their number before, later events
+/// of that build wake nobody, and the database pool still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn event_streams_of_clients_that_hang_up_end() {
+    use futures::StreamExt;
+    let s = server(false).await;
+    let c = client();
+    let json: Value = c
+        .post(format!("{}/api/build?os=linux&arch=amd64", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    let addr = s.base.trim_start_matches("http://").to_owned();
+    let metrics = tokio::runtime::Handle::current().metrics();
+    // Warm up: the database pool opens its connections (a task each) under this load.
+    futures::stream::iter(0..500)
+        .for_each_concurrent(100, |_| connect_and_hang_up(&addr, &key))
+        .await;
+    let settled = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut baseline = metrics.num_alive_tasks();
+    while tokio::time::Instant::now() < settled {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = metrics.num_alive_tasks();
+        if now == baseline && now < 100 {
+            break;
+        }
+        baseline = now;
+    }
+    const CLIENTS: usize = 2_000;
+    futures::stream::iter(0..CLIENTS)
+        .for_each_concurrent(100, |_| connect_and_hang_up(&addr, &key))
+        .await;
+    // Every stream's task ends (hyper drops the body when it sees the connection closed,
+    // at the latest at the next keep-alive).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let alive = metrics.num_alive_tasks();
+        if alive <= baseline + 8 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{alive} tasks alive after {CLIENTS} hung-up streams, {baseline} before"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The pool is not starved: a status read and a new stream answer at once.
+    let status = c
+        .get(format!("{}/api/build/{key}", s.base))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(status.status().as_u16(), 200);
+    // A resume point past the end of a finished build ends the stream at once.
+    let b = s
+        .app
+        .store
+        .claim("sse-test", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    s.app
+        .store
+        .append_latest(
+            &b.key,
+            cbs_events::Event::Failed(cbs_events::Failed {
+                attempt: b.attempt,
+                kind: cbs_events::FailureKind::Permanent,
+                step: Some("compile".into()),
+                message: "first attempt".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    let mut ended = c
+        .get(format!("{}/api/build/{key}/events", s.base))
+        .header("last-event-id", "4294967295")
+        .send()
+        .await
+        .unwrap();
+    assert!(read_sse(&mut ended, |_| false).await.is_empty());
+}
+
+/// After a forced rebuild, a stream replayed from the start shows the old attempt's state
+/// but ends with the new attempt's result, not the old one's.
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_replay_after_a_forced_rebuild_ends_with_the_new_result() {
+    let s = server(false).await;
+    let c = client();
+    let url = format!("{}/api/build?os=linux&arch=amd64", s.base);
+    let json: Value = c.post(&url).send().await.unwrap().json().await.unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    for (n, message) in ["first attempt failed", "second attempt failed"]
+        .iter()
+        .enumerate()
+    {
+        if n > 0 {
+            let forced = c.post(format!("{url}&force=true")).send().await.unwrap();
+            assert_eq!(forced.status().as_u16(), 202);
+        }
+        let b = s
+            .app
+            .store
+            .claim("sse-test", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+        s.app
+            .store
+            .append_latest(
+                &b.key,
+                cbs_events::Event::Failed(cbs_events::Failed {
+                    attempt: b.attempt,
+                    kind: cbs_events::FailureKind::Permanent,
+                    step: Some("compile".into()),
+                    message: (*message).into(),
+                }),
+            )
+            .await
+            .unwrap();
+    }
+    let mut replay = c
+        .get(format!("{}/api/build/{key}/events", s.base))
+        .send()
+        .await
+        .unwrap();
+    let all = read_sse(&mut replay, |_| false).await;
+    let results: Vec<&(String, String, String)> = all.iter().filter(|m| m.1 == "result").collect();
+    assert_eq!(results.len(), 1, "{all:?}");
+    assert!(results[0].2.contains("second attempt failed"), "{all:?}");
+    assert_eq!(all.last().unwrap().1, "result");
+    assert!(
+        all.iter()
+            .any(|m| m.1 == "state" && m.2.contains("first attempt failed")),
+        "the old attempt's state is replayed: {all:?}"
+    );
+}

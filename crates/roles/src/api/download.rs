@@ -391,8 +391,13 @@ pub async fn compat(
     loop {
         let waiting = matches!(build.status, Status::Queued | Status::Running)
             || (build.status == Status::Failed && !build.is_terminal());
-        if !waiting || tokio::time::Instant::now() >= deadline {
+        if !waiting {
             return answer(&state, &build, &method, &headers).await;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            // Caddy's CLI writes any answer below 400 to disk as the new executable: a wait
+            // that ran out is an error with the error JSON, never a 202 status body.
+            return Ok(not_ready(&state, &build));
         }
         tokio::select! {
             _ = waiter.changed() => {}
@@ -413,6 +418,29 @@ pub async fn compat(
             }
         };
     }
+}
+
+/// `/api/download` and `/api/compat` after their wait ran out: 503 with `Retry-After` and
+/// the error JSON (Caddy's CLI prints the message).
+fn not_ready(state: &ApiState, build: &BuildState) -> Response {
+    let retry = state.app.config.api.download_retry_after.as_secs().max(1);
+    let mut resp = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the build {} is still {} after waiting {}; try again in {retry} s (the build goes on; GET /api/build/{} shows its progress)",
+            build.key,
+            super::builds::status_name(build.status),
+            humantime::format_duration(state.app.config.api.download_wait),
+            build.key,
+        ),
+    )
+    .into_response();
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+    if let Ok(v) = HeaderValue::from_str(build.key.as_str()) {
+        resp.headers_mut().insert("x-caddy-build-key", v);
+    }
+    resp
 }
 
 #[cfg(test)]

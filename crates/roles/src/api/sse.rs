@@ -182,11 +182,16 @@ pub async fn events(
         }
     }
     // The last place the client has seen; (0, None) is before everything.
-    let seen: Place = from_header.or(from_query).unwrap_or((0, None));
+    let mut seen: Place = from_header.or(from_query).unwrap_or((0, None));
     // Subscribe first, then check the build exists and start reading.
     let mut waiter = state.app.hub.watch_build(&key);
-    if state.app.store.build(&key).await?.is_none() {
+    let Some(build) = state.app.store.build(&key).await? else {
         return Err(ApiError::not_found(format!("no build with key {key}")));
+    };
+    // A resume point past the build's last event (a client of another server, a forged
+    // id) means "from now on", not "from an event that will never come".
+    if seen.0 > build.last_seq {
+        seen = (build.last_seq, Some(usize::MAX));
     }
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
     let store = state.app.store.clone();
@@ -199,18 +204,27 @@ pub async fn events(
                 // The database is away (a restart): the stream stays open (keep-alives go
                 // on) and reads again shortly, for as long as the client listens.
                 Err(e) => {
-                    if tx.is_closed() {
-                        return;
-                    }
                     tracing::warn!(error = %e, "event stream: cannot read the log; trying again");
-                    tokio::time::sleep(super::builds::READ_RETRY_PAUSE).await;
-                    continue;
+                    tokio::select! {
+                        _ = tokio::time::sleep(super::builds::READ_RETRY_PAUSE) => continue,
+                        _ = tx.closed() => return,
+                    }
                 }
             };
             let got = events.len();
-            for e in &events {
+            for (i, e) in events.iter().enumerate() {
                 read_after = e.seq;
-                let (msgs, end) = messages(e);
+                let (mut msgs, mut end) = messages(e);
+                // A result that a later event superseded (a forced rebuild reopened the
+                // build) is not the stream's end: replay its state, not its result.
+                if end {
+                    let later = i + 1 < got
+                        || matches!(store.events(&key, e.seq, 1).await, Ok(more) if !more.is_empty());
+                    if later {
+                        msgs.retain(|(place, _)| *place != (e.seq, Some(1)));
+                        end = false;
+                    }
+                }
                 for (place, m) in msgs {
                     if place <= seen {
                         continue;
@@ -224,7 +238,12 @@ pub async fn events(
                 }
             }
             if got < 500 {
-                waiter.changed().await;
+                // Waiting for the next event; a client that hangs up ends the task now, not
+                // at the next event (which may never come).
+                tokio::select! {
+                    _ = waiter.changed() => {}
+                    _ = tx.closed() => return,
+                }
             }
         }
     });
