@@ -37,6 +37,60 @@ pub struct Config {
     pub packages: PackagesConfig,
     pub janitor: JanitorConfig,
     pub log: LogConfig,
+    pub access: AccessConfig,
+}
+
+/// Who may do what through the API. Off by default (public mode, as caddyserver.com).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessConfig {
+    /// `public`: anyone may read and build; `token`: submitting needs a token with the
+    /// `build` scope. In both modes `force`, cancelling, replacements beyond
+    /// `packages.replaceable` and the admin endpoints need the `admin` scope.
+    pub mode: AccessMode,
+    /// In token mode: status, progress, history and downloads need no token.
+    pub public_reads: bool,
+    /// API tokens, sent as `Authorization: Bearer <secret>`.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for AccessConfig {
+    fn default() -> Self {
+        AccessConfig {
+            mode: AccessMode::Public,
+            public_reads: true,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// Access-control mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessMode {
+    Public,
+    Token,
+}
+
+/// One API token.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown in logs and events instead of the secret.
+    pub name: String,
+    /// The token itself (at least 16 characters); never logged.
+    pub secret: Secret<String>,
+    pub scopes: Vec<Scope>,
+}
+
+/// What a token allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// Submit builds.
+    Build,
+    /// Everything: force, cancel, replacements, the admin endpoints.
+    Admin,
 }
 
 /// Postgres, used by every role.
@@ -114,6 +168,9 @@ pub struct ApiConfig {
     pub submissions_per_minute: u32,
     /// How many submissions a client may make at once before the rate applies.
     pub submission_burst: u32,
+    /// Addresses or CIDR blocks of reverse proxies whose `X-Forwarded-For` / `Forwarded`
+    /// header names the client; from anyone else those headers are ignored.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -127,6 +184,7 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             submissions_per_minute: 60,
             submission_burst: 20,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -305,8 +363,12 @@ impl Default for GoConfig {
 pub struct PackagesConfig {
     /// Build only modules listed in `catalog` (an allowlist).
     pub catalog_only: bool,
-    /// Modules never built: exact module paths, or prefixes ending in `/`.
+    /// Modules never built, as plugins or in replacements (old or new): exact module
+    /// paths, or prefixes ending in `/`; compared without regard to case.
     pub deny: Vec<String>,
+    /// Modules anyone may replace (`old` of a replacement): exact paths or prefixes ending
+    /// in `/`. Empty (the default): only callers with the `admin` scope may replace.
+    pub replaceable: Vec<String>,
     pub catalog: Vec<CatalogEntry>,
 }
 
@@ -338,14 +400,11 @@ pub struct CatalogModule {
 }
 
 impl PackagesConfig {
-    /// Why `module` may not be built here, if it may not.
+    /// Why `module` may not be built here, if it may not. Deny rules ignore case (a case
+    /// variant names the same repository on most hosts); the catalog matches exactly.
     pub fn refusal(&self, module: &str) -> Option<String> {
-        let denied = self.deny.iter().any(|d| {
-            module == d.trim_end_matches('/')
-                || (d.ends_with('/') && module.starts_with(d.as_str()))
-        });
-        if denied {
-            return Some(format!("module {module} may not be built on this server"));
+        if let Some(why) = self.denial(module) {
+            return Some(why);
         }
         if self.catalog_only && !self.catalog.iter().any(|e| e.path == module) {
             return Some(format!(
@@ -354,6 +413,26 @@ impl PackagesConfig {
         }
         None
     }
+
+    /// Why `module` is denied (the deny rules alone, without the catalog), if it is.
+    pub fn denial(&self, module: &str) -> Option<String> {
+        matches_any(&self.deny, module)
+            .then(|| format!("module {module} may not be built on this server"))
+    }
+
+    /// Whether anyone (not only an admin) may replace `module`.
+    pub fn anyone_may_replace(&self, module: &str) -> bool {
+        matches_any(&self.replaceable, module)
+    }
+}
+
+/// `module` is one of `rules` (exact paths, or prefixes ending in `/`), ignoring case.
+fn matches_any(rules: &[String], module: &str) -> bool {
+    let module = module.to_lowercase();
+    rules.iter().any(|rule| {
+        let rule = rule.to_lowercase();
+        module == rule.trim_end_matches('/') || (rule.ends_with('/') && module.starts_with(&rule))
+    })
 }
 
 /// Where artifacts are published: a directory (local disk or NFS) or an S3-compatible bucket.

@@ -69,14 +69,32 @@ fn module(m: &ModuleInfo) -> Module {
     }
 }
 
-/// The trusted comment's module-list hash for a binary's build information.
+/// The trusted comment's module-list hash for a binary's build information: its `dep`
+/// lines, with replacements (`path@version => new@version`).
 pub fn binary_modules_hash(info: &BuildInfo) -> String {
     let lines: Vec<String> = info
         .deps
         .iter()
-        .map(|d| format!("{}@{}", d.path, d.version))
+        .map(|d| match &d.replace {
+            Some(r) => format!("{}@{} => {}@{}", d.path, d.version, r.path, r.version),
+            None => format!("{}@{}", d.path, d.version),
+        })
         .collect();
     modules_hash(lines.iter().map(String::as_str))
+}
+
+/// The binary's replacements as the trusted comment states them (`old=>new@version`).
+pub fn binary_replacements(info: &BuildInfo) -> Vec<String> {
+    let mut out: Vec<String> = info
+        .deps
+        .iter()
+        .filter_map(|d| {
+            let r = d.replace.as_ref()?;
+            Some(format!("{}=>{}@{}", d.path, r.path, r.version))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 /// Signs a file in a blocking thread (it hashes the whole file).
@@ -103,12 +121,14 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
     let location = format!("builds/{}/{}/{}", b.key.shard(), b.key, b.attempt);
     let now = Utc::now();
     let modules_sha = binary_modules_hash(i.info);
+    let replacements = binary_replacements(i.info);
     let caddy_version = b.request.caddy_version().to_string();
     let trusted = TrustedComment {
         timestamp: now.timestamp(),
         build_key: b.key.as_str(),
         caddy_version: &caddy_version,
         modules_sha256: &modules_sha,
+        replacements: &replacements,
         file: i.name,
         sha256: i.sha256,
     }
@@ -144,6 +164,7 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
             build_key: b.key.as_str(),
             caddy_version: &caddy_version,
             modules_sha256: &modules_sha,
+            replacements: &replacements,
             file: PROVENANCE,
             sha256: &statement_sha,
         }

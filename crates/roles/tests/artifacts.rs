@@ -484,3 +484,129 @@ async fn artifacts_not_downloaded_for_the_retention_expire_and_a_new_request_reb
     assert_eq!(rebuilt.attempt, built.attempt + 1);
     assert_eq!(again.len(), first.len());
 }
+
+const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// Replacements are an operator's power: anonymous requests may not replace (not even
+/// Caddy itself), deny rules cover `old`, `new` and case variants, and an admin's
+/// replacement is stated in the trusted comment, and covered by its module hash.
+#[tokio::test(flavor = "multi_thread")]
+async fn replacements_need_the_admin_scope_and_are_signed_into_the_trusted_comment() {
+    let s = server_configured(true, None, |c| {
+        c.access.tokens = vec![cbs_config::TokenConfig {
+            name: "ops".into(),
+            secret: cbs_config::Secret::new(ADMIN_TOKEN.into()),
+            scopes: vec![cbs_config::Scope::Admin],
+        }];
+        c.packages.deny = vec!["example.com/GAMMA/".into()];
+    })
+    .await;
+    let c = client();
+    let base = format!("{}/api/download?os=linux&arch=amd64", s.base);
+    let refused = [
+        // Anonymous: no replacement at all, Caddy itself least of all.
+        (
+            format!("{base}&p=github.com/acme/alpha&r=github.com/caddyserver/caddy/v2=github.com/acme/alpha@v1.0.0"),
+            None,
+            403,
+            "admin scope",
+        ),
+        (
+            format!("{base}&p=github.com/acme/alpha&r=github.com/acme/alpha=github.com/acme/alpha@v1.0.0"),
+            None,
+            403,
+            "admin scope",
+        ),
+        // Deny rules ignore case, as plugin, as new and as old.
+        (format!("{base}&p=example.com/gamma/v2"), None, 403, "may not be built"),
+        (
+            format!("{base}&p=github.com/acme/alpha&r=github.com/acme/alpha=example.com/gamma/v2@v2.0.0"),
+            Some(ADMIN_TOKEN),
+            403,
+            "may not be built",
+        ),
+        (
+            format!("{base}&p=github.com/acme/alpha&r=example.com/Gamma/v2=github.com/acme/alpha@v1.0.0"),
+            Some(ADMIN_TOKEN),
+            403,
+            "may not be built",
+        ),
+        // A wrong token is a 401 even on a public server.
+        (
+            format!("{base}&p=github.com/acme/alpha"),
+            Some("not-a-token-at-all"),
+            401,
+            "unknown API token",
+        ),
+    ];
+    for (url, token, status, want) in refused {
+        let mut req = c.get(&url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{url}");
+        let json: Value = resp.json().await.unwrap();
+        let message = json["error"]["message"].as_str().unwrap();
+        assert!(message.contains(want), "{url}: {message}");
+    }
+    let r = c
+        .get(format!(
+            "{base}&p=github.com/acme/alpha&r=github.com/acme/alpha=github.com/acme/alpha@v1.0.0"
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let key = r.headers()["x-caddy-build-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let binary = r.bytes().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("caddy"), &binary).unwrap();
+    let sig = get_ok(&format!("{}/api/build/{key}/download.minisig", s.base))
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    std::fs::write(dir.path().join("caddy.minisig"), &sig).unwrap();
+    let pk = get_ok(&format!("{}/api/public-key", s.base))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let pk = cbs_signing::parse_public_key(&pk).unwrap();
+    let (ok, out) = run(Command::new("minisign")
+        .current_dir(dir.path())
+        .args(["-Vm", "caddy", "-P", &pk]));
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("replace:github.com/acme/alpha=>github.com/acme/alpha@v1.0.0 "),
+        "{out}"
+    );
+    // The module hash covers the replacement lines, as `go version -m` prints them.
+    let (ok, listing) = run(Command::new(cbs_testkit::go_binary())
+        .args(["version", "-m"])
+        .arg(dir.path().join("caddy")));
+    assert!(ok, "{listing}");
+    let mut lines: Vec<String> = Vec::new();
+    for l in listing.lines() {
+        let f: Vec<&str> = l.trim().split('\t').collect();
+        match f.first() {
+            Some(&"dep") => lines.push(format!("{}@{}", f[1], f[2])),
+            Some(&"=>") => {
+                let last = lines.last_mut().unwrap();
+                *last = format!("{last} => {}@{}", f[1], f[2]);
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        lines.contains(&"github.com/acme/alpha@v1.1.0 => github.com/acme/alpha@v1.0.0".to_owned()),
+        "{lines:?}"
+    );
+    let modules = cbs_signing::modules_hash(lines.iter().map(String::as_str));
+    assert!(out.contains(&format!("modules:{modules}")), "{out}");
+}

@@ -220,8 +220,9 @@ pub fn checksum_file(sha256_hex: &str, name: &str) -> String {
     format!("{sha256_hex}  {name}\n")
 }
 
-/// SHA-256 (hex) of the sorted, newline-terminated `module@version` lines: the module-list
-/// hash of the trusted comment.
+/// SHA-256 (hex) of the sorted, newline-terminated module lines: the module-list hash of the
+/// trusted comment. A line is `module@version`, or `module@version => new@version` for a
+/// replaced module (as `go version -m` prints the `dep` and `=>` lines).
 pub fn modules_hash<'a>(modules: impl IntoIterator<Item = &'a str>) -> String {
     let mut lines: Vec<&str> = modules.into_iter().collect();
     lines.sort_unstable();
@@ -242,6 +243,9 @@ pub struct TrustedComment<'a> {
     pub build_key: &'a str,
     pub caddy_version: &'a str,
     pub modules_sha256: &'a str,
+    /// Every replacement in the binary, `old=>new@version`; shown as one `replace:` field
+    /// (comma-separated) when there are any.
+    pub replacements: &'a [String],
     pub file: &'a str,
     pub sha256: &'a str,
 }
@@ -250,14 +254,13 @@ impl std::fmt::Display for TrustedComment<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "timestamp:{} file:{} build:{} caddy:{} modules:{} sha256:{}",
-            self.timestamp,
-            self.file,
-            self.build_key,
-            self.caddy_version,
-            self.modules_sha256,
-            self.sha256
-        )
+            "timestamp:{} file:{} build:{} caddy:{} modules:{}",
+            self.timestamp, self.file, self.build_key, self.caddy_version, self.modules_sha256,
+        )?;
+        if !self.replacements.is_empty() {
+            write!(f, " replace:{}", self.replacements.join(","))?;
+        }
+        write!(f, " sha256:{}", self.sha256)
     }
 }
 
@@ -321,6 +324,29 @@ mod tests {
             modules_hash(["a@v2", "b@v1"])
         );
         assert_ne!(modules_hash(["a@v1"]), modules_hash(["a@v2"]));
+        assert_ne!(
+            modules_hash(["a@v1"]),
+            modules_hash(["a@v1 => fork.example/a@v1.0.1"])
+        );
+        let mut t = TrustedComment {
+            timestamp: 1,
+            build_key: "k",
+            caddy_version: "v2.8.4",
+            modules_sha256: "m",
+            replacements: &[],
+            file: "caddy",
+            sha256: "s",
+        };
+        assert_eq!(
+            t.to_string(),
+            "timestamp:1 file:caddy build:k caddy:v2.8.4 modules:m sha256:s"
+        );
+        let r = ["a=>b@v1".to_owned(), "c=>d@v2".to_owned()];
+        t.replacements = &r;
+        assert_eq!(
+            t.to_string(),
+            "timestamp:1 file:caddy build:k caddy:v2.8.4 modules:m replace:a=>b@v1,c=>d@v2 sha256:s"
+        );
         assert_eq!(checksum_file("ab", "caddy"), "ab  caddy\n");
     }
 }

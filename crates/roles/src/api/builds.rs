@@ -102,18 +102,44 @@ pub fn rate_limit(
     })
 }
 
-pub async fn submit(state: &ApiState, parsed: Parsed) -> Result<BuildState, ApiError> {
+pub async fn submit(
+    state: &ApiState,
+    parsed: Parsed,
+    caller: &super::access::Caller,
+) -> Result<BuildState, ApiError> {
     let packages = &state.app.config.packages;
-    let modules = parsed
-        .spec
-        .plugins
-        .iter()
-        .map(|p| p.module.as_str())
-        .chain(parsed.spec.replacements.iter().map(|r| r.new.as_str()));
-    for m in modules {
+    let spec = &parsed.spec;
+    // Every module the build would contain or replace, under the deny and catalog rules;
+    // a replaced module (`old`) is under the deny rules only (it need not be in the
+    // catalog: Caddy's own dependencies are not).
+    for m in spec.plugins.iter().map(|p| p.module.as_str()) {
         if let Some(why) = packages.refusal(m) {
             return Err(ApiError::new(StatusCode::FORBIDDEN, why));
         }
+    }
+    for r in &spec.replacements {
+        // Replacing is an operator's power: it changes what a signed binary contains.
+        if !caller.is_admin() && !packages.anyone_may_replace(r.old.as_str()) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "replacing {} needs an API token with the admin scope on this server (packages.replaceable lists what anyone may replace)",
+                    r.old
+                ),
+            ));
+        }
+        if let Some(why) = packages.refusal(r.new.as_str()) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, why));
+        }
+        if let Some(why) = packages.denial(r.old.as_str()) {
+            return Err(ApiError::new(StatusCode::FORBIDDEN, why));
+        }
+    }
+    if parsed.force && !state.tokens.may_force(caller) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "force needs an API token with the admin scope on this server",
+        ));
     }
     let request = state
         .resolver
@@ -153,8 +179,10 @@ pub async fn post_build(
     State(state): State<ApiState>,
     client: Option<axum::Extension<super::limit::ClientAddr>>,
     RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let caller = state.tokens.submitter(&headers)?;
     rate_limit(&state, client.as_deref())?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
@@ -167,7 +195,7 @@ pub async fn post_build(
         }
         params::from_json(&body)?
     };
-    let build = submit(&state, parsed).await?;
+    let build = submit(&state, parsed, &caller).await?;
     let code = match build.status {
         Status::Succeeded => StatusCode::OK,
         Status::Failed | Status::Cancelled | Status::GaveUp if build.is_terminal() => {

@@ -381,9 +381,10 @@ pub async fn compat(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let caller = state.tokens.submitter(&headers)?;
     super::builds::rate_limit(&state, client.as_deref())?;
     let parsed = params::from_query(query.as_deref())?;
-    let build = submit(&state, parsed).await?;
+    let build = submit(&state, parsed, &caller).await?;
     let key = build.key.clone();
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + state.app.config.api.download_wait;

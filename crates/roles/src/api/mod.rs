@@ -11,6 +11,7 @@
 //! Every error is `{"status_code", "error": {"message", "id"}}`; every response carries
 //! `x-request-id`. Served with hyper-util so that slow request headers time out.
 
+pub mod access;
 mod builds;
 mod download;
 mod error;
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub downloads: Arc<Downloads>,
     /// The signing public key in minisign's file format, if one is configured.
     pub public_key: Option<Arc<str>>,
+    pub tokens: Arc<access::Tokens>,
+    pub trusted_proxies: Arc<Vec<access::Cidr>>,
 }
 
 /// Binds the configured address, with a long accept queue: thousands of long-polls and
@@ -110,6 +113,14 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/packages", get(builds::packages))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.tokens.clone(),
+            access::read_access,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.trusted_proxies.clone(),
+            access::real_client,
+        ))
         .layer(axum::middleware::from_fn(request_id))
         .with_state(state)
 }
@@ -236,7 +247,18 @@ pub async fn run(
         .await
         .context("artifact storage")?;
     let public_key = load_public_key(&app.config.signing).await;
+    let tokens = Arc::new(access::Tokens::new(&app.config.access)?);
+    let trusted_proxies = app
+        .config
+        .api
+        .trusted_proxies
+        .iter()
+        .map(|c| c.parse::<access::Cidr>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}"))?;
     let router = router(ApiState {
+        tokens,
+        trusted_proxies: Arc::new(trusted_proxies),
         app,
         resolver: Arc::new(resolver),
         limiter,
