@@ -163,11 +163,17 @@ pub struct ApiConfig {
     /// How long a client may take to send its request headers.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Build submissions (`POST /api/build`, `/api/download`, `/api/compat`) per client
-    /// address and minute; 0 turns the limit off.
+    /// Submissions that create work (a new build, or reopening one) per client (IPv4
+    /// address or IPv6 /64) and minute; joining a build and downloading are not counted.
+    /// 0 turns the limit off.
     pub submissions_per_minute: u32,
     /// How many submissions a client may make at once before the rate applies.
     pub submission_burst: u32,
+    /// Waiting requests (long-polls, event streams, download waits) one client may hold
+    /// open at once (429 beyond); 0: no limit.
+    pub max_waits_per_client: usize,
+    /// Waiting requests of all clients together (503 with Retry-After beyond); 0: no limit.
+    pub max_waits: usize,
     /// Addresses or CIDR blocks of reverse proxies whose `X-Forwarded-For` / `Forwarded`
     /// header names the client; from anyone else those headers are ignored.
     pub trusted_proxies: Vec<String>,
@@ -185,6 +191,8 @@ impl Default for ApiConfig {
             submissions_per_minute: 60,
             submission_burst: 20,
             trusted_proxies: Vec::new(),
+            max_waits_per_client: 100,
+            max_waits: 50_000,
         }
     }
 }

@@ -960,26 +960,45 @@ async fn catalog_only_servers_build_only_the_catalog() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn one_client_cannot_submit_without_limit() {
+async fn one_client_cannot_create_builds_without_limit() {
     let s = server_configured(false, None, |c| {
         c.api.submissions_per_minute = 6;
         c.api.submission_burst = 3;
     })
     .await;
     let c = client();
-    let url = format!(
-        "{}/api/build?os=linux&arch=amd64&p=github.com/acme/alpha",
-        s.base
-    );
-    for _ in 0..3 {
-        assert_eq!(c.post(&url).send().await.unwrap().status().as_u16(), 202);
+    let url = |p: &str| format!("{}/api/build?os=linux&arch=amd64&p={p}", s.base);
+    let distinct = [
+        "github.com/acme/alpha@v1.0.0",
+        "github.com/acme/alpha@v1.1.0",
+        "example.com/gamma/v2@v2.0.0",
+    ];
+    for p in distinct {
+        assert_eq!(c.post(url(p)).send().await.unwrap().status().as_u16(), 202);
     }
-    let refused = c.post(&url).send().await.unwrap();
+    // Joining builds that exist is not limited.
+    for _ in 0..10 {
+        assert_eq!(
+            c.post(url(distinct[0]))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            202
+        );
+    }
+    let refused = c
+        .post(url("example.com/gamma/v2@v2.1.0"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
     let json: Value = refused.json().await.unwrap();
     let message = json["error"]["message"].as_str().unwrap();
     assert!(
-        message.contains("too many build requests from 127.0.0.1"),
+        message.contains("too many new builds from 127.0.0.1"),
         "{message}"
     );
     // Reading is not limited.
@@ -990,6 +1009,123 @@ async fn one_client_cannot_submit_without_limit() {
         .await
         .unwrap();
     assert_eq!(status.status().as_u16(), 404);
+}
+
+/// 50 servers behind one NAT run `caddy upgrade` at once: all want the same binary, which
+/// one request built. None is refused, although the submission limit is 3 a minute.
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_machines_behind_one_address_all_get_the_built_binary() {
+    let s = server_configured(true, None, |c| {
+        c.api.submissions_per_minute = 3;
+        c.api.submission_burst = 1;
+    })
+    .await;
+    let url = format!(
+        "{}/api/download?os=linux&arch=amd64&p=github.com/acme/alpha",
+        s.base
+    );
+    let first = client().get(&url).send().await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let want = first.bytes().await.unwrap();
+    let all = futures::future::join_all((0..50).map(|_| {
+        let url = url.clone();
+        async move {
+            let r = client().get(&url).send().await.unwrap();
+            (r.status().as_u16(), r.bytes().await.unwrap())
+        }
+    }))
+    .await;
+    for (status, bytes) in all {
+        assert_eq!(status, 200);
+        assert_eq!(bytes, want);
+    }
+}
+
+/// One client may hold only so many waiting requests open (429 beyond), and the server
+/// only so many in total (503 with Retry-After beyond); a closed wait frees its place.
+#[tokio::test(flavor = "multi_thread")]
+async fn open_waits_are_capped_per_client_and_in_total() {
+    let s = server_configured(false, None, |c| {
+        c.api.max_waits_per_client = 3;
+        c.api.max_waits = 4;
+    })
+    .await;
+    let c = client();
+    let json: Value = c
+        .post(format!("{}/api/build?os=linux&arch=amd64", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    let poll = format!("{}/api/build/{key}?wait=60s", s.base);
+    let events = format!("{}/api/build/{key}/events", s.base);
+    // Three waits: two event streams and a long-poll (whose answer never comes).
+    let mut streams = Vec::new();
+    for _ in 0..2 {
+        let r = c.get(&events).send().await.unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        streams.push(r);
+    }
+    let long_poll = tokio::spawn({
+        let poll = poll.clone();
+        async move { client().get(&poll).send().await.unwrap().status().as_u16() }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let r = c.get(&events).send().await.unwrap();
+        if r.status().as_u16() == 429 {
+            break r;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no 429");
+        streams.push(r); // the long-poll was not open yet
+    };
+    let json: Value = refused.json().await.unwrap();
+    assert!(json["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("too many open waits"));
+    // A status read without wait is not a wait.
+    assert_eq!(
+        c.get(format!("{}/api/build/{key}", s.base))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    long_poll.abort();
+    drop(streams);
+    // The places come back (a stream's place is freed when its task sees the hang-up).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut held = Vec::new();
+    while held.len() < 3 {
+        let r = c.get(&events).send().await.unwrap();
+        match r.status().as_u16() {
+            200 => held.push(r),
+            429 => {
+                assert!(tokio::time::Instant::now() < deadline, "places not freed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("{other}"),
+        }
+    }
+    // The server-wide cap (4): another address gets the fourth, a third address a 503.
+    let from = |ip: &str| {
+        reqwest::Client::builder()
+            .local_address(ip.parse::<std::net::IpAddr>().unwrap())
+            .build()
+            .unwrap()
+    };
+    let fourth = from("127.0.0.2").get(&events).send().await.unwrap();
+    assert_eq!(fourth.status().as_u16(), 200);
+    let full = from("127.0.0.3").get(&events).send().await.unwrap();
+    assert_eq!(full.status().as_u16(), 503);
+    assert_eq!(full.headers()["retry-after"], "5");
+    drop((held, fourth));
 }
 
 /// Caddy's CLI installs any answer below 400 as its executable: when the wait of

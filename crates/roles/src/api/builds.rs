@@ -80,8 +80,11 @@ fn resolve_error(e: ResolveError) -> ApiError {
     }
 }
 
-/// Resolves, keys and records a request (once per key, however many ask at once);
-/// reopens a failed build when forced.
+/// Statuses a forced request reopens.
+fn reopenable(s: Status) -> bool {
+    matches!(s, Status::Failed | Status::GaveUp | Status::Cancelled)
+}
+
 /// Takes a submission token for the client, or says when to come back (429).
 pub fn rate_limit(
     state: &ApiState,
@@ -94,18 +97,22 @@ pub fn rate_limit(
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
-                "too many build requests from {}; try again in {} s",
-                client.0,
+                "too many new builds from {}; try again in {} s (joining a build in progress and downloading are not limited)",
+                super::limit::client_key(client.0),
                 wait.as_secs().max(1)
             ),
         )
+        .retry_after(wait.as_secs().max(1))
     })
 }
 
+/// Resolves, keys and records a request (once per key, however many ask at once);
+/// reopens a failed build when forced.
 pub async fn submit(
     state: &ApiState,
     parsed: Parsed,
     caller: &super::access::Caller,
+    client: Option<&super::limit::ClientAddr>,
 ) -> Result<BuildState, ApiError> {
     let packages = &state.app.config.packages;
     let spec = &parsed.spec;
@@ -147,11 +154,19 @@ pub async fn submit(
         .await
         .map_err(resolve_error)?;
     let key = request.key();
+    // Only work that is new counts against the client's submission rate: joining a build
+    // in progress or downloading a finished one is free (50 servers behind one NAT asking
+    // for the same binary are one build).
+    let existing = state.app.store.build(&key).await?;
+    let creates = match &existing {
+        None => true,
+        Some(b) => (parsed.force && reopenable(b.status)) || b.status == Status::Expired,
+    };
+    if creates {
+        rate_limit(state, client)?;
+    }
     let mut build = state.app.store.request_build(&key, &request).await?.build;
-    let reopenable = matches!(
-        build.status,
-        Status::Failed | Status::GaveUp | Status::Cancelled
-    );
+    let reopenable = reopenable(build.status);
     // An expired build (its files were deleted for retention) is rebuilt on request.
     if (parsed.force && reopenable) || build.status == Status::Expired {
         let event = Event::Requeued(Requeued {
@@ -183,7 +198,6 @@ pub async fn post_build(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = state.tokens.submitter(&headers)?;
-    rate_limit(&state, client.as_deref())?;
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let parsed = if body.iter().all(u8::is_ascii_whitespace) {
         params::from_query(query.as_deref())?
@@ -195,7 +209,7 @@ pub async fn post_build(
         }
         params::from_json(&body)?
     };
-    let build = submit(&state, parsed, &caller).await?;
+    let build = submit(&state, parsed, &caller, client.as_deref()).await?;
     let code = match build.status {
         Status::Succeeded => StatusCode::OK,
         Status::Failed | Status::Cancelled | Status::GaveUp if build.is_terminal() => {
@@ -255,11 +269,17 @@ fn wait_params(query: Option<&str>, max: Duration) -> Result<WaitParams, ApiErro
 /// the wait ends. Woken through the process's one listening connection.
 pub async fn get_build(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<super::limit::ClientAddr>>,
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&key)?;
     let p = wait_params(query.as_deref(), state.app.config.api.max_long_poll)?;
+    let _wait = if p.wait.is_zero() {
+        None
+    } else {
+        Some(super::open_wait(&state, client.as_deref())?)
+    };
     // Subscribe before reading: a commit between the read and the wait still wakes us.
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + p.wait;

@@ -382,18 +382,21 @@ pub async fn compat(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = state.tokens.submitter(&headers)?;
-    super::builds::rate_limit(&state, client.as_deref())?;
     let parsed = params::from_query(query.as_deref())?;
-    let build = submit(&state, parsed, &caller).await?;
+    let build = submit(&state, parsed, &caller, client.as_deref()).await?;
     let key = build.key.clone();
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + state.app.config.api.download_wait;
     let mut build = build;
+    let mut wait = None;
     loop {
         let waiting = matches!(build.status, Status::Queued | Status::Running)
             || (build.status == Status::Failed && !build.is_terminal());
         if !waiting {
             return answer(&state, &build, &method, &headers).await;
+        }
+        if wait.is_none() {
+            wait = Some(super::open_wait(&state, client.as_deref())?);
         }
         if tokio::time::Instant::now() >= deadline {
             // Caddy's CLI writes any answer below 400 to disk as the new executable: a wait

@@ -57,6 +57,7 @@ pub struct ApiState {
     /// The signing public key in minisign's file format, if one is configured.
     pub public_key: Option<Arc<str>>,
     pub tokens: Arc<access::Tokens>,
+    pub waits: Arc<limit::Waits>,
     pub trusted_proxies: Arc<Vec<access::Cidr>>,
 }
 
@@ -258,6 +259,10 @@ pub async fn run(
         .map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}"))?;
     let router = router(ApiState {
         tokens,
+        waits: Arc::new(limit::Waits::new(
+            app.config.api.max_waits_per_client,
+            app.config.api.max_waits,
+        )),
         trusted_proxies: Arc::new(trusted_proxies),
         app,
         resolver: Arc::new(resolver),
@@ -308,6 +313,29 @@ pub async fn run(
     }
     info!("api stopped");
     Ok(())
+}
+
+/// Opens a waiting request for `client`: 429 when the client holds too many, 503 with
+/// `Retry-After` when the server does.
+pub fn open_wait(
+    state: &ApiState,
+    client: Option<&limit::ClientAddr>,
+) -> Result<limit::WaitGuard, ApiError> {
+    let ip = client.map(|c| c.0);
+    state.waits.open(ip).map_err(|refused| match refused {
+        limit::WaitRefused::Client(n) => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many open waits from {}: at most {n} long-polls, event streams and download waits at once",
+                ip.map(limit::client_key).map(|i| i.to_string()).unwrap_or_default()
+            ),
+        ),
+        limit::WaitRefused::Server(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the server holds as many waiting requests as it can; try again in 5 s",
+        )
+        .retry_after(5),
+    })
 }
 
 /// The process is alive.

@@ -149,6 +149,7 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
 /// The stream handler.
 pub async fn events(
     State(state): State<ApiState>,
+    client: Option<axum::Extension<super::limit::ClientAddr>>,
     Path(key): Path<String>,
     RawQuery(query): RawQuery,
     headers: HeaderMap,
@@ -193,10 +194,12 @@ pub async fn events(
     if seen.0 > build.last_seq {
         seen = (build.last_seq, Some(usize::MAX));
     }
+    let wait = super::open_wait(&state, client.as_deref())?;
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
     let store = state.app.store.clone();
     tokio::spawn(async move {
-        // Read from the event the client saw last (it may have seen only part of it).
+        let _wait = wait; // open as long as the stream
+                          // Read from the event the client saw last (it may have seen only part of it).
         let mut read_after = seen.0.saturating_sub(1);
         loop {
             let events = match store.events(&key, read_after, 500).await {
