@@ -174,6 +174,15 @@ pub struct ApiConfig {
     pub max_waits_per_client: usize,
     /// Waiting requests of all clients together (503 with Retry-After beyond); 0: no limit.
     pub max_waits: usize,
+    /// How long a client may take to send a request body (408 and the connection closed
+    /// beyond).
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// Open connections of all clients together; more are closed at once. 0: no limit.
+    pub max_connections: usize,
+    /// Open connections per client address (IPv6: per /64); more are closed at once. 0: no
+    /// limit. Connections from `trusted_proxies` are not counted per client.
+    pub max_connections_per_client: usize,
     /// Addresses or CIDR blocks of reverse proxies whose `X-Forwarded-For` / `Forwarded`
     /// header names the client; from anyone else those headers are ignored.
     pub trusted_proxies: Vec<String>,
@@ -193,6 +202,9 @@ impl Default for ApiConfig {
             trusted_proxies: Vec::new(),
             max_waits_per_client: 100,
             max_waits: 50_000,
+            body_timeout: Duration::from_secs(10),
+            max_connections: 60_000,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -217,9 +229,12 @@ pub struct WorkerConfig {
     pub build_dir: PathBuf,
     /// Where the shared Go module cache and this worker's build cache live.
     pub cache_dir: PathBuf,
-    /// Longest time one Go command may run.
+    /// Longest time one Go command may run (each command of a phase has its own).
     #[serde(with = "humantime_serde")]
     pub command_timeout: Duration,
+    /// Longest time one build attempt may take from claim to publication.
+    #[serde(with = "humantime_serde")]
+    pub build_timeout: Duration,
     pub docker: DockerConfig,
     /// The `go` binary of the local executor (the real one: `$GOROOT/bin/go`).
     pub local_go: PathBuf,
@@ -280,6 +295,7 @@ impl Default for WorkerConfig {
             build_dir: std::env::temp_dir().join("caddy-build-server"),
             cache_dir: PathBuf::from("/var/cache/caddy-build-server"),
             command_timeout: Duration::from_secs(600),
+            build_timeout: Duration::from_secs(3600),
             docker: DockerConfig::default(),
             local_go: PathBuf::from("/usr/local/go/bin/go"),
             stop_timeout: Duration::from_secs(25),

@@ -44,6 +44,11 @@ const HOME: &str = "/tmp/home";
 const RUNNER: &str = "/cbs/runner";
 /// Its source, compiled with the builder image when a worker starts.
 const RUNNER_SOURCE: &str = include_str!("runner/runner.go");
+/// The exit code the runner reports for a command it stopped at its time limit.
+const RUNNER_TIMED_OUT: i64 = -2;
+/// How much longer than the sum of its commands' limits a container may run (start-up,
+/// the runner itself) before the worker stops it.
+const CONTAINER_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Docker settings.
 #[derive(Debug, Clone)]
@@ -115,10 +120,15 @@ impl DockerExecutor {
             .map_err(|e| ExecError::Engine(format!("builder image {}: {e}", settings.image)))?;
         let full_image_id = image.id.unwrap_or_default();
         let image_id = full_image_id.trim_start_matches("sha256:");
-        let runner_dir = modcache
-            .parent()
-            .unwrap_or(&modcache)
-            .join(format!("runner-{}", &image_id[..image_id.len().min(16)]));
+        // Keyed by image and runner source: a changed runner is compiled again.
+        let source_id = {
+            use sha2::Digest;
+            hex::encode(&sha2::Sha256::digest(RUNNER_SOURCE.as_bytes())[..6])
+        };
+        let runner_dir = modcache.parent().unwrap_or(&modcache).join(format!(
+            "runner-{}-{source_id}",
+            &image_id[..image_id.len().min(16)]
+        ));
         let mut executor = DockerExecutor {
             docker,
             settings,
@@ -470,10 +480,7 @@ impl DockerExecutor {
                 None => Err(ExecError::Engine("wait ended without a status".into())),
             }
         };
-        let waited = tokio::time::timeout(self.go.command_timeout, async {
-            tokio::join!(wait, follow).0
-        })
-        .await;
+        let waited = tokio::time::timeout(timeout, async { tokio::join!(wait, follow).0 }).await;
         match waited {
             Ok(code) => Ok(Exit {
                 code: Some(code?),
@@ -639,8 +646,16 @@ impl DockerExecutor {
                 .join(",")
         );
         let nonce = nonce();
-        let cmd = vec![RUNNER.to_owned(), nonce.clone(), json];
-        let timeout = self.go.command_timeout * u32::try_from(commands.len()).unwrap_or(1);
+        // Each command has its own limit, enforced by the runner; the container as a whole
+        // gets the sum (and some slack) as a backstop.
+        let per_command = self.go.command_timeout;
+        let cmd = vec![
+            RUNNER.to_owned(),
+            nonce.clone(),
+            per_command.as_millis().max(1).to_string(),
+            json,
+        ];
+        let timeout = per_command * u32::try_from(commands.len()).unwrap_or(1) + CONTAINER_SLACK;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let run = async move {
             let tx = tx;
@@ -708,7 +723,7 @@ impl DockerExecutor {
                 exit: Exit {
                     code: (code >= 0).then_some(code),
                     duration: exit.duration,
-                    timed_out: false,
+                    timed_out: code == RUNNER_TIMED_OUT,
                 },
                 tail,
             }));

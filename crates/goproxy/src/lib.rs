@@ -85,7 +85,39 @@ pub struct Resolver {
     proxies: Vec<(String, Fallthrough)>,
     http: reqwest::Client,
     cache_ttl: Duration,
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<Cache>,
+}
+
+/// Largest answer read from a proxy for a version list, `.info` or `@latest`.
+pub const MAX_ANSWER: usize = 1 << 20;
+
+/// Answers kept at most (in two generations: when the newer one is full, the older one
+/// is dropped, so memory is bounded and every operation is O(1)).
+const CACHE_ENTRIES: usize = 10_000;
+
+/// The resolver's cache of answers, bounded, each answer valid for the TTL.
+#[derive(Debug, Default)]
+struct Cache {
+    current: HashMap<String, Cached>,
+    old: HashMap<String, Cached>,
+}
+
+impl Cache {
+    fn get(&mut self, key: &str, ttl: Duration) -> Option<Result<ModuleVersion, ResolveError>> {
+        let (at, r) = self.current.get(key).or_else(|| self.old.get(key))?;
+        (at.elapsed() < ttl).then(|| r.clone())
+    }
+
+    fn insert(&mut self, key: String, value: Cached) {
+        if self.current.len() >= CACHE_ENTRIES / 2 {
+            self.old = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, value);
+    }
+
+    fn len(&self) -> usize {
+        self.current.len() + self.old.len()
+    }
 }
 
 /// A cached answer and when it was fetched.
@@ -145,8 +177,13 @@ impl Resolver {
             proxies,
             http,
             cache_ttl: config.cache_ttl,
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// Answers cached now (bounded by [`CACHE_ENTRIES`]).
+    pub fn cached(&self) -> usize {
+        self.cache.lock().expect("cache lock").len()
     }
 
     /// GETs `path` from the proxies in order, falling through as configured.
@@ -164,7 +201,19 @@ impl Resolver {
                 Err(e) => unavailable(format!("cannot connect ({e})")),
                 Ok(resp) => {
                     let status = resp.status();
-                    let body = resp.text().await.unwrap_or_default();
+                    let body = match read_capped(resp).await {
+                        Ok(b) => b,
+                        Err(detail) => {
+                            let error = unavailable(detail);
+                            match mode {
+                                Fallthrough::AnyError => {
+                                    last = Err(error);
+                                    continue;
+                                }
+                                Fallthrough::NotFound => return Err(error),
+                            }
+                        }
+                    };
                     if status.is_success() {
                         return Ok(Fetch::Body(body));
                     }
@@ -197,16 +246,18 @@ impl Resolver {
         query: &VersionQuery,
     ) -> Result<ModuleVersion, ResolveError> {
         let cache_key = format!("{module}@{query}");
-        if let Some((at, r)) = self.cache.lock().expect("cache lock").get(&cache_key) {
-            if at.elapsed() < self.cache_ttl {
-                return r.clone();
-            }
+        if let Some(r) = self
+            .cache
+            .lock()
+            .expect("cache lock")
+            .get(&cache_key, self.cache_ttl)
+        {
+            return r;
         }
         let result = self.resolve_uncached(module, query).await;
         // Unavailability is not cached: the next request should try again.
         if !matches!(result, Err(ResolveError::Unavailable { .. })) {
             let mut cache = self.cache.lock().expect("cache lock");
-            cache.retain(|_, (at, _)| at.elapsed() < self.cache_ttl);
             cache.insert(cache_key, (Instant::now(), result.clone()));
         }
         result
@@ -315,6 +366,27 @@ impl Resolver {
     }
 }
 
+/// A proxy's answer as text, at most [`MAX_ANSWER`] bytes (a larger one is an error).
+async fn read_capped(mut resp: reqwest::Response) -> Result<String, String> {
+    if resp.content_length().is_some_and(|n| n > MAX_ANSWER as u64) {
+        return Err(format!("its answer is larger than {MAX_ANSWER} bytes"));
+    }
+    let mut body = Vec::new();
+    loop {
+        match resp.chunk().await {
+            Ok(Some(chunk)) => {
+                if body.len() + chunk.len() > MAX_ANSWER {
+                    return Err(format!("its answer is larger than {MAX_ANSWER} bytes"));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => break,
+            Err(e) => return Err(format!("reading its answer: {e}")),
+        }
+    }
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
 /// The version `latest` means in a `@v/list` answer: the highest release, else the highest
 /// pre-release; only versions valid for the module count.
 fn highest(module: &ModulePath, list: &str) -> Option<ModuleVersion> {
@@ -372,6 +444,19 @@ mod tests {
         assert_eq!(v("garbage\n\n"), None);
         let m2: ModulePath = "example.com/m/v2".parse().unwrap();
         assert_eq!(highest(&m2, "v2.1.0\nv3.0.0\n").unwrap().as_str(), "v2.1.0");
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_answers_expire() {
+        let mut c = Cache::default();
+        let v: ModuleVersion = "v1.0.0".parse().unwrap();
+        for i in 0..100_000 {
+            c.insert(format!("m{i}"), (Instant::now(), Ok(v.clone())));
+            assert!(c.len() <= CACHE_ENTRIES);
+        }
+        assert!(c.get("m99999", Duration::from_secs(60)).is_some());
+        assert!(c.get("m0", Duration::from_secs(60)).is_none(), "forgotten");
+        assert!(c.get("m99999", Duration::ZERO).is_none(), "expired");
     }
 
     #[test]

@@ -155,3 +155,38 @@ async fn a_spec_resolves_into_a_keyed_request() {
         request.key()
     );
 }
+
+/// A proxy whose answer is larger than the cap is unavailable, not read into memory.
+#[tokio::test]
+async fn an_oversized_answer_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                // No Content-Length: the size shows only while reading.
+                let _ = conn
+                    .write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n")
+                    .await;
+                let line = "v1.0.0\n".repeat(1000);
+                for _ in 0..(2 * cbs_goproxy::MAX_ANSWER / line.len()) {
+                    if conn.write_all(line.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let r = resolver(&url);
+    let err = r
+        .resolve(&m("example.com/huge"), &q("latest"))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, ResolveError::Unavailable { detail, .. } if detail.contains("larger than")),
+        "{err:?}"
+    );
+}

@@ -34,6 +34,7 @@ impl Publisher {
         let signer = tokio::task::spawn_blocking(move || Signer::load(&key_file, pw.as_deref()))
             .await
             .context("loading the signing key")??;
+        key_file_warnings(&s.key_file, password.is_some_and(|p| !p.is_empty()));
         let storage = Storage::connect(&config.storage)
             .await
             .context("artifact storage")?;
@@ -41,6 +42,20 @@ impl Publisher {
             storage,
             signer: std::sync::Arc::new(signer),
         })
+    }
+}
+
+/// Warns when the secret key file is readable by other users, or not encrypted.
+fn key_file_warnings(path: &Path, encrypted: bool) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the signing key file is readable or writable by other users; chmod 600 it");
+        }
+    }
+    if !encrypted {
+        tracing::warn!(path = %path.display(), "the signing key is not encrypted; anyone who can read the file can sign as this server (set signing.password for an encrypted key)");
     }
 }
 

@@ -82,7 +82,9 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
                 },
                 go,
                 w.cache_dir.join("mod"),
-                w.cache_dir.join(format!("build-{worker}")),
+                // One build cache per host, whatever the worker's id (which changes with
+                // its pid): Go's build cache is safe for concurrent go commands.
+                w.cache_dir.join("build"),
                 worker.to_owned(),
             )
             .await
@@ -92,6 +94,36 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
                 .await
                 .context("removing orphaned containers")?;
             Ok(Executor::Docker(Box::new(docker)))
+        }
+    }
+}
+
+/// Removes per-worker build caches (`build-<worker id>`, the layout before the cache was
+/// shared per host) that nobody used for a day. Never follows a symbolic link.
+pub fn prune_old_build_caches(cache_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir) else {
+        return;
+    };
+    let day = Duration::from_secs(24 * 3600);
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+            continue;
+        };
+        let old = meta
+            .modified()
+            .ok()
+            .and_then(|m| m.elapsed().ok())
+            .is_some_and(|age| age > day);
+        if name.starts_with("build-") && meta.is_dir() && old {
+            match std::fs::remove_dir_all(e.path()) {
+                Ok(()) => {
+                    info!(dir = %e.path().display(), "removed an unused per-worker build cache")
+                }
+                Err(err) => {
+                    warn!(dir = %e.path().display(), error = %err, "cannot remove an old build cache")
+                }
+            }
         }
     }
 }
@@ -114,6 +146,8 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
             }
         }
     };
+    let cache_dir = app.config.worker.cache_dir.clone();
+    tokio::task::spawn_blocking(move || prune_old_build_caches(&cache_dir));
     // This worker's build directories live under build_dir/<id>/; what is there at start
     // was left by this worker's previous life.
     let own_dir = app.config.worker.build_dir.join(&id);
@@ -451,8 +485,10 @@ async fn attempt_build(
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));
+    // The whole attempt's deadline; dropping the plan's future removes its container.
+    let build_timeout = app.config.worker.build_timeout;
     let outcome = tokio::select! {
-        r = exec.run_plan(&plan, build.key.as_str(), dir.path(), &tx) => Some(r),
+        r = tokio::time::timeout(build_timeout, exec.run_plan(&plan, build.key.as_str(), dir.path(), &tx)) => Some(r),
         _ = fenced.cancelled() => None,
     };
     drop(tx);
@@ -463,6 +499,15 @@ async fn attempt_build(
     if fenced.is_cancelled() {
         return Ok(None);
     }
+    let Ok(outcome) = outcome else {
+        return Err(Failure::ours(
+            None,
+            format!(
+                "the build did not finish within worker.build_timeout ({}) and was stopped",
+                humantime::format_duration(build_timeout)
+            ),
+        ));
+    };
     match outcome {
         Err(e) => Err(Failure::ours(None, format!("the build could not run: {e}"))),
         Ok(PlanOutcome::Failed {
@@ -496,7 +541,10 @@ async fn attempt_build(
                 Blame::Infrastructure => FailureKind::Retryable,
             };
             let how = match (exit.code, exit.timed_out) {
-                (_, true) => "timed out".to_owned(),
+                (_, true) => format!(
+                    "was stopped at its time limit of {} (worker.command_timeout)",
+                    humantime::format_duration(app.config.worker.command_timeout)
+                ),
                 (Some(c), _) => format!("exited with status {c}"),
                 (None, _) => "was killed".to_owned(),
             };

@@ -1344,3 +1344,157 @@ async fn sse_replay_after_a_forced_rebuild_ends_with_the_new_result() {
         "the old attempt's state is replayed: {all:?}"
     );
 }
+
+/// /readyz says the database is unavailable, and nothing of what the database driver said
+/// (which names the host, port, user and database).
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_does_not_echo_database_errors() {
+    let s = server_configured(false, None, |c| {
+        c.database.url = cbs_config::DatabaseUrl::new("postgres://secretuser@127.0.0.1:1/secretdb");
+        c.database.connect_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let resp = client()
+        .get(format!("{}/readyz", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 503);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("the database is unavailable"), "{text}");
+    for secret in ["secretuser", "secretdb", "127.0.0.1", "refused"] {
+        assert!(!text.contains(secret), "{secret} in {text}");
+    }
+}
+
+/// A build's history comes a page at a time (at most 1000 events), with the `after` of the
+/// next page; a type filter of the global feed that matches nothing still answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn history_is_paginated_and_the_feed_answers_for_unwritten_types() {
+    let s = server(false).await;
+    let c = client();
+    let json: Value = c
+        .post(format!("{}/api/build?os=linux&arch=amd64", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = json["result"]["key"].as_str().unwrap().to_owned();
+    let b = s
+        .app
+        .store
+        .claim("history-test", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    s.app
+        .store
+        .append_latest(
+            &b.key,
+            cbs_events::Event::Failed(cbs_events::Failed {
+                attempt: b.attempt,
+                kind: cbs_events::FailureKind::Permanent,
+                step: None,
+                message: "x".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    let page = |q: String| {
+        let c = c.clone();
+        let url = format!("{}/api/build/{key}/history{q}", s.base);
+        async move { c.get(url).send().await.unwrap() }
+    };
+    let first: Value = page("?limit=2".into()).await.json().await.unwrap();
+    let seqs = |v: &Value| -> Vec<u64> {
+        v["result"]["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(seqs(&first), [1, 2]);
+    assert_eq!(first["result"]["next"], 2);
+    let second: Value = page("?limit=2&after=2".into()).await.json().await.unwrap();
+    assert_eq!(seqs(&second), [3]);
+    assert!(second["result"]["next"].is_null());
+    for bad in ["?limit=0", "?limit=1001", "?after=x", "?page=2"] {
+        assert_eq!(page(bad.into()).await.status().as_u16(), 400, "{bad}");
+    }
+    let feed: Value = c
+        .get(format!("{}/api/events?type=cancelled", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(feed["result"]["events"].as_array().unwrap().is_empty());
+    assert!(feed["result"]["next"].is_string());
+}
+
+/// Opens a connection from `from`, sends a POST's head and the first byte of its body, and
+/// waits (at most `limit`) for the server to close it; true if it did.
+async fn trickle(addr: std::net::SocketAddr, from: &str, limit: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(std::net::SocketAddr::new(from.parse().unwrap(), 0))
+        .unwrap();
+    let Ok(mut conn) = socket.connect(addr).await else {
+        return true;
+    };
+    let head = "POST /api/build HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{";
+    if conn.write_all(head.as_bytes()).await.is_err() {
+        return true;
+    }
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(limit, async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 answer, then the close
+            }
+        }
+    })
+    .await;
+    closed.is_ok()
+}
+
+/// 500 clients trickle request bodies: the ones past the per-client connection cap are
+/// closed at once, the others when the body timeout ends; meanwhile /healthz and a normal
+/// build request from another client answer promptly.
+#[tokio::test(flavor = "multi_thread")]
+async fn trickling_bodies_do_not_hold_the_server() {
+    let s = server_configured(false, None, |c| {
+        c.api.body_timeout = Duration::from_secs(2);
+        c.api.max_connections_per_client = 50;
+    })
+    .await;
+    let addr: std::net::SocketAddr = s.base.trim_start_matches("http://").parse().unwrap();
+    let tricklers: Vec<_> = (0..500)
+        .map(|_| tokio::spawn(trickle(addr, "127.0.0.2", Duration::from_secs(30))))
+        .collect();
+    let c = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let health = c.get(format!("{}/healthz", s.base)).send().await.unwrap();
+    assert_eq!(health.status().as_u16(), 200);
+    let build = c
+        .post(format!("{}/api/build?os=linux&arch=amd64", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(build.status().as_u16(), 202);
+    let mut closed = 0;
+    for t in tricklers {
+        if t.await.unwrap() {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 500, "every trickling connection was closed");
+}

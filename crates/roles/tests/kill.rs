@@ -222,7 +222,7 @@ janitor:
             log.display()
         );
         any.borrow_and_update();
-        let page = app.store.feed(cursor, 500, &[]).await.unwrap();
+        let page = app.store.feed(cursor, 500, &[]).await.unwrap().0;
         if let Some(last) = page.last() {
             cursor = GlobalCursor {
                 tx_id: last.tx_id,

@@ -23,8 +23,18 @@ struct Setup {
 }
 
 async fn start_worker(db: &TestDb, goproxy: &str, id: &str) -> Setup {
+    start_worker_with(db, goproxy, id, |_| {}).await
+}
+
+async fn start_worker_with(
+    db: &TestDb,
+    goproxy: &str,
+    id: &str,
+    customize: impl FnOnce(&mut cbs_config::Config),
+) -> Setup {
     let dirs = tempfile::tempdir().unwrap();
-    let config = cbs_testkit::role_config(db, goproxy, dirs.path(), id);
+    let mut config = cbs_testkit::role_config(db, goproxy, dirs.path(), id);
+    customize(&mut config);
     let shutdown = CancellationToken::new();
     let app = App::new(config, &shutdown).unwrap();
     let worker = tokio::spawn(cbs_roles::worker::run(app.clone(), shutdown.clone()));
@@ -231,6 +241,70 @@ async fn output_that_looks_like_a_network_failure_does_not_make_a_failure_retrya
         .filter(|e| e.event_type() == EventType::Claimed)
         .count();
     assert_eq!(claims, 1, "one attempt");
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
+
+/// A module proxy that accepts connections and never answers: `go get` hangs on it.
+async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    (url, task)
+}
+
+/// Each go command has its own time limit (enforced inside the container by the runner),
+/// and the message states the limit that was applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_command_is_stopped_at_the_command_timeout() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let (hole, _hole) = black_hole().await;
+    let s = start_worker_with(&db, &hole, "worker-test-timeout", |c| {
+        c.worker.command_timeout = Duration::from_secs(3);
+    })
+    .await;
+    let key = request(&s.app, &proxy, &[("github.com/acme/alpha", None)]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Failed);
+    let err = b.last_error.expect("error");
+    assert_eq!(err.kind, FailureKind::Retryable, "{}", err.message);
+    assert_eq!(err.step.as_deref(), Some("pin_versions"));
+    assert!(
+        err.message
+            .contains("was stopped at its time limit of 3s (worker.command_timeout)"),
+        "{}",
+        err.message
+    );
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
+
+/// A whole attempt has a deadline of its own, whatever its commands' limits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_is_stopped_at_the_build_timeout() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    let (hole, _hole) = black_hole().await;
+    let s = start_worker_with(&db, &hole, "worker-test-deadline", |c| {
+        c.worker.build_timeout = Duration::from_secs(2);
+    })
+    .await;
+    let key = request(&s.app, &proxy, &[("github.com/acme/alpha", None)]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Failed);
+    let err = b.last_error.expect("error");
+    assert_eq!(err.kind, FailureKind::Retryable, "{}", err.message);
+    assert!(
+        err.message.contains("worker.build_timeout (2s)"),
+        "{}",
+        err.message
+    );
     s.shutdown.cancel();
     s.worker.await.unwrap().unwrap();
 }

@@ -52,6 +52,9 @@ pub struct Store {
     connector: PgConnector,
 }
 
+/// Events of the log a filtered feed request looks at, at most.
+pub const FEED_SCAN: i64 = 10_000;
+
 impl Store {
     /// A store for the configured database. Connections are made when first needed.
     pub fn new(config: &cbs_config::DatabaseConfig) -> Result<Store, StoreError> {
@@ -188,14 +191,47 @@ impl Store {
     /// The global log after `cursor`, in commit-safe order (events of transactions still
     /// running are not returned yet, and nothing before them is skipped), at most `limit`,
     /// optionally only the given event types.
+    ///
+    /// Returns the events and the cursor to continue from. With a type filter at most
+    /// [`FEED_SCAN`] events of the log are looked at per call: when fewer than `limit`
+    /// match, the cursor moves past what was looked at, so a filter that matches nothing
+    /// costs a bounded read per call, not a walk of the whole log.
     pub async fn feed(
         &self,
         after: GlobalCursor,
         limit: u32,
         types: &[cbs_events::EventType],
-    ) -> Result<Vec<RecordedEvent>, StoreError> {
-        let client = self.client().await?;
-        queries::feed(&client, after, limit, types).await
+    ) -> Result<(Vec<RecordedEvent>, GlobalCursor), StoreError> {
+        self.feed_scan(after, limit, types, FEED_SCAN).await
+    }
+
+    /// [`Store::feed`] looking at `scan` events at most.
+    pub async fn feed_scan(
+        &self,
+        after: GlobalCursor,
+        limit: u32,
+        types: &[cbs_events::EventType],
+        scan: i64,
+    ) -> Result<(Vec<RecordedEvent>, GlobalCursor), StoreError> {
+        let mut client = self.client().await?;
+        // One snapshot for both reads: the cursor must not pass an event the first missed.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let events = queries::feed(&tx, after, limit, types, scan).await?;
+        let last = events.last().map_or(after, RecordedEvent::cursor);
+        let next = if types.is_empty() || events.len() == limit as usize {
+            last
+        } else {
+            queries::feed_scan_end(&tx, after, scan)
+                .await?
+                .map_or(last, |end| end.max(last))
+        };
+        tx.commit().await?;
+        Ok((events, next))
     }
 
     /// Recomputes every build's projection from the log and compares it with the stored one;

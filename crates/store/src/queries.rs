@@ -314,13 +314,19 @@ pub(crate) async fn feed(
     after: GlobalCursor,
     limit: u32,
     types: &[EventType],
+    scan: i64,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
+    // Only the next `scan` events of the log are looked at (the index gives them in order).
     let stmt = c
         .prepare_cached(&format!(
-            "SELECT {EVENT_COLUMNS} FROM build_events
-             WHERE (tx_id, position) > ($1::text::xid8, $2)
-               AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
-               AND (cardinality($3::text[]) = 0 OR event_type = ANY($3))
+            "SELECT {EVENT_COLUMNS} FROM (
+                 SELECT * FROM build_events
+                 WHERE (tx_id, position) > ($1::text::xid8, $2)
+                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY tx_id, position
+                 LIMIT $5
+             ) w
+             WHERE cardinality($3::text[]) = 0 OR event_type = ANY($3)
              ORDER BY tx_id, position
              LIMIT $4"
         ))
@@ -334,10 +340,46 @@ pub(crate) async fn feed(
                 &after.position,
                 &types,
                 &i64::from(limit),
+                &scan,
             ],
         )
         .await?;
     rows.iter().map(event_from_row).collect()
+}
+
+/// The cursor of the last of the next `scan` visible events after `after`, if any.
+pub(crate) async fn feed_scan_end(
+    c: &impl GenericClient,
+    after: GlobalCursor,
+    scan: i64,
+) -> Result<Option<GlobalCursor>, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT tx_id::text, position FROM (
+                 SELECT tx_id, position FROM build_events
+                 WHERE (tx_id, position) > ($1::text::xid8, $2)
+                   AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                 ORDER BY tx_id, position
+                 LIMIT $3
+             ) w
+             ORDER BY tx_id DESC, position DESC
+             LIMIT 1",
+        )
+        .await?;
+    let row = c
+        .query_opt(&stmt, &[&after.tx_id.to_string(), &after.position, &scan])
+        .await?;
+    row.map(|r| {
+        let tx: String = r.try_get(0)?;
+        let position: i64 = r.try_get(1)?;
+        Ok(GlobalCursor {
+            tx_id: tx
+                .parse()
+                .map_err(|_| StoreError::Corrupt(format!("tx_id {tx}")))?,
+            position,
+        })
+    })
+    .transpose()
 }
 
 /// One entry of the log's tail as the listener needs it.

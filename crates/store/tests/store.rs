@@ -527,7 +527,7 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
     store.request_build(&key(12), &request(12)).await.unwrap();
 
     // While the slow transaction runs, the feed holds back everything behind it.
-    let page = store.feed(cursor, 100, &[]).await.unwrap();
+    let page = store.feed(cursor, 100, &[]).await.unwrap().0;
     assert!(
         page.is_empty(),
         "returned {:?} past a running transaction",
@@ -547,14 +547,30 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
     assert!(page[0].position < page[1].position);
 
     // Type filter and paging.
-    let only_claims = store
+    let (only_claims, _) = store
         .feed(GlobalCursor::default(), 100, &[EventType::Claimed])
         .await
         .unwrap();
     assert!(only_claims.is_empty());
-    let first = store.feed(GlobalCursor::default(), 1, &[]).await.unwrap();
+    let (first, next) = store.feed(GlobalCursor::default(), 1, &[]).await.unwrap();
+    assert_eq!(next, first[0].cursor());
     let rest = feed_until(&store, first[0].cursor(), 2).await;
     assert_eq!(first.len() + rest.len(), 3);
+
+    // A filter that matches nothing looks at a bounded stretch per call, and the cursor
+    // moves past it: no call walks the whole log.
+    let (none, next) = store
+        .feed_scan(GlobalCursor::default(), 100, &[EventType::Cancelled], 2)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(next, rest[0].cursor(), "past the two events scanned");
+    let (none, after) = store
+        .feed_scan(next, 100, &[EventType::Cancelled], 2)
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(after, rest[1].cursor(), "past the last event scanned");
 }
 
 /// Reads the feed after `cursor` until it returns `n` events (deadline [`DEADLINE`]).
@@ -565,7 +581,7 @@ async fn feed_until(
 ) -> Vec<cbs_events::RecordedEvent> {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     loop {
-        let page = store.feed(cursor, 100, &[]).await.unwrap();
+        let page = store.feed(cursor, 100, &[]).await.unwrap().0;
         if page.len() >= n || tokio::time::Instant::now() > deadline {
             return page;
         }

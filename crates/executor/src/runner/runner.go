@@ -2,10 +2,11 @@
 // build needs one container per phase instead of one per command. Written by
 // caddy-build-server and compiled with the builder image itself.
 //
-// Usage: runner NONCE JSON, where JSON is a list of argument lists for the go command.
-// Each command's stdout and stderr go, in order, to stdout; before and after each command
-// the runner prints a marker line "@@cbs NONCE start I" / "@@cbs NONCE exit I CODE".
-// It stops after the first command that fails.
+// Usage: runner NONCE TIMEOUT_MS JSON, where JSON is a list of argument lists for the go
+// command. Each command's stdout and stderr go, in order, to stdout; before and after each
+// command the runner prints a marker line "@@cbs NONCE start I" / "@@cbs NONCE exit I CODE".
+// Each command gets TIMEOUT_MS milliseconds: then it is killed with its whole process group
+// and its exit code is -2 (no process exits with a negative code). The runner stops after the first command that fails.
 package main
 
 import (
@@ -14,22 +15,35 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"strconv"
+	"sync/atomic"
+	"syscall"
+	"time"
 )
 
+// exitTimedOut is the exit code of a command the runner stopped at its time limit.
+const exitTimedOut = -2
+
 func main() {
-	if len(os.Args) != 3 {
-		fmt.Println("usage: runner NONCE JSON")
+	if len(os.Args) != 4 {
+		fmt.Println("usage: runner NONCE TIMEOUT_MS JSON")
 		os.Exit(2)
 	}
 	nonce := os.Args[1]
+	ms, err := strconv.ParseInt(os.Args[2], 10, 64)
+	if err != nil || ms <= 0 {
+		fmt.Println("runner: bad timeout:", os.Args[2])
+		os.Exit(2)
+	}
+	timeout := time.Duration(ms) * time.Millisecond
 	var commands [][]string
-	if err := json.Unmarshal([]byte(os.Args[2]), &commands); err != nil {
+	if err := json.Unmarshal([]byte(os.Args[3]), &commands); err != nil {
 		fmt.Println("runner: bad command list:", err)
 		os.Exit(2)
 	}
 	for i, args := range commands {
 		fmt.Printf("@@cbs %s start %d\n", nonce, i)
-		code := run(args)
+		code := run(args, timeout)
 		fmt.Printf("@@cbs %s exit %d %d\n", nonce, i, code)
 		if code != 0 {
 			return
@@ -37,8 +51,9 @@ func main() {
 	}
 }
 
-// run runs one go command, copying its output and ending it with a newline.
-func run(args []string) int {
+// run runs one go command, copying its output and ending it with a newline; after
+// timeout it kills the command's process group.
+func run(args []string, timeout time.Duration) int {
 	r, w, err := os.Pipe()
 	if err != nil {
 		fmt.Println("runner:", err)
@@ -47,6 +62,7 @@ func run(args []string) int {
 	cmd := exec.Command("go", args...)
 	cmd.Stdout = w
 	cmd.Stderr = w
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		w.Close()
 		r.Close()
@@ -54,6 +70,12 @@ func run(args []string) int {
 		return 127
 	}
 	w.Close()
+	var timedOut atomic.Bool
+	timer := time.AfterFunc(timeout, func() {
+		timedOut.Store(true)
+		syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+	})
+	defer timer.Stop()
 	last := byte('\n')
 	buf := make([]byte, 32*1024)
 	for {
@@ -70,7 +92,12 @@ func run(args []string) int {
 	if last != '\n' {
 		os.Stdout.Write([]byte("\n"))
 	}
-	if err := cmd.Wait(); err != nil {
+	err = cmd.Wait()
+	if timedOut.Load() {
+		fmt.Printf("runner: stopped after the time limit of %s\n", timeout)
+		return exitTimedOut
+	}
+	if err != nil {
 		if exit, ok := err.(*exec.ExitError); ok {
 			return exit.ExitCode()
 		}

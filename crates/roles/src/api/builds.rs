@@ -347,18 +347,57 @@ fn event_json(e: &RecordedEvent) -> Value {
     })
 }
 
-/// `GET /api/build/{key}/history`: every event of the build.
+/// Events a history page holds at most (and by default).
+pub const HISTORY_PAGE: u32 = 1000;
+
+/// `GET /api/build/{key}/history[?after=<seq>&limit=<n>]`: the build's events, a page at a
+/// time; `next` is the `after` of the next page (null on the last one).
 pub async fn history(
     State(state): State<ApiState>,
     Path(key): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let key = parse_key(&key)?;
-    let events = state.app.store.events(&key, 0, 100_000).await?;
-    if events.is_empty() {
+    let mut after = 0u32;
+    let mut limit = HISTORY_PAGE;
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "after" => {
+                after = v
+                    .parse()
+                    .map_err(|_| ApiError::bad_request("after must be an event sequence number"))?
+            }
+            "limit" => {
+                limit = v
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|l| (1..=HISTORY_PAGE).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit must be a number from 1 to {HISTORY_PAGE}"
+                        ))
+                    })?
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: after, limit",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let events = state.app.store.events(&key, after, limit).await?;
+    if events.is_empty() && (after == 0 || state.app.store.build(&key).await?.is_none()) {
         return Err(ApiError::not_found(format!("no build with key {key}")));
     }
+    let next = (events.len() == limit as usize).then(|| events.last().map(|e| e.seq));
     let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(Json(json!({ "result": { "key": key.as_str(), "events": events } })).into_response())
+    Ok(
+        Json(
+            json!({ "result": { "key": key.as_str(), "events": events, "next": next.flatten() } }),
+        )
+        .into_response(),
+    )
 }
 
 /// `GET /api/events?after=<cursor>&limit=N&type=a,b`: the global audit feed, paged without
@@ -399,8 +438,9 @@ pub async fn feed(
             }
         }
     }
-    let events = state.app.store.feed(after, limit, &types).await?;
-    let next = events.last().map_or(after, RecordedEvent::cursor);
+    // With a type filter, one request scans a bounded stretch of the log; `next` moves past
+    // what was scanned, so a type never written costs a bounded read per page.
+    let (events, next) = state.app.store.feed(after, limit, &types).await?;
     let events: Vec<Value> = events
         .iter()
         .map(|e| {
@@ -413,9 +453,36 @@ pub async fn feed(
     Ok(Json(json!({ "result": { "events": events, "next": next.to_string() } })).into_response())
 }
 
+/// How long the build counts of `/api/packages` are reused.
+const PACKAGE_COUNTS_TTL: Duration = Duration::from_secs(60);
+
+/// Build counts per plugin module.
+type Counts = std::sync::Arc<std::collections::HashMap<String, i64>>;
+
+/// The build counts per plugin module, read at most once per [`PACKAGE_COUNTS_TTL`] by one
+/// request while the others wait for its answer.
+#[derive(Debug, Default)]
+pub struct PackageCounts {
+    cached: tokio::sync::Mutex<Option<(std::time::Instant, Counts)>>,
+}
+
+impl PackageCounts {
+    async fn get(&self, store: &cbs_store::Store) -> Result<Counts, ApiError> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, counts)) = cached.as_ref() {
+            if at.elapsed() < PACKAGE_COUNTS_TTL {
+                return Ok(counts.clone());
+            }
+        }
+        let counts = std::sync::Arc::new(store.plugin_counts().await?);
+        *cached = Some((std::time::Instant::now(), counts.clone()));
+        Ok(counts)
+    }
+}
+
 /// `GET /api/packages`: the catalog, in caddyserver.com's shape, with build counts.
 pub async fn packages(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let counts = state.app.store.plugin_counts().await?;
+    let counts = state.package_counts.get(&state.app.store).await?;
     let result: Vec<Value> = state
         .app
         .config

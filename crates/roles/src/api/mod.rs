@@ -45,6 +45,46 @@ pub use error::ApiError;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Middleware: a request body must arrive whole within `api.body_timeout` (408 and the
+/// connection closed otherwise), so a client that trickles bodies holds no handler.
+async fn body_deadline(
+    State(timeout): State<Duration>,
+    req: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if req.method() == axum::http::Method::GET || req.method() == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let (parts, body) = req.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY)).await {
+        Ok(Ok(bytes)) => {
+            next.run(axum::extract::Request::from_parts(
+                parts,
+                axum::body::Body::from(bytes),
+            ))
+            .await
+        }
+        Ok(Err(_)) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body exceeds the length limit of {MAX_BODY} bytes, or broke off"),
+        )
+        .into_response(),
+        Err(_) => {
+            let mut resp = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}",
+                    humantime::format_duration(timeout)
+                ),
+            )
+            .into_response();
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        }
+    }
+}
+
 /// What handlers share.
 #[derive(Clone, Debug)]
 pub struct ApiState {
@@ -58,6 +98,7 @@ pub struct ApiState {
     pub public_key: Option<Arc<str>>,
     pub tokens: Arc<access::Tokens>,
     pub waits: Arc<limit::Waits>,
+    pub package_counts: Arc<builds::PackageCounts>,
     pub trusted_proxies: Arc<Vec<access::Cidr>>,
 }
 
@@ -114,6 +155,10 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/packages", get(builds::packages))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn_with_state(
+            state.app.config.api.body_timeout,
+            body_deadline,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.tokens.clone(),
             access::read_access,
@@ -239,6 +284,8 @@ pub async fn run(
     .context("go.proxy")?;
     let grace = app.config.api.shutdown_grace;
     let header_timeout = app.config.api.header_read_timeout;
+    let app_connections_per_client = app.config.api.max_connections_per_client;
+    let app_max_connections = app.config.api.max_connections;
     let limiter = limit::Limiter::new(
         app.config.api.submissions_per_minute,
         app.config.api.submission_burst,
@@ -257,8 +304,10 @@ pub async fn run(
         .map(|c| c.parse::<access::Cidr>())
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}"))?;
+    let trusted = trusted_proxies.clone();
     let router = router(ApiState {
         tokens,
+        package_counts: Arc::new(builds::PackageCounts::default()),
         waits: Arc::new(limit::Waits::new(
             app.config.api.max_waits_per_client,
             app.config.api.max_waits,
@@ -272,6 +321,12 @@ pub async fn run(
         downloads: Arc::new(Downloads::default()),
         public_key,
     });
+    // Open connections, per client and in total: beyond, a new connection is closed at
+    // once (before any byte of it is read).
+    let connections = Arc::new(limit::Waits::new(
+        app_connections_per_client,
+        app_max_connections,
+    ));
     info!(%addr, "api listening");
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
@@ -286,6 +341,12 @@ pub async fn run(
                 }
             },
             _ = shutdown.cancelled() => break,
+        };
+        // A trusted proxy carries many clients: it is counted only in the total.
+        let per_client = (!trusted.iter().any(|c| c.contains(peer.ip()))).then_some(peer.ip());
+        let Ok(held) = connections.open(per_client) else {
+            drop(stream);
+            continue;
         };
         let client = limit::ClientAddr(peer.ip());
         let service =
@@ -303,6 +364,7 @@ pub async fn run(
         let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
+            let _held = held;
             let _ = conn.await;
         });
     }
@@ -347,7 +409,21 @@ async fn healthz() -> &'static str {
 async fn readyz(State(state): State<ApiState>) -> Response {
     match state.app.store.ready().await {
         Ok(()) => "ready\n".into_response(),
-        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"))
-            .into_response(),
+        // Our own word on the schema is shown; a database error is for the operators'
+        // log, not for anyone who asks (it can name hosts, users and databases).
+        Err(e @ cbs_store::StoreError::Migration(_)) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}"))
+                .retry_after(5)
+                .into_response()
+        }
+        Err(e) => {
+            warn!(error = %e, "not ready");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: the database is unavailable",
+            )
+            .retry_after(5)
+            .into_response()
+        }
     }
 }
