@@ -225,7 +225,9 @@ pub struct WorkerConfig {
     pub executor: ExecutorKind,
     /// Builds this worker runs at once.
     pub max_concurrent_builds: usize,
-    /// Where each build gets its private temporary directory.
+    /// Where each build gets its private temporary directory; empty means
+    /// `<cache_dir>/builds` (see [`WorkerConfig::build_root`]). It must be owned by the
+    /// worker's user and not writable by others (the worker refuses to start otherwise).
     pub build_dir: PathBuf,
     /// Where the shared Go module cache and this worker's build cache live.
     pub cache_dir: PathBuf,
@@ -248,6 +250,17 @@ pub struct WorkerConfig {
     /// directories.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+}
+
+impl WorkerConfig {
+    /// The build directory in effect: `build_dir`, or `<cache_dir>/builds` when it is empty.
+    pub fn build_root(&self) -> PathBuf {
+        if self.build_dir.as_os_str().is_empty() {
+            self.cache_dir.join("builds")
+        } else {
+            self.build_dir.clone()
+        }
+    }
 }
 
 /// How a worker on a spot/preemptible VM learns that its VM is going away.
@@ -292,7 +305,7 @@ impl Default for WorkerConfig {
             claim_poll_interval: Duration::from_secs(5),
             executor: ExecutorKind::Docker,
             max_concurrent_builds: 2,
-            build_dir: std::env::temp_dir().join("caddy-build-server"),
+            build_dir: PathBuf::new(),
             cache_dir: PathBuf::from("/var/cache/caddy-build-server"),
             command_timeout: Duration::from_secs(600),
             build_timeout: Duration::from_secs(3600),

@@ -203,9 +203,17 @@ impl DockerExecutor {
     pub fn give_to_builder(&self, dir: &Path) -> Result<(), ExecError> {
         use std::os::unix::fs::MetadataExt;
         let (uid, gid) = parse_user(&self.settings.user)?;
-        let meta = std::fs::metadata(dir)?;
+        // Never through a symbolic link: someone else's link would get us to hand over
+        // whatever it points at.
+        let meta = std::fs::symlink_metadata(dir)?;
+        if !meta.is_dir() {
+            return Err(ExecError::Io(std::io::Error::other(format!(
+                "{} is not a directory (a symbolic link?)",
+                dir.display()
+            ))));
+        }
         if meta.uid() == 0 && uid != 0 {
-            std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))?;
         }
         Ok(())
     }

@@ -98,6 +98,47 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
     }
 }
 
+/// Creates the build root if needed (mode 0700), and refuses one that another user could
+/// have prepared: a symbolic link, not owned by this process's user, or writable by others.
+pub fn check_build_root(root: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    if std::fs::symlink_metadata(root).is_err() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .with_context(|| format!("creating worker.build_dir {}", root.display()))?;
+    }
+    let meta = std::fs::symlink_metadata(root)
+        .with_context(|| format!("worker.build_dir {}", root.display()))?;
+    // /proc/self belongs to the process's effective user.
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    let problem = if meta.file_type().is_symlink() {
+        Some("is a symbolic link".to_owned())
+    } else if !meta.is_dir() {
+        Some("is not a directory".to_owned())
+    } else if me.is_some_and(|uid| uid != meta.uid()) {
+        Some(format!(
+            "is owned by uid {}, not by this worker's user",
+            meta.uid()
+        ))
+    } else if meta.permissions().mode() & 0o022 != 0 {
+        Some(format!(
+            "is writable by other users (mode {:o})",
+            meta.permissions().mode() & 0o777
+        ))
+    } else {
+        None
+    };
+    match problem {
+        Some(p) => anyhow::bail!(
+            "worker.build_dir {} {p}: use a directory of the worker's own (empty: <cache_dir>/builds)",
+            root.display()
+        ),
+        None => Ok(()),
+    }
+}
+
 /// Removes per-worker build caches (`build-<worker id>`, the layout before the cache was
 /// shared per host) that nobody used for a day. Never follows a symbolic link.
 pub fn prune_old_build_caches(cache_dir: &std::path::Path) {
@@ -150,7 +191,9 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || prune_old_build_caches(&cache_dir));
     // This worker's build directories live under build_dir/<id>/; what is there at start
     // was left by this worker's previous life.
-    let own_dir = app.config.worker.build_dir.join(&id);
+    let build_root = app.config.worker.build_root();
+    check_build_root(&build_root)?;
+    let own_dir = build_root.join(&id);
     if own_dir.exists() {
         if let Err(e) = tokio::fs::remove_dir_all(&own_dir).await {
             warn!(dir = %own_dir.display(), error = %e, "cannot remove leftover build directories");
@@ -326,13 +369,16 @@ pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
             Err(e) => warn!(error = %e, "cannot list containers for clean-up"),
         }
     }
-    let root = &app.config.worker.build_dir;
-    let Ok(mut workers) = tokio::fs::read_dir(root).await else {
+    let root = app.config.worker.build_root();
+    let Ok(mut workers) = tokio::fs::read_dir(&root).await else {
         return;
     };
     while let Ok(Some(w)) = workers.next_entry().await {
         let worker = w.file_name().to_string_lossy().into_owned();
-        if worker == me || !w.path().is_dir() {
+        // Never through a symbolic link (entries' own types, not what they point at): a
+        // link planted here must not make us delete what it points to.
+        let is_real_dir = w.file_type().await.is_ok_and(|t| t.is_dir());
+        if worker == me || !is_real_dir {
             continue;
         }
         // Directories first, then the running builds: a directory listed here was made
@@ -343,7 +389,9 @@ pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
         };
         let mut dirs = Vec::new();
         while let Ok(Some(d)) = entries.next_entry().await {
-            dirs.push(d);
+            if d.file_type().await.is_ok_and(|t| t.is_dir()) {
+                dirs.push(d);
+            }
         }
         let Ok(running) = app.store.running_builds_of(&worker).await else {
             continue;
@@ -408,6 +456,21 @@ async fn renew_lease(app: App, build: BuildState, fenced: CancellationToken) {
     }
 }
 
+/// Cancels `stop` when the build is cancelled (woken by the build's notifications).
+async fn watch_cancel(app: App, key: cbs_domain::BuildKey, stop: CancellationToken) {
+    let mut waiter = app.hub.watch_build(&key);
+    loop {
+        if let Ok(Some(b)) = app.store.build(&key).await {
+            if b.status == cbs_projections::Status::Cancelled {
+                info!("the build was cancelled: stopping it");
+                stop.cancel();
+                return;
+            }
+        }
+        waiter.changed().await;
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_build(
     app: App,
@@ -432,11 +495,19 @@ async fn run_build(
             build.clone(),
             fenced.clone(),
         )));
+        // An admin may cancel the build: stop at once (the container is removed when the
+        // plan's future is dropped).
+        let canceller = AbortOnDrop(tokio::spawn(watch_cancel(
+            app.clone(),
+            key.clone(),
+            fenced.clone(),
+        )));
         let outcome = tokio::select! {
             r = attempt_build(&app, &exec, &publisher, &probe, &worker, &build, &fenced) => Some(r),
             _ = stop.cancelled() => None,
         };
         drop(renewer);
+        drop(canceller);
         let event = match outcome {
             // Stopped (preemption or shutdown): hand the build to another worker at once.
             // Does not count as a failed attempt.
@@ -479,9 +550,22 @@ async fn attempt_build(
 ) -> Result<Option<Artifact>, Failure> {
     let started = chrono::Utc::now();
     let plan = plan(&build.request);
-    let dir = tempfile::Builder::new()
-        .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
-        .tempdir_in(app.config.worker.build_dir.join(worker))
+    // This worker's directory is made again if it is gone: another worker's host clean-up
+    // removes empty directories of workers it believes dead (this one, just restarted). It
+    // may do so between the two calls below, hence a second try.
+    let own_dir = app.config.worker.build_root().join(worker);
+    let make = || -> std::io::Result<tempfile::TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&own_dir)?;
+        tempfile::Builder::new()
+            .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
+            .tempdir_in(&own_dir)
+    };
+    let dir = make()
+        .or_else(|_| make())
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));

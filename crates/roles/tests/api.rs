@@ -1498,3 +1498,129 @@ async fn trickling_bodies_do_not_hold_the_server() {
     }
     assert_eq!(closed, 500, "every trickling connection was closed");
 }
+
+const ADMIN: &str = "admin-token-0123456789";
+const BUILDER: &str = "build-token-0123456789";
+
+fn tokens(c: &mut cbs_config::Config) {
+    c.access.tokens = vec![
+        cbs_config::TokenConfig {
+            name: "ops".into(),
+            secret: cbs_config::Secret::new(ADMIN.into()),
+            scopes: vec![cbs_config::Scope::Admin],
+        },
+        cbs_config::TokenConfig {
+            name: "ci".into(),
+            secret: cbs_config::Secret::new(BUILDER.into()),
+            scopes: vec![cbs_config::Scope::Build],
+        },
+    ];
+}
+
+/// An admin lists the queue and the workers, and cancels a running build: the worker stops
+/// its container within seconds. Others get 401/403; an ended build 409.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_admin_cancels_a_running_build_and_its_container_goes() {
+    // The worker's proxy never answers: the build hangs in pin_versions.
+    let hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hole_url = format!("http://{}", hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((c, _)) = hole.accept().await {
+            held.push(c);
+        }
+    });
+    let s = server_configured(true, Some(hole_url), tokens).await;
+    let c = client();
+    let json: Value = c
+        .post(format!("{}/api/build?os=linux&arch=amd64", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key: cbs_domain::BuildKey = json["result"]["key"].as_str().unwrap().parse().unwrap();
+    let mut waiter = s.app.hub.watch_build(&key);
+    tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let b = s.app.store.build(&key).await.unwrap().unwrap();
+            if b.current_step.as_deref() == Some("pin_versions") {
+                return;
+            }
+            waiter.changed().await;
+        }
+    })
+    .await
+    .expect("the build reached pin_versions");
+    let containers = || {
+        let out = std::process::Command::new("docker")
+            .args(["ps", "-aq", "--filter"])
+            .arg(format!("label=org.caddy-build-server.build={key}"))
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    assert!(!containers().is_empty(), "the build's container runs");
+    let admin_get = |path: &str| c.get(format!("{}{path}", s.base)).bearer_auth(ADMIN).send();
+    let queue: Value = admin_get("/api/admin/queue")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(queue["result"]["builds"][0]["key"], key.as_str());
+    assert_eq!(queue["result"]["builds"][0]["status"], "running");
+    let workers: Value = admin_get("/api/admin/workers")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        workers["result"]["workers"][0]["builds"][0]["key"],
+        key.as_str()
+    );
+    assert!(workers["result"]["workers"][0]["builds"][0]["lease_expires_at"].is_string());
+    let cancel = format!("{}/api/build/{key}/cancel", s.base);
+    let anonymous = c.post(&cancel).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    assert_eq!(
+        c.post(&cancel)
+            .bearer_auth(BUILDER)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    assert_eq!(
+        c.get(format!("{}/api/admin/queue", s.base))
+            .bearer_auth(BUILDER)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16(),
+        403
+    );
+    let done = c.post(&cancel).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(done.status().as_u16(), 200);
+    let done: Value = done.json().await.unwrap();
+    assert_eq!(done["result"]["status"], "cancelled");
+    // The worker stops the build: its container goes within seconds.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !containers().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the container is still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = c.post(&cancel).bearer_auth(ADMIN).send().await.unwrap();
+    assert_eq!(again.status().as_u16(), 409);
+    let b = s.app.store.build(&key).await.unwrap().unwrap();
+    assert_eq!(b.status, cbs_projections::Status::Cancelled);
+}

@@ -308,3 +308,88 @@ async fn a_build_is_stopped_at_the_build_timeout() {
     s.shutdown.cancel();
     s.worker.await.unwrap().unwrap();
 }
+
+/// A build directory another user could have prepared is refused: a symbolic link, one
+/// owned by another user, one writable by others. The default is under the cache dir.
+#[test]
+fn the_build_root_must_be_the_workers_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir.path().join("ok");
+    cbs_roles::worker::check_build_root(&ok).unwrap();
+    assert_eq!(
+        std::fs::metadata(&ok).unwrap().permissions().mode() & 0o777,
+        0o700,
+        "made private"
+    );
+    let open = dir.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let err = cbs_roles::worker::check_build_root(&open)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("writable by other users"), "{err}");
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&ok, &link).unwrap();
+    let err = cbs_roles::worker::check_build_root(&link)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("symbolic link"), "{err}");
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    let err = cbs_roles::worker::check_build_root(&theirs)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    let config = cbs_config::WorkerConfig::default();
+    assert_eq!(config.build_root(), config.cache_dir.join("builds"));
+}
+
+/// The host clean-up removes a dead worker's build directories but never follows a
+/// symbolic link planted in the build directory.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_host_clean_up_never_follows_symbolic_links() {
+    let db = TestDb::new().await;
+    let dirs = tempfile::tempdir().unwrap();
+    let config = cbs_testkit::role_config(&db, "http://127.0.0.1:1", dirs.path(), "me");
+    let shutdown = CancellationToken::new();
+    let app = App::new(config, &shutdown).unwrap();
+    let root = app.config.worker.build_root();
+    cbs_roles::worker::check_build_root(&root).unwrap();
+    // Something of value elsewhere, shaped like build directories.
+    let victim = dirs.path().join("victim");
+    std::fs::create_dir_all(victim.join("build-0123456789ab-x")).unwrap();
+    std::fs::write(victim.join("build-0123456789ab-x/keep"), "x").unwrap();
+    std::os::unix::fs::symlink(&victim, root.join("evil-worker")).unwrap();
+    std::fs::create_dir_all(root.join("dead-worker")).unwrap();
+    std::os::unix::fs::symlink(
+        victim.join("build-0123456789ab-x"),
+        root.join("dead-worker/build-0123456789ab-y"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("dead-worker/build-fedcba987654-z")).unwrap();
+    let exec = cbs_executor::Executor::Local(cbs_executor::LocalExecutor::new(
+        cbs_testkit::go_binary(),
+        cbs_executor::GoSettings {
+            goproxy: "http://127.0.0.1:1".into(),
+            gosumdb: "off".into(),
+            command_timeout: Duration::from_secs(5),
+        },
+        cbs_executor::CachePaths {
+            gomodcache: dirs.path().join("mod"),
+            gocache: dirs.path().join("gocache"),
+            home: dirs.path().join("home"),
+        },
+    ));
+    cbs_roles::worker::clean_host(&app, &exec, "me").await;
+    assert!(
+        victim.join("build-0123456789ab-x/keep").exists(),
+        "followed a link"
+    );
+    assert!(
+        !root.join("dead-worker/build-fedcba987654-z").exists(),
+        "a dead worker's real build directory is removed"
+    );
+    shutdown.cancel();
+}

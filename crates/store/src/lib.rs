@@ -336,6 +336,13 @@ impl Store {
     }
 
     /// Keys of the builds a worker runs now.
+    /// Running builds (by lease end), then queued ones in the order workers take them; at
+    /// most `limit` (the admin's queue listing).
+    pub async fn active_builds(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::active_builds(&client, limit).await
+    }
+
     pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         queries::running_builds_of(&client, owner).await

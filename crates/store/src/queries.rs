@@ -720,6 +720,24 @@ pub(crate) async fn running_builds_of(
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
 }
 
+/// Queued and running builds: running ones first (by lease end), then the queue in the
+/// order workers take it, at most `limit`.
+pub(crate) async fn active_builds(
+    c: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE status IN ('queued', 'running')
+             ORDER BY status = 'queued', available_at, key
+             LIMIT $1"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&limit]).await?;
+    rows.iter().map(build_from_row).collect()
+}
+
 /// Records a download of `key` now.
 pub(crate) async fn record_download(c: &impl GenericClient, key: &str) -> Result<(), StoreError> {
     let stmt = c

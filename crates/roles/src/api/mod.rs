@@ -12,6 +12,7 @@
 //! `x-request-id`. Served with hyper-util so that slow request headers time out.
 
 pub mod access;
+mod admin;
 mod builds;
 mod download;
 mod error;
@@ -129,6 +130,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build", post(builds::post_build))
         .route("/api/build/{key}", get(builds::get_build))
         .route("/api/build/{key}/history", get(builds::history))
+        .route("/api/build/{key}/cancel", post(admin::cancel))
+        .route("/api/admin/queue", get(admin::queue))
+        .route("/api/admin/workers", get(admin::workers))
         .route("/api/build/{key}/events", get(sse::events))
         .route("/api/build/{key}/download", get(download::by_key))
         .route(

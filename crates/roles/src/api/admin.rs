@@ -1,0 +1,130 @@
+//! Admin endpoints (the `admin` scope): cancel a build, list the queue, list the workers
+//! with their builds.
+
+use std::collections::BTreeMap;
+
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use cbs_events::{Cancelled, Event};
+use cbs_projections::{BuildState, Status};
+use serde_json::{json, Value};
+
+use super::builds::{build_json, parse_key};
+use super::error::ApiError;
+use super::ApiState;
+
+/// Builds listed at most.
+const LIST_LIMIT: i64 = 1000;
+
+/// `POST /api/build/{key}/cancel`: cancels a queued or running build (a `cancelled` event;
+/// the worker running it stops its container). 409 for a build that has ended.
+pub async fn cancel(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.tokens.admin(&headers, "cancelling a build")?;
+    let key = parse_key(&key)?;
+    let reason = format!("cancelled by {}", caller.name().unwrap_or("an admin"));
+    let event = Event::Cancelled(Cancelled { reason });
+    match state.app.store.append_latest(&key, event).await {
+        Ok(b) => {
+            tracing::info!(build.key = %key, token = caller.name().unwrap_or_default(), "build cancelled");
+            Ok(Json(json!({ "result": build_json(&b) })).into_response())
+        }
+        Err(cbs_store::StoreError::NotFound(_)) => {
+            Err(ApiError::not_found(format!("no build with key {key}")))
+        }
+        Err(cbs_store::StoreError::Rejected(_)) => {
+            let status = state
+                .app
+                .store
+                .build(&key)
+                .await?
+                .map(|b| super::builds::status_name(b.status).to_owned())
+                .unwrap_or_default();
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("build {key} is {status}: only queued or running builds can be cancelled"),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn limit_param(query: Option<&str>) -> Result<i64, ApiError> {
+    let mut limit = LIST_LIMIT;
+    for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "limit" => {
+                limit = v
+                    .parse::<i64>()
+                    .ok()
+                    .filter(|l| (1..=LIST_LIMIT).contains(l))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "limit must be a number from 1 to {LIST_LIMIT}"
+                        ))
+                    })?
+            }
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: limit",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    Ok(limit)
+}
+
+fn entry(b: &BuildState) -> Value {
+    let mut v = build_json(b);
+    v["available_at"] = json!(b.available_at);
+    v["owner"] = json!(b.owner);
+    v["lease_expires_at"] = json!(b.lease_expires_at);
+    v
+}
+
+/// `GET /api/admin/queue[?limit=N]`: running builds, then queued ones in the order workers
+/// take them.
+pub async fn queue(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.tokens.admin(&headers, "listing the queue")?;
+    let limit = limit_param(query.as_deref())?;
+    let builds = state.app.store.active_builds(limit).await?;
+    let list: Vec<Value> = builds.iter().map(entry).collect();
+    Ok(Json(json!({ "result": { "builds": list } })).into_response())
+}
+
+/// `GET /api/admin/workers`: the workers that hold builds now, each with its builds, their
+/// steps and lease ends (a lease is renewed every third of `worker.lease`; `updated_at` is
+/// the build's last event, renewals included).
+pub async fn workers(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    state.tokens.admin(&headers, "listing the workers")?;
+    let builds = state.app.store.active_builds(LIST_LIMIT).await?;
+    let mut by_worker: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for b in builds.iter().filter(|b| b.status == Status::Running) {
+        let worker = b.owner.clone().unwrap_or_default();
+        by_worker.entry(worker).or_default().push(json!({
+            "key": b.key.as_str(),
+            "attempt": b.attempt,
+            "step": b.current_step,
+            "lease_expires_at": b.lease_expires_at,
+            "updated_at": b.updated_at,
+        }));
+    }
+    let list: Vec<Value> = by_worker
+        .into_iter()
+        .map(|(worker, builds)| json!({ "worker": worker, "builds": builds }))
+        .collect();
+    Ok(Json(json!({ "result": { "workers": list } })).into_response())
+}
