@@ -1183,6 +1183,31 @@ async fn a_compat_download_whose_wait_runs_out_is_a_503_not_a_2xx() {
     assert_eq!(by_key.status().as_u16(), 202);
 }
 
+/// Claims the next queued build as a worker would and fails its attempt permanently with
+/// `message`.
+async fn claim_and_fail(s: &common::Server, message: &str) {
+    let b = s
+        .app
+        .store
+        .claim("test-worker", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    s.app
+        .store
+        .append_latest(
+            &b.key,
+            cbs_events::Event::Failed(cbs_events::Failed {
+                attempt: b.attempt,
+                kind: cbs_events::FailureKind::Permanent,
+                step: Some("compile".into()),
+                message: message.into(),
+            }),
+        )
+        .await
+        .unwrap();
+}
+
 /// Connects to a build's event stream with a resume point far past its end, reads the
 /// answer's head and hangs up.
 async fn connect_and_hang_up(addr: &str, key: &str) {
@@ -1261,26 +1286,7 @@ async fn event_streams_of_clients_that_hang_up_end() {
         .unwrap();
     assert_eq!(status.status().as_u16(), 200);
     // A resume point past the end of a finished build ends the stream at once.
-    let b = s
-        .app
-        .store
-        .claim("sse-test", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    s.app
-        .store
-        .append_latest(
-            &b.key,
-            cbs_events::Event::Failed(cbs_events::Failed {
-                attempt: b.attempt,
-                kind: cbs_events::FailureKind::Permanent,
-                step: Some("compile".into()),
-                message: "first attempt".into(),
-            }),
-        )
-        .await
-        .unwrap();
+    claim_and_fail(&s, "first attempt").await;
     let mut ended = c
         .get(format!("{}/api/build/{key}/events", s.base))
         .header("last-event-id", "4294967295")
@@ -1307,26 +1313,7 @@ async fn sse_replay_after_a_forced_rebuild_ends_with_the_new_result() {
             let forced = c.post(format!("{url}&force=true")).send().await.unwrap();
             assert_eq!(forced.status().as_u16(), 202);
         }
-        let b = s
-            .app
-            .store
-            .claim("sse-test", Duration::from_secs(60))
-            .await
-            .unwrap()
-            .unwrap();
-        s.app
-            .store
-            .append_latest(
-                &b.key,
-                cbs_events::Event::Failed(cbs_events::Failed {
-                    attempt: b.attempt,
-                    kind: cbs_events::FailureKind::Permanent,
-                    step: Some("compile".into()),
-                    message: (*message).into(),
-                }),
-            )
-            .await
-            .unwrap();
+        claim_and_fail(&s, message).await;
     }
     let mut replay = c
         .get(format!("{}/api/build/{key}/events", s.base))
@@ -1382,26 +1369,7 @@ async fn history_is_paginated_and_the_feed_answers_for_unwritten_types() {
         .await
         .unwrap();
     let key = json["result"]["key"].as_str().unwrap().to_owned();
-    let b = s
-        .app
-        .store
-        .claim("history-test", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    s.app
-        .store
-        .append_latest(
-            &b.key,
-            cbs_events::Event::Failed(cbs_events::Failed {
-                attempt: b.attempt,
-                kind: cbs_events::FailureKind::Permanent,
-                step: None,
-                message: "x".into(),
-            }),
-        )
-        .await
-        .unwrap();
+    claim_and_fail(&s, "x").await;
     let page = |q: String| {
         let c = c.clone();
         let url = format!("{}/api/build/{key}/history{q}", s.base);

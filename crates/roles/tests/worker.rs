@@ -258,22 +258,34 @@ async fn black_hole() -> (String, tokio::task::JoinHandle<()>) {
     (url, task)
 }
 
-/// Each go command has its own time limit (enforced inside the container by the runner),
-/// and the message states the limit that was applied.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_hanging_command_is_stopped_at_the_command_timeout() {
+/// Runs a build against a proxy that never answers, with `limits` applied to the worker's
+/// config; returns its (retryable) failure.
+async fn hang(
+    id: &str,
+    limits: impl FnOnce(&mut cbs_config::Config),
+) -> cbs_projections::LastError {
     let db = TestDb::new().await;
     let proxy = FixtureProxy::start().await;
     let (hole, _hole) = black_hole().await;
-    let s = start_worker_with(&db, &hole, "worker-test-timeout", |c| {
-        c.worker.command_timeout = Duration::from_secs(3);
-    })
-    .await;
+    let s = start_worker_with(&db, &hole, id, limits).await;
     let key = request(&s.app, &proxy, &[("github.com/acme/alpha", None)]).await;
     let b = finished(&s.app, &key).await;
     assert_eq!(b.status, Status::Failed);
     let err = b.last_error.expect("error");
     assert_eq!(err.kind, FailureKind::Retryable, "{}", err.message);
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+    err
+}
+
+/// Each go command has its own time limit (enforced inside the container by the runner),
+/// and the message states the limit that was applied.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hanging_command_is_stopped_at_the_command_timeout() {
+    let err = hang("worker-test-timeout", |c| {
+        c.worker.command_timeout = Duration::from_secs(3);
+    })
+    .await;
     assert_eq!(err.step.as_deref(), Some("pin_versions"));
     assert!(
         err.message
@@ -281,32 +293,20 @@ async fn a_hanging_command_is_stopped_at_the_command_timeout() {
         "{}",
         err.message
     );
-    s.shutdown.cancel();
-    s.worker.await.unwrap().unwrap();
 }
 
 /// A whole attempt has a deadline of its own, whatever its commands' limits.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_build_is_stopped_at_the_build_timeout() {
-    let db = TestDb::new().await;
-    let proxy = FixtureProxy::start().await;
-    let (hole, _hole) = black_hole().await;
-    let s = start_worker_with(&db, &hole, "worker-test-deadline", |c| {
+    let err = hang("worker-test-deadline", |c| {
         c.worker.build_timeout = Duration::from_secs(2);
     })
     .await;
-    let key = request(&s.app, &proxy, &[("github.com/acme/alpha", None)]).await;
-    let b = finished(&s.app, &key).await;
-    assert_eq!(b.status, Status::Failed);
-    let err = b.last_error.expect("error");
-    assert_eq!(err.kind, FailureKind::Retryable, "{}", err.message);
     assert!(
         err.message.contains("worker.build_timeout (2s)"),
         "{}",
         err.message
     );
-    s.shutdown.cancel();
-    s.worker.await.unwrap().unwrap();
 }
 
 /// A build directory another user could have prepared is refused: a symbolic link, one
