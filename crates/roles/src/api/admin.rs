@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::ApiState;
 
 /// Builds listed at most.
-const LIST_LIMIT: i64 = 1000;
+const LIST_LIMIT: u32 = 1000;
 
 /// `POST /api/build/{key}/cancel`: cancels a queued or running build (a `cancelled` event;
 /// the worker running it stops its container). 409 for a build that has ended.
@@ -55,20 +55,10 @@ pub async fn cancel(
 }
 
 fn limit_param(query: Option<&str>) -> Result<i64, ApiError> {
-    let mut limit = LIST_LIMIT;
+    let mut limit = i64::from(LIST_LIMIT);
     for (k, v) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         match k.as_ref() {
-            "limit" => {
-                limit = v
-                    .parse::<i64>()
-                    .ok()
-                    .filter(|l| (1..=LIST_LIMIT).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a number from 1 to {LIST_LIMIT}"
-                        ))
-                    })?
-            }
+            "limit" => limit = i64::from(super::builds::parse_limit(&v, LIST_LIMIT)?),
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown parameter {:?}; known: limit",
@@ -110,7 +100,7 @@ pub async fn workers(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     state.tokens.admin(&headers, "listing the workers")?;
-    let builds = state.app.store.active_builds(LIST_LIMIT).await?;
+    let builds = state.app.store.active_builds(i64::from(LIST_LIMIT)).await?;
     let mut by_worker: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for b in builds.iter().filter(|b| b.status == Status::Running) {
         let worker = b.owner.clone().unwrap_or_default();

@@ -165,7 +165,12 @@ pub async fn submit(
     if creates {
         rate_limit(state, client)?;
     }
-    let mut build = state.app.store.request_build(&key, &request).await?.build;
+    // A build that exists is joined as read (one round trip); only a new key is recorded
+    // (a concurrent identical request may record it first: then that one is joined).
+    let mut build = match existing {
+        Some(b) => b,
+        None => state.app.store.request_build(&key, &request).await?.build,
+    };
     let reopenable = reopenable(build.status);
     // An expired build (its files were deleted for retention) is rebuilt on request.
     if (parsed.force && reopenable) || build.status == Status::Expired {
@@ -347,6 +352,14 @@ fn event_json(e: &RecordedEvent) -> Value {
     })
 }
 
+/// A `limit` query parameter: a number from 1 to `max`.
+pub fn parse_limit(v: &str, max: u32) -> Result<u32, ApiError> {
+    v.parse::<u32>()
+        .ok()
+        .filter(|l| (1..=max).contains(l))
+        .ok_or_else(|| ApiError::bad_request(format!("limit must be a number from 1 to {max}")))
+}
+
 /// Events a history page holds at most (and by default).
 pub const HISTORY_PAGE: u32 = 1000;
 
@@ -367,17 +380,7 @@ pub async fn history(
                     .parse()
                     .map_err(|_| ApiError::bad_request("after must be an event sequence number"))?
             }
-            "limit" => {
-                limit = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=HISTORY_PAGE).contains(l))
-                    .ok_or_else(|| {
-                        ApiError::bad_request(format!(
-                            "limit must be a number from 1 to {HISTORY_PAGE}"
-                        ))
-                    })?
-            }
+            "limit" => limit = parse_limit(&v, HISTORY_PAGE)?,
             other => {
                 return Err(ApiError::bad_request(format!(
                     "unknown parameter {:?}; known: after, limit",
@@ -416,13 +419,7 @@ pub async fn feed(
                     .parse()
                     .map_err(|e: cbs_events::BadCursor| ApiError::bad_request(e.to_string()))?
             }
-            "limit" => {
-                limit = v
-                    .parse::<u32>()
-                    .ok()
-                    .filter(|l| (1..=1000).contains(l))
-                    .ok_or_else(|| ApiError::bad_request("limit must be a number from 1 to 1000"))?
-            }
+            "limit" => limit = parse_limit(&v, 1000)?,
             "type" => {
                 for t in v.split(',').filter(|t| !t.is_empty()) {
                     types.push(t.parse().map_err(|e: cbs_events::UnknownEventType| {
