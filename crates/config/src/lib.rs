@@ -105,6 +105,11 @@ pub struct DatabaseConfig {
     pub pool_size: usize,
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to the server, as libpq's `sslmode` (which the URL must not set).
+    pub sslmode: SslMode,
+    /// PEM file of the certificate authorities that sign the server's certificate. Empty:
+    /// the system's roots. With `require`, giving it makes the mode `verify-ca` (as libpq).
+    pub ssl_root_cert: PathBuf,
 }
 
 impl Default for DatabaseConfig {
@@ -114,8 +119,27 @@ impl Default for DatabaseConfig {
             password: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            sslmode: SslMode::Prefer,
+            ssl_root_cert: PathBuf::new(),
         }
     }
+}
+
+/// TLS to Postgres (libpq's `sslmode` values and meanings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Never.
+    Disable,
+    /// When the server offers it; its certificate is not checked (an active attacker on
+    /// the path can still read everything).
+    Prefer,
+    /// Always; the certificate is not checked unless `ssl_root_cert` is given.
+    Require,
+    /// Always, with a certificate signed by `ssl_root_cert` (any host name).
+    VerifyCa,
+    /// Always, with a certificate signed by `ssl_root_cert` and naming the URL's host.
+    VerifyFull,
 }
 
 /// The process's single listening connection and its fan-out.
@@ -169,6 +193,10 @@ pub struct ApiConfig {
     pub submissions_per_minute: u32,
     /// How many submissions a client may make at once before the rate applies.
     pub submission_burst: u32,
+    /// Builds one client (an API token, or else an IPv4 address or IPv6 /64) may have
+    /// queued or running at once; a request for another new build is answered 429. Callers
+    /// with the admin scope are not limited. 0: no limit.
+    pub max_queued_per_client: usize,
     /// Waiting requests (long-polls, event streams, download waits) one client may hold
     /// open at once (429 beyond); 0: no limit.
     pub max_waits_per_client: usize,
@@ -199,6 +227,7 @@ impl Default for ApiConfig {
             header_read_timeout: Duration::from_secs(10),
             submissions_per_minute: 60,
             submission_burst: 20,
+            max_queued_per_client: 20,
             trusted_proxies: Vec::new(),
             max_waits_per_client: 100,
             max_waits: 50_000,

@@ -39,6 +39,20 @@ pub enum Event {
 #[serde(deny_unknown_fields)]
 pub struct Requested {
     pub request: BuildRequest,
+    /// Who asked, as the api counts clients: `token:<name>` for a caller with an API token,
+    /// `addr:<16 hex>` (a keyed hash of the address, IPv6 per /64) otherwise. Absent in
+    /// events written before clients were recorded and for builds the server made itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The build's place in the fair queue: workers take queued builds by rank, then age.
+    /// A client's first queued build gets the queue's current lowest rank, each further
+    /// one the next rank after that client's last queued build, so clients take turns.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub rank: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 /// A worker took the build. `attempt` counts claims from 1; every later write of that worker
@@ -458,6 +472,8 @@ mod tests {
                     vec![],
                 )
                 .unwrap(),
+                client: Some("addr:0123456789abcdef".into()),
+                rank: 3,
             }),
             Event::Claimed(Claimed {
                 worker: "w1".into(),

@@ -122,6 +122,11 @@ pub struct BuildState {
     pub last_seq: u32,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Who requested the build (see [`cbs_events::Requested::client`]).
+    pub client: Option<String>,
+    /// Its rank in the fair queue (see [`cbs_events::Requested::rank`]); a requeued build
+    /// keeps its rank.
+    pub queue_rank: i64,
 }
 
 impl BuildState {
@@ -202,6 +207,8 @@ pub fn apply(
                 last_seq: 1,
                 created_at: recorded_at,
                 updated_at: recorded_at,
+                client: r.client.clone(),
+                queue_rank: r.rank,
             }),
             Event::Requested(_) => Err(FoldError::SequenceGap {
                 key: key.clone(),

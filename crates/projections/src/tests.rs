@@ -24,6 +24,8 @@ fn requested() -> Event {
             vec![],
         )
         .unwrap(),
+        client: Some("token:ci".into()),
+        rank: 7,
     })
 }
 

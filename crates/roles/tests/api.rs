@@ -1612,3 +1612,163 @@ async fn an_admin_cancels_a_running_build_and_its_container_goes() {
     let b = s.app.store.build(&key).await.unwrap().unwrap();
     assert_eq!(b.status, cbs_projections::Status::Cancelled);
 }
+
+/// Twelve distinct build requests (four platforms by three plugin sets).
+fn twelve_builds() -> Vec<String> {
+    let platforms = [
+        "os=linux&arch=amd64",
+        "os=linux&arch=arm64",
+        "os=windows&arch=amd64",
+        "os=darwin&arch=arm64",
+    ];
+    let plugins = [
+        "p=github.com/acme/alpha@v1.0.0",
+        "p=github.com/acme/alpha@v1.1.0",
+        "p=example.com/gamma/v2@v2.0.0",
+    ];
+    platforms
+        .iter()
+        .flat_map(|o| plugins.iter().map(move |p| format!("{o}&{p}")))
+        .collect()
+}
+
+async fn submit_as(base: &str, from: &str, query: &str) -> reqwest::Response {
+    client()
+        .post(format!("{base}/api/build?{query}"))
+        .header("x-forwarded-for", from)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Workers take queued builds in turns across clients: one client's twelve queued builds
+/// delay another client's single build by at most one claim (first come first served
+/// would take it thirteenth). Builds record who asked, without the address.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_clients_queue_does_not_delay_another_clients_build() {
+    let s = server_configured(false, None, |c| {
+        c.api.trusted_proxies = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let mut first = Vec::new();
+    for q in twelve_builds() {
+        let r = submit_as(&s.base, "203.0.113.5", &q).await;
+        assert_eq!(r.status().as_u16(), 202);
+        let json: Value = r.json().await.unwrap();
+        first.push(json["result"]["key"].as_str().unwrap().to_owned());
+    }
+    let r = submit_as(
+        &s.base,
+        "198.51.100.7",
+        "os=linux&arch=amd64&p=example.com/gamma/v2@v2.1.0",
+    )
+    .await;
+    assert_eq!(r.status().as_u16(), 202);
+    let json: Value = r.json().await.unwrap();
+    let second = json["result"]["key"].as_str().unwrap().to_owned();
+
+    let mut order = Vec::new();
+    while let Some(b) = s
+        .app
+        .store
+        .claim("fair-test", Duration::from_secs(60))
+        .await
+        .unwrap()
+    {
+        order.push(b.key.to_string());
+    }
+    assert_eq!(order.len(), 13);
+    let at = order.iter().position(|k| *k == second).unwrap();
+    assert!(at <= 1, "the second client's build was claimed at {at}");
+    // The first client's builds keep their order among themselves.
+    let firsts: Vec<_> = order.iter().filter(|k| **k != second).collect();
+    assert_eq!(firsts, first.iter().collect::<Vec<_>>());
+
+    // The audit history says who asked: a keyed hash per client, never the address.
+    let history: Value = client()
+        .get(format!("{}/api/build/{second}/history", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let requested = &history["result"]["events"][0];
+    assert_eq!(requested["type"], "requested");
+    let who = requested["data"]["client"].as_str().unwrap();
+    assert!(who.starts_with("addr:") && who.len() == 21, "{who}");
+    assert!(!history.to_string().contains("198.51.100"));
+    let other: Value = client()
+        .get(format!("{}/api/build/{}/history", s.base, first[0]))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_ne!(
+        other["result"]["events"][0]["data"]["client"]
+            .as_str()
+            .unwrap(),
+        who
+    );
+}
+
+/// A client may have only so many builds queued or running; joining builds, other clients
+/// and admins are not limited, and a finished build frees a place.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_has_at_most_so_many_builds_in_the_queue() {
+    let s = server_configured(false, None, |c| {
+        c.api.trusted_proxies = vec!["127.0.0.1/32".into()];
+        c.api.max_queued_per_client = 3;
+        tokens(c);
+    })
+    .await;
+    let builds = twelve_builds();
+    for q in &builds[..3] {
+        assert_eq!(submit_as(&s.base, "203.0.113.5", q).await.status(), 202);
+    }
+    let events = event_count(&s.db).await;
+    let refused = submit_as(&s.base, "203.0.113.5", &builds[3]).await;
+    assert_eq!(refused.status().as_u16(), 429);
+    assert!(refused.headers().contains_key("retry-after"));
+    let json: Value = refused.json().await.unwrap();
+    let message = json["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("you have 3 builds queued or running")
+            && message.contains("at most 3 per client"),
+        "{message}"
+    );
+    assert_eq!(event_count(&s.db).await, events, "a refusal writes nothing");
+    // Joining one of its own builds is not a new build.
+    assert_eq!(
+        submit_as(&s.base, "203.0.113.5", &builds[0]).await.status(),
+        202
+    );
+    // Another client, and the same client's other address (IPv4: no grouping) are free.
+    assert_eq!(
+        submit_as(&s.base, "198.51.100.7", &builds[3])
+            .await
+            .status(),
+        202
+    );
+    // An admin is not limited, although it comes from the same address.
+    let admin = client()
+        .post(format!("{}/api/build?{}", s.base, builds[4]))
+        .header("x-forwarded-for", "203.0.113.5")
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(admin.status().as_u16(), 202);
+    // A build that ends frees a place.
+    claim_and_fail(&s, "does not compile").await;
+    assert_eq!(
+        submit_as(&s.base, "203.0.113.5", &builds[5]).await.status(),
+        202
+    );
+    assert_eq!(
+        submit_as(&s.base, "203.0.113.5", &builds[6]).await.status(),
+        429
+    );
+}

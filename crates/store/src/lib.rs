@@ -18,6 +18,7 @@ pub mod migrate;
 pub mod notify;
 mod queries;
 mod rebuild;
+mod tls;
 
 use std::time::Duration;
 
@@ -84,11 +85,25 @@ impl Store {
         key: &BuildKey,
         request: &BuildRequest,
     ) -> Result<RequestOutcome, StoreError> {
+        self.request_build_for(key, request, None).await
+    }
+
+    /// [`Store::request_build`] on behalf of `requester` (the api's client id): the build
+    /// records who asked and gets its rank in the fair queue.
+    pub async fn request_build_for(
+        &self,
+        key: &BuildKey,
+        request: &BuildRequest,
+        requester: Option<&str>,
+    ) -> Result<RequestOutcome, StoreError> {
+        let client = self.client().await?;
+        let rank = queries::queue_rank(&client, requester).await?;
         let event = Event::Requested(Requested {
             request: request.clone(),
+            client: requester.map(str::to_owned),
+            rank,
         });
         let state = apply(None, key, 1, now(), &event)?;
-        let client = self.client().await?;
         if queries::insert_build(&client, &state, &event).await? {
             self.notifier.note(key, 1, true);
             return Ok(RequestOutcome {
@@ -333,6 +348,12 @@ impl Store {
     pub async fn next_available(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
         let client = self.client().await?;
         queries::next_available(&client).await
+    }
+
+    /// How many of `client`'s builds are queued or running (the api's per-client cap).
+    pub async fn client_active_builds(&self, client: &str) -> Result<i64, StoreError> {
+        let c = self.client().await?;
+        queries::client_active_builds(&c, client).await
     }
 
     /// Keys of the builds a worker runs now.

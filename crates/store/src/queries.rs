@@ -21,7 +21,8 @@ pub(crate) const CHANNEL: &str = "cbs_events";
 
 /// Columns of a `builds` row, in the order [`build_from_row`] reads them.
 const BUILD_COLUMNS: &str = "key, status, request, attempt, failures, owner, lease_expires_at, \
-     available_at, current_step, last_error, artifact, last_seq, created_at, updated_at";
+     available_at, current_step, last_error, artifact, last_seq, created_at, updated_at, client, \
+     queue_rank";
 
 /// Columns of a `build_events` row, in the order [`event_from_row`] reads them.
 const EVENT_COLUMNS: &str = "position, tx_id::text, build_key, seq, event_type, schema_version, \
@@ -76,6 +77,8 @@ pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
         last_seq: to_u32(row.try_get(11)?, "builds.last_seq")?,
         created_at: row.try_get(12)?,
         updated_at: row.try_get(13)?,
+        client: row.try_get(14)?,
+        queue_rank: row.try_get(15)?,
         key,
     })
 }
@@ -101,6 +104,42 @@ pub(crate) fn event_from_row(row: &Row) -> Result<RecordedEvent, StoreError> {
     })
 }
 
+/// The rank a new build of `client` gets in the fair queue (start-time fair queuing): the
+/// queue's lowest rank (its "virtual time"; 0 when empty), or one past the client's last
+/// queued build if that is higher. Each client's first queued build thus ties with the
+/// head of the queue, its second with the head's next rank, and so on: a client with 500
+/// queued builds delays another client's single build by at most one build per client.
+/// Builds without a client always get the queue's lowest rank. Two concurrent requests of
+/// one client may get the same rank; that only makes their order by age.
+/// Both reads are index lookups (`builds_fair_claim`, `builds_client_active`).
+pub(crate) async fn queue_rank(
+    c: &impl GenericClient,
+    client: Option<&str>,
+) -> Result<i64, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT GREATEST(
+                COALESCE((SELECT min(queue_rank) FROM builds WHERE status = 'queued'), 0),
+                COALESCE((SELECT max(queue_rank) + 1 FROM builds
+                          WHERE client = $1 AND status = 'queued'), 0))",
+        )
+        .await?;
+    Ok(c.query_one(&stmt, &[&client]).await?.try_get(0)?)
+}
+
+/// How many builds `client` requested that are queued or running.
+pub(crate) async fn client_active_builds(
+    c: &impl GenericClient,
+    client: &str,
+) -> Result<i64, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT count(*) FROM builds WHERE client = $1 AND status IN ('queued', 'running')",
+        )
+        .await?;
+    Ok(c.query_one(&stmt, &[&client]).await?.try_get(0)?)
+}
+
 /// Inserts a new build's projection row and its first event, unless the key exists.
 /// Returns whether it was inserted. Concurrent inserts of one key wait for each other and
 /// exactly one wins (`ON CONFLICT DO NOTHING`).
@@ -114,8 +153,8 @@ pub(crate) async fn insert_build(
             "WITH b AS (
                 INSERT INTO builds (key, status, request, attempt, failures, owner,
                     lease_expires_at, available_at, current_step, last_error, artifact,
-                    last_seq, created_at, updated_at)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+                    last_seq, created_at, updated_at, client, queue_rank)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $18, $19)
                 ON CONFLICT (key) DO NOTHING
                 RETURNING key
             )
@@ -145,6 +184,8 @@ pub(crate) async fn insert_build(
                 &event.event_type().as_str(),
                 &SCHEMA_VERSION,
                 &Json(event.encode()),
+                &state.client,
+                &state.queue_rank,
             ],
         )
         .await?;
@@ -207,7 +248,8 @@ pub(crate) async fn append_event(
     }
 }
 
-/// The claim: takes the oldest available queued build (skipping rows other claimers hold),
+/// The claim: takes the available queued build of lowest rank, oldest first (skipping rows
+/// other claimers hold; ranks make clients take turns, see [`queue_rank`]),
 /// marks it running for `worker` with a new attempt and lease, and appends the `claimed`
 /// event, all in one statement.
 ///
@@ -224,7 +266,7 @@ pub(crate) async fn claim(
             "WITH next AS (
                 SELECT key FROM builds
                 WHERE status = 'queued' AND available_at <= now()
-                ORDER BY available_at, key
+                ORDER BY queue_rank, available_at, key
                 LIMIT 1
                 FOR UPDATE SKIP LOCKED
             ), claimed AS (
@@ -530,14 +572,16 @@ pub(crate) async fn overwrite_build(
 ) -> Result<(), StoreError> {
     c.execute(
         "INSERT INTO builds (key, status, request, attempt, failures, owner, lease_expires_at,
-            available_at, current_step, last_error, artifact, last_seq, created_at, updated_at)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+            available_at, current_step, last_error, artifact, last_seq, created_at, updated_at,
+            client, queue_rank)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
          ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, request = EXCLUDED.request,
             attempt = EXCLUDED.attempt, failures = EXCLUDED.failures, owner = EXCLUDED.owner,
             lease_expires_at = EXCLUDED.lease_expires_at, available_at = EXCLUDED.available_at,
             current_step = EXCLUDED.current_step, last_error = EXCLUDED.last_error,
             artifact = EXCLUDED.artifact, last_seq = EXCLUDED.last_seq,
-            created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at",
+            created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
+            client = EXCLUDED.client, queue_rank = EXCLUDED.queue_rank",
         &[
             &s.key.as_str(),
             &s.status.as_str(),
@@ -553,6 +597,8 @@ pub(crate) async fn overwrite_build(
             &to_i32(s.last_seq, "seq")?,
             &s.created_at,
             &s.updated_at,
+            &s.client,
+            &s.queue_rank,
         ],
     )
     .await?;
@@ -730,7 +776,7 @@ pub(crate) async fn active_builds(
         .prepare_cached(&format!(
             "SELECT {BUILD_COLUMNS} FROM builds
              WHERE status IN ('queued', 'running')
-             ORDER BY status = 'queued', available_at, key
+             ORDER BY status = 'queued', queue_rank, available_at, key
              LIMIT $1"
         ))
         .await?;

@@ -518,7 +518,7 @@ async fn the_feed_never_skips_an_event_whose_transaction_commits_late() {
          VALUES ($1, 1, 'requested', 1, $2, now())",
         &[
             &key(11).as_str(),
-            &postgres_types::Json(Event::Requested(cbs_events::Requested { request: request(11) }).encode()),
+            &postgres_types::Json(Event::Requested(cbs_events::Requested { request: request(11), client: None, rank: 0 }).encode()),
         ],
     )
     .await

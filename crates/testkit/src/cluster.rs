@@ -292,6 +292,22 @@ pub struct PgServer {
 
 impl PgServer {
     pub fn start() -> Result<PgServer, String> {
+        PgServer::start_with(false)
+    }
+
+    /// A server that accepts TCP connections only over TLS (`hostssl` in pg_hba.conf),
+    /// with a certificate for `localhost` and 127.0.0.1 signed by a CA made for it
+    /// ([`PgServer::ca_cert`]).
+    pub fn start_tls() -> Result<PgServer, String> {
+        PgServer::start_with(true)
+    }
+
+    /// The CA certificate (PEM) that signed a TLS server's certificate.
+    pub fn ca_cert(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.crt")
+    }
+
+    fn start_with(tls: bool) -> Result<PgServer, String> {
         let bin = bindir()?;
         let dir = tempfile::Builder::new()
             .prefix("cbs-pgserver-")
@@ -316,6 +332,32 @@ impl PgServer {
             .map_err(|e| format!("initdb: {e}"))?;
         if !out.status.success() {
             return Err(format!("initdb: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        if tls {
+            let certs = dir.join("tls");
+            std::fs::create_dir(&certs).map_err(|e| format!("tls dir: {e}"))?;
+            make_ca(&certs, "ca")?;
+            make_cert(&certs, "ca", "server", "DNS:localhost,IP:127.0.0.1")?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                certs.join("server.key"),
+                std::fs::Permissions::from_mode(0o600),
+            )
+            .map_err(|e| format!("server.key: {e}"))?;
+            for f in ["server.key", "server.crt"] {
+                user.chown(&certs.join(f))?;
+            }
+            let data = dir.join("data");
+            let conf = format!(
+                "\nssl = on\nssl_cert_file = '{0}/server.crt'\nssl_key_file = '{0}/server.key'\n",
+                certs.display()
+            );
+            append(&data.join("postgresql.conf"), &conf)?;
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\nhostssl all all 127.0.0.1/32 trust\n",
+            )
+            .map_err(|e| format!("pg_hba.conf: {e}"))?;
         }
         let server = PgServer {
             port: free_port()?,
@@ -368,4 +410,112 @@ impl Drop for PgServer {
         let _ = self.pg_ctl(&["stop"]);
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+fn append(path: &Path, text: &str) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn openssl(dir: &Path, args: &[&str]) -> Result<(), String> {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .map_err(|e| format!("run openssl (install it: apt-get install openssl): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(())
+}
+
+/// Makes a self-signed CA in `dir`: `<name>.crt` and `<name>.key` (P-256).
+pub fn make_ca(dir: &Path, name: &str) -> Result<PathBuf, String> {
+    let (crt, key) = (format!("{name}.crt"), format!("{name}.key"));
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN=cbs test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    )?;
+    Ok(dir.join(crt))
+}
+
+/// Makes `<name>.crt` and `<name>.key` in `dir`, signed by the CA `<ca>.crt`/`<ca>.key`,
+/// for the subject alternative names `san` (e.g. `DNS:localhost,IP:127.0.0.1`).
+pub fn make_cert(dir: &Path, ca: &str, name: &str, san: &str) -> Result<PathBuf, String> {
+    let (crt, key, csr, ext) = (
+        format!("{name}.crt"),
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.ext"),
+    );
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={name}"),
+        ],
+    )?;
+    std::fs::write(
+        dir.join(&ext),
+        format!("subjectAltName={san}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .map_err(|e| format!("{ext}: {e}"))?;
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            &crt,
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+        ],
+    )?;
+    Ok(dir.join(crt))
 }

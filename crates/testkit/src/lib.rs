@@ -24,7 +24,7 @@ use std::time::Duration;
 use cbs_config::{DatabaseConfig, DatabaseUrl};
 use tokio::sync::OnceCell;
 
-pub use cluster::{Cluster, PgServer};
+pub use cluster::{make_ca, make_cert, Cluster, PgServer};
 pub use image::{builder_image, builder_user};
 pub use proxy::FixtureProxy;
 
@@ -167,6 +167,7 @@ impl TestDb {
             password: None,
             pool_size: 16,
             connect_timeout: Duration::from_secs(5),
+            ..Default::default()
         }
     }
 
@@ -250,6 +251,7 @@ async fn start_server() -> Server {
         password: None,
         pool_size: 1,
         connect_timeout: Duration::from_secs(5),
+        ..Default::default()
     };
     let connector = cbs_store::PgConnector::new(&config).expect("template config");
     cbs_store::migrate::run(&connector)

@@ -106,6 +106,51 @@ pub fn rate_limit(
     })
 }
 
+/// The id a build records for who requested it: the token's name, or a keyed hash of the
+/// client's address (IPv6: its /64), so that the public history does not show addresses.
+pub fn requester_id(
+    state: &ApiState,
+    caller: &super::access::Caller,
+    client: Option<&super::limit::ClientAddr>,
+) -> Option<String> {
+    use sha2::Digest;
+    if let Some(name) = caller.name() {
+        return Some(format!("token:{name}"));
+    }
+    let ip = super::limit::client_key(client?.0);
+    let mut h = sha2::Sha256::new();
+    h.update(state.client_salt.as_bytes());
+    h.update(b"\0");
+    h.update(ip.to_string().as_bytes());
+    let digest = h.finalize();
+    Some(format!("addr:{}", hex::encode(&digest[..8])))
+}
+
+/// Refuses (429) a new build for a client that has `api.max_queued_per_client` builds
+/// queued or running. Admins are not limited. Two concurrent requests of one client may
+/// both pass at the limit; the submission rate limit bounds that overshoot.
+async fn queue_cap(
+    state: &ApiState,
+    caller: &super::access::Caller,
+    requester: Option<&str>,
+) -> Result<(), ApiError> {
+    let cap = state.app.config.api.max_queued_per_client;
+    let (Some(requester), false) = (requester, cap == 0 || caller.is_admin()) else {
+        return Ok(());
+    };
+    let active = state.app.store.client_active_builds(requester).await?;
+    if usize::try_from(active).unwrap_or(usize::MAX) >= cap {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "you have {active} builds queued or running; this server builds at most {cap} per client at a time: try again when one has finished (joining a build in progress and downloading are not limited)"
+            ),
+        )
+        .retry_after(30));
+    }
+    Ok(())
+}
+
 /// Resolves, keys and records a request (once per key, however many ask at once);
 /// reopens a failed build when forced.
 pub async fn submit(
@@ -162,14 +207,23 @@ pub async fn submit(
         None => true,
         Some(b) => (parsed.force && reopenable(b.status)) || b.status == Status::Expired,
     };
+    let requester = requester_id(state, caller, client);
     if creates {
         rate_limit(state, client)?;
+        queue_cap(state, caller, requester.as_deref()).await?;
     }
     // A build that exists is joined as read (one round trip); only a new key is recorded
     // (a concurrent identical request may record it first: then that one is joined).
     let mut build = match existing {
         Some(b) => b,
-        None => state.app.store.request_build(&key, &request).await?.build,
+        None => {
+            state
+                .app
+                .store
+                .request_build_for(&key, &request, requester.as_deref())
+                .await?
+                .build
+        }
     };
     let reopenable = reopenable(build.status);
     // An expired build (its files were deleted for retention) is rebuilt on request.

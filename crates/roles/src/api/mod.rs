@@ -101,6 +101,9 @@ pub struct ApiState {
     pub waits: Arc<limit::Waits>,
     pub package_counts: Arc<builds::PackageCounts>,
     pub trusted_proxies: Arc<Vec<access::Cidr>>,
+    /// Key of the hash that turns client addresses into the ids builds record (the
+    /// deployment's id: the same in every api process, and not public).
+    pub client_salt: Arc<str>,
 }
 
 /// Binds the configured address, with a long accept queue: thousands of long-polls and
@@ -309,7 +312,14 @@ pub async fn run(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}"))?;
     let trusted = trusted_proxies.clone();
+    let client_salt: Arc<str> = app
+        .store
+        .deployment_id()
+        .await
+        .context("reading the deployment id")?
+        .into();
     let router = router(ApiState {
+        client_salt,
         tokens,
         package_counts: Arc::new(builds::PackageCounts::default()),
         waits: Arc::new(limit::Waits::new(

@@ -52,6 +52,7 @@ pub async fn server_configured(
     // Many requests come from one address here; the limit has its own test.
     config.api.submissions_per_minute = 0;
     config.api.max_waits_per_client = 0;
+    config.api.max_queued_per_client = 0;
     config.api.max_connections_per_client = 0;
     customize(&mut config);
     let shutdown = CancellationToken::new();
