@@ -410,6 +410,29 @@ pub struct GoConfig {
     /// How long resolved versions (and `latest`) are reused.
     #[serde(with = "humantime_serde")]
     pub cache_ttl: Duration,
+    /// Private modules: path patterns (Go's GOPRIVATE syntax, e.g. `corp.example.com/*`)
+    /// of modules the public checksum database is not asked about (GONOSUMDB). They are
+    /// still fetched through `proxy`; every other module is still checked.
+    pub private: Vec<String>,
+    /// Credentials for authenticated module proxies, by host: given to resolve steps as
+    /// a read-only netrc file, and used by the api's resolver.
+    pub proxy_credentials: Vec<ProxyCredential>,
+    /// PEM file of the certificate authorities a private proxy's HTTPS certificate chains
+    /// to. Resolve steps get it (read-only) as their only roots (SSL_CERT_FILE): include
+    /// public roots in it if other listed proxies need them. The api's resolver adds it to
+    /// the system's roots. Empty: the system's (and the builder image's) roots.
+    pub proxy_ca_file: PathBuf,
+}
+
+/// Basic-auth credentials for one module proxy host (netrc's `machine`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyCredential {
+    /// The proxy's host name, as in `proxy` (without scheme or port).
+    pub host: String,
+    pub username: String,
+    /// Never logged.
+    pub password: Secret<String>,
 }
 
 impl Default for GoConfig {
@@ -419,7 +442,114 @@ impl Default for GoConfig {
             sumdb: "sum.golang.org".into(),
             resolve_timeout: Duration::from_secs(10),
             cache_ttl: Duration::from_secs(60),
+            private: Vec::new(),
+            proxy_credentials: Vec::new(),
+            proxy_ca_file: PathBuf::new(),
         }
+    }
+}
+
+impl GoConfig {
+    /// The hosts of the proxy URLs in `proxy` (without port); an error if a URL carries
+    /// credentials (they would end up in every container's environment).
+    pub fn proxy_hosts(&self) -> Result<Vec<String>, String> {
+        let mut hosts = Vec::new();
+        for entry in self.proxy.split([',', '|']).map(str::trim) {
+            let Some(rest) = entry
+                .strip_prefix("https://")
+                .or_else(|| entry.strip_prefix("http://"))
+            else {
+                continue;
+            };
+            let authority = rest.split('/').next().unwrap_or("");
+            if authority.contains('@') {
+                return Err("go.proxy: a proxy URL carries credentials; put them in go.proxy_credentials (they would reach every build container's environment)".into());
+            }
+            let host = if let Some(v6) = authority.strip_prefix('[') {
+                v6.split(']').next().unwrap_or("")
+            } else {
+                authority.split(':').next().unwrap_or("")
+            };
+            hosts.push(host.to_ascii_lowercase());
+        }
+        Ok(hosts)
+    }
+
+    /// GONOSUMDB's value for `private`.
+    pub fn gonosumdb(&self) -> String {
+        self.private.join(",")
+    }
+
+    /// Checks `private` and `proxy_credentials`: patterns Go can read, credentials a netrc
+    /// file can hold, for hosts `proxy` names. Messages never quote a password.
+    pub fn check(&self) -> Result<(), String> {
+        let hosts = self.proxy_hosts()?;
+        for p in &self.private {
+            if p.is_empty() || p.contains(|c: char| c == ',' || c.is_whitespace()) {
+                return Err(format!(
+                    "go.private: {p:?} is not a module path pattern (one pattern per entry, like corp.example.com/*)"
+                ));
+            }
+        }
+        for c in &self.proxy_credentials {
+            let token = |v: &str| !v.is_empty() && !v.contains(|c: char| c.is_whitespace());
+            if !token(&c.host) || !token(&c.username) {
+                return Err(format!(
+                    "go.proxy_credentials: host {:?} and username {:?} must be non-empty, without spaces",
+                    c.host, c.username
+                ));
+            }
+            if !token(c.password.expose()) {
+                return Err(format!(
+                    "go.proxy_credentials: the password for {} must be non-empty, without spaces (netrc cannot hold them)",
+                    c.host
+                ));
+            }
+            if !hosts.contains(&c.host.to_ascii_lowercase()) {
+                return Err(format!(
+                    "go.proxy_credentials: {} is not the host of any go.proxy URL (credentials are sent only to the proxies listed there)",
+                    c.host
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The netrc file's text for `proxy_credentials` (a secret: write it to a private file).
+    /// Each credential gets a `machine` line for its host and one per `host:port` of the
+    /// proxy URLs on that host (the go command matches the URL's host with its port).
+    pub fn netrc(&self) -> Option<Secret<String>> {
+        if self.proxy_credentials.is_empty() {
+            return None;
+        }
+        let authorities: Vec<&str> = self
+            .proxy
+            .split([',', '|'])
+            .filter_map(|e| e.trim().split_once("://"))
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
+            .collect();
+        let mut text = String::new();
+        for c in &self.proxy_credentials {
+            let mut machines = vec![c.host.to_ascii_lowercase()];
+            for a in &authorities {
+                let a = a.to_ascii_lowercase();
+                let host = match a.strip_prefix('[') {
+                    Some(v6) => v6.split(']').next().unwrap_or(""),
+                    None => a.split(':').next().unwrap_or(""),
+                };
+                if host == machines[0] && !machines.contains(&a) {
+                    machines.push(a);
+                }
+            }
+            for m in machines {
+                text.push_str(&format!(
+                    "machine {m} login {} password {}\n",
+                    c.username,
+                    c.password.expose()
+                ));
+            }
+        }
+        Some(Secret::new(text))
     }
 }
 

@@ -199,3 +199,54 @@ fn database_urls_print_without_passwords() {
         assert_eq!(u.expose(), url);
     }
 }
+
+#[test]
+fn private_modules_and_proxy_credentials() {
+    let cfg = load(
+        r#"
+go:
+  proxy: "https://goproxy.corp.example:8443/mod|https://proxy.golang.org"
+  private: ["corp.example/*", "github.com/corp/private"]
+  proxy_credentials:
+    - host: GoProxy.Corp.Example
+      username: builder
+      password: s3cret-value
+"#,
+        &[],
+    )
+    .unwrap();
+    cfg.go.check().unwrap();
+    assert_eq!(cfg.go.gonosumdb(), "corp.example/*,github.com/corp/private");
+    let netrc = cfg.go.netrc().unwrap();
+    // The go command matches the URL's host with its port; other matchers the host alone.
+    assert_eq!(
+        netrc.expose(),
+        "machine goproxy.corp.example login builder password s3cret-value\n\
+         machine goproxy.corp.example:8443 login builder password s3cret-value\n"
+    );
+    assert!(!format!("{cfg:?}").contains("s3cret-value"));
+
+    let mut bad = cfg.go.clone();
+    bad.proxy_credentials[0].host = "proxy.golang.org.evil".into();
+    assert!(bad
+        .check()
+        .unwrap_err()
+        .contains("not the host of any go.proxy URL"));
+    let mut bad = cfg.go.clone();
+    bad.proxy_credentials[0].password = crate::Secret::new("two words".into());
+    let e = bad.check().unwrap_err();
+    assert!(
+        e.contains("without spaces") && !e.contains("two words"),
+        "{e}"
+    );
+    let mut bad = cfg.go.clone();
+    bad.private = vec!["a.example/*,b.example".into()];
+    assert!(bad.check().unwrap_err().contains("go.private"));
+    let mut bad = cfg.go.clone();
+    bad.proxy = "https://builder:pw@goproxy.corp.example".into();
+    let e = bad.check().unwrap_err();
+    assert!(
+        e.contains("go.proxy_credentials") && !e.contains("pw@"),
+        "{e}"
+    );
+}

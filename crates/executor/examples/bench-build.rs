@@ -28,6 +28,9 @@ fn go(proxy: &FixtureProxy) -> GoSettings {
         goproxy: proxy.url(),
         gosumdb: "off".into(),
         command_timeout: Duration::from_secs(600),
+        gonosumdb: String::new(),
+        netrc: None,
+        proxy_ca: None,
     }
 }
 
@@ -144,6 +147,7 @@ fn by_hand_in_one_container(proxy: &FixtureProxy, cache: &Path, req: &BuildReque
         },
         &plan.target_env,
         "/usr/local/go/bin",
+        Default::default(),
     );
     let mut cmd = Command::new("docker");
     cmd.args([

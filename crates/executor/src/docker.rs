@@ -42,6 +42,10 @@ const GOCACHE: &str = "/cache/build";
 const HOME: &str = "/tmp/home";
 /// The command runner (see `runner/runner.go`), mounted read-only.
 const RUNNER: &str = "/cbs/runner";
+/// Where resolve containers see the module proxy's credentials (a read-only file).
+const NETRC: &str = "/cbs/netrc";
+/// Where resolve containers see the proxy's certificate authorities (read-only).
+const PROXY_CA: &str = "/cbs/proxy-ca.pem";
 /// Its source, compiled with the builder image when a worker starts.
 const RUNNER_SOURCE: &str = include_str!("runner/runner.go");
 /// The exit code the runner reports for a command it stopped at its time limit.
@@ -142,6 +146,16 @@ impl DockerExecutor {
         for dir in [&executor.modcache, &executor.gocache] {
             tokio::fs::create_dir_all(dir).await?;
             executor.give_to_builder(dir)?;
+        }
+        if let Some(file) = &executor.go.netrc {
+            // Readable by the builder user only (0400), through the read-only mount.
+            use std::os::unix::fs::{MetadataExt, PermissionsExt};
+            let (uid, gid) = parse_user(&executor.settings.user)?;
+            let path: &Path = file;
+            if std::fs::symlink_metadata(path)?.uid() == 0 && uid != 0 {
+                std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))?;
         }
         if !executor.runner.exists() {
             executor.build_runner(&runner_dir).await?;
@@ -359,21 +373,42 @@ impl DockerExecutor {
             gocache: GOCACHE.into(),
             home: HOME.into(),
         };
-        let env = command_env(&self.go, phase, &caches, target, &self.settings.path)
-            .into_iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        // Credentials only where the network is: resolve steps.
+        let resolve = phase == Phase::Resolve;
+        let netrc = self.go.netrc.as_ref().filter(|_| resolve);
+        let proxy_ca = self.go.proxy_ca.as_ref().filter(|_| resolve);
+        let env = command_env(
+            &self.go,
+            phase,
+            &caches,
+            target,
+            &self.settings.path,
+            crate::ResolveFiles {
+                netrc: netrc.map(|_| Path::new(NETRC)),
+                proxy_ca: proxy_ca.map(|_| Path::new(PROXY_CA)),
+            },
+        )
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
         let (network, modcache_mode) = match phase {
             Phase::Resolve => (self.settings.resolve_network.clone(), "rw"),
             Phase::Compile => ("none".to_owned(), "ro"),
         };
+        let mut binds = vec![
+            format!("{}:{BUILD_DIR}:rw", dir.display()),
+            format!("{}:{MODCACHE}:{modcache_mode}", self.modcache.display()),
+            format!("{}:{GOCACHE}:rw", self.gocache.display()),
+            format!("{}:{RUNNER}:ro", self.runner.display()),
+        ];
+        if let Some(file) = netrc {
+            binds.push(format!("{}:{NETRC}:ro", file.display()));
+        }
+        if let Some(file) = proxy_ca {
+            binds.push(format!("{}:{PROXY_CA}:ro", file.display()));
+        }
         let host_config = HostConfig {
-            binds: Some(vec![
-                format!("{}:{BUILD_DIR}:rw", dir.display()),
-                format!("{}:{MODCACHE}:{modcache_mode}", self.modcache.display()),
-                format!("{}:{GOCACHE}:rw", self.gocache.display()),
-                format!("{}:{RUNNER}:ro", self.runner.display()),
-            ]),
+            binds: Some(binds),
             network_mode: Some(network),
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),

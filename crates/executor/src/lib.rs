@@ -29,6 +29,23 @@ pub struct GoSettings {
     pub gosumdb: String,
     /// Longest time one Go command may run.
     pub command_timeout: Duration,
+    /// GONOSUMDB: module path patterns the checksum database is not asked about (private
+    /// modules), comma-separated as Go's GOPRIVATE syntax.
+    pub gonosumdb: String,
+    /// Credentials for the module proxy: a netrc file on the host, private to the worker,
+    /// given read-only to resolve steps only (never in their environment or arguments).
+    /// Removed when the last holder drops it.
+    pub netrc: Option<std::sync::Arc<tempfile::TempPath>>,
+    /// Certificate authorities (PEM file on the host) for the proxy's HTTPS certificate:
+    /// resolve steps' only roots (SSL_CERT_FILE).
+    pub proxy_ca: Option<PathBuf>,
+}
+
+/// Files given to resolve steps, as the command sees them.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ResolveFiles<'a> {
+    pub netrc: Option<&'a std::path::Path>,
+    pub proxy_ca: Option<&'a std::path::Path>,
 }
 
 /// Where a command's caches are, as the command sees them.
@@ -48,6 +65,7 @@ pub fn command_env(
     caches: &CachePaths,
     target: &[(&'static str, String)],
     path: &str,
+    files: ResolveFiles<'_>,
 ) -> Vec<(String, String)> {
     let mut env: Vec<(String, String)> = vec![
         ("PATH".into(), path.to_owned()),
@@ -64,7 +82,7 @@ pub fn command_env(
         ("CGO_ENABLED".into(), "0".into()),
         ("GOTELEMETRY".into(), "off".into()),
         ("GOSUMDB".into(), settings.gosumdb.clone()),
-        ("GONOSUMDB".into(), String::new()),
+        ("GONOSUMDB".into(), settings.gonosumdb.clone()),
         ("GOPRIVATE".into(), String::new()),
         ("GOINSECURE".into(), String::new()),
         ("GOVCS".into(), "*:off".into()),
@@ -74,6 +92,13 @@ pub fn command_env(
             env.push(("GOPROXY".into(), settings.goproxy.clone()));
             // Module cache files writable, so that caches can be cleaned without root.
             env.push(("GOFLAGS".into(), "-modcacherw".into()));
+            // Where the credentials are (the path, never the secret itself).
+            if let Some(netrc) = files.netrc {
+                env.push(("NETRC".into(), netrc.display().to_string()));
+            }
+            if let Some(ca) = files.proxy_ca {
+                env.push(("SSL_CERT_FILE".into(), ca.display().to_string()));
+            }
         }
         Phase::Compile => {
             env.push(("GOPROXY".into(), "off".into()));
@@ -149,6 +174,8 @@ pub(crate) const TAIL_LINES: usize = 30;
 
 /// The executors.
 #[derive(Debug)]
+// One executor per worker process: the size of its variants does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum Executor {
     Local(LocalExecutor),
     Docker(Box<DockerExecutor>),

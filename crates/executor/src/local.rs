@@ -50,6 +50,10 @@ impl LocalExecutor {
             &self.caches,
             target,
             &format!("{bin_dir}:/usr/bin:/bin"),
+            crate::ResolveFiles {
+                netrc: self.settings.netrc.as_deref().map(|p| p.as_ref()),
+                proxy_ca: self.settings.proxy_ca.as_deref(),
+            },
         );
         let started = Instant::now();
         let mut child = tokio::process::Command::new(&self.go)

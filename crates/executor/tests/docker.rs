@@ -35,6 +35,9 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
         goproxy: goproxy.to_owned(),
         gosumdb: "off".into(),
         command_timeout: Duration::from_secs(600),
+        gonosumdb: String::new(),
+        netrc: None,
+        proxy_ca: None,
     };
     let docker = DockerExecutor::connect(
         settings,

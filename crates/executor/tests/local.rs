@@ -16,6 +16,9 @@ fn executor(proxy: &FixtureProxy, cache: &std::path::Path) -> Executor {
             goproxy: proxy.url(),
             gosumdb: "off".into(),
             command_timeout: Duration::from_secs(300),
+            gonosumdb: String::new(),
+            netrc: None,
+            proxy_ca: None,
         },
         CachePaths {
             gomodcache: cache.join("mod"),

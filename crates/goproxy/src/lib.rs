@@ -68,11 +68,34 @@ impl ResolveError {
     }
 }
 
+/// Basic-auth credentials for the proxies on one host.
+#[derive(Clone)]
+pub struct Credential {
+    /// Host name, compared without regard to case and port (as netrc's `machine`).
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Credential({}, {}, [redacted])",
+            self.host, self.username
+        )
+    }
+}
+
 /// Proxy settings.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     /// A GOPROXY value: `https://proxy.golang.org` or a list.
     pub goproxy: String,
+    /// Credentials sent to the proxies of their host (and only to those).
+    pub credentials: Vec<Credential>,
+    /// Extra certificate authorities (PEM) for the proxies' HTTPS certificates.
+    pub ca_pem: Option<Vec<u8>>,
     /// Timeout of one HTTP request.
     pub timeout: Duration,
     /// How long answers are reused.
@@ -82,7 +105,8 @@ pub struct ProxyConfig {
 /// Resolves versions through the module proxy. Cheap to share (`Arc`) across tasks.
 #[derive(Debug)]
 pub struct Resolver {
-    proxies: Vec<(String, Fallthrough)>,
+    /// Each proxy URL, how it falls through, and the credentials for its host.
+    proxies: Vec<(String, Fallthrough, Option<Credential>)>,
     http: reqwest::Client,
     cache_ttl: Duration,
     cache: Mutex<Cache>,
@@ -137,7 +161,7 @@ enum Fetch {
 
 /// Parses a GOPROXY value into proxies and how each falls through to the next.
 fn parse_goproxy(value: &str) -> Result<Vec<(String, Fallthrough)>, ResolveError> {
-    let bad = || ResolveError::BadSetting(value.to_owned());
+    let bad = || ResolveError::BadSetting(redact(value));
     let mut out = Vec::new();
     let mut rest = value.trim();
     while !rest.is_empty() {
@@ -150,6 +174,12 @@ fn parse_goproxy(value: &str) -> Result<Vec<(String, Fallthrough)>, ResolveError
         if !(entry.starts_with("http://") || entry.starts_with("https://")) {
             return Err(bad());
         }
+        if authority(entry).contains('@') {
+            return Err(ResolveError::BadSetting(format!(
+                "{}: a proxy URL must not carry credentials (configure them separately)",
+                redact(value)
+            )));
+        }
         out.push((entry.to_owned(), mode));
         rest = rest.get(end + 1..).unwrap_or("");
     }
@@ -161,16 +191,64 @@ fn parse_goproxy(value: &str) -> Result<Vec<(String, Fallthrough)>, ResolveError
 
 use cbs_domain::module::escape;
 
+/// The authority (`user@host:port`) of an `http(s)://` URL.
+fn authority(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    rest.split(['/', '?', '#']).next().unwrap_or("")
+}
+
+/// The host of an `http(s)://` URL, lower case, without port or user information.
+fn host(url: &str) -> String {
+    let a = authority(url);
+    let a = a.rsplit_once('@').map_or(a, |(_, h)| h);
+    let h = match a.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => a.split(':').next().unwrap_or(""),
+    };
+    h.to_ascii_lowercase()
+}
+
+/// A GOPROXY value with any user information of its URLs replaced by `***`.
+pub fn redact(value: &str) -> String {
+    value
+        .split_inclusive([',', '|'])
+        .map(|part| {
+            let a = authority(part);
+            match a.rsplit_once('@') {
+                Some((_, h)) => part.replacen(a, &format!("***@{h}"), 1),
+                None => part.to_owned(),
+            }
+        })
+        .collect()
+}
+
 impl Resolver {
     pub fn new(config: &ProxyConfig) -> Result<Resolver, ResolveError> {
-        let proxies = parse_goproxy(&config.goproxy)?;
-        let http = reqwest::Client::builder()
+        let proxies = parse_goproxy(&config.goproxy)?
+            .into_iter()
+            .map(|(url, mode)| {
+                let h = host(&url);
+                let credential = config
+                    .credentials
+                    .iter()
+                    .find(|c| c.host.eq_ignore_ascii_case(&h))
+                    .cloned();
+                (url, mode, credential)
+            })
+            .collect();
+        let mut http = reqwest::Client::builder();
+        if let Some(pem) = &config.ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| ResolveError::BadSetting(format!("the proxy CA file: {e}")))?;
+            http = http.tls_certs_merge(certs);
+        }
+        let http = http
             .timeout(config.timeout)
             .connect_timeout(config.timeout)
             .user_agent(concat!("caddy-build-server/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| ResolveError::Unavailable {
-                proxy: config.goproxy.clone(),
+                proxy: redact(&config.goproxy),
                 detail: format!("HTTP client: {e}"),
             })?;
         Ok(Resolver {
@@ -190,15 +268,20 @@ impl Resolver {
     async fn fetch(&self, path: &str) -> Result<Fetch, ResolveError> {
         // What the last proxy tried said: missing (with the proxy's words) or an error.
         let mut last: Result<String, ResolveError> = Ok(String::new());
-        for (proxy, mode) in &self.proxies {
+        for (proxy, mode, credential) in &self.proxies {
             let url = format!("{proxy}/{path}");
             let unavailable = |detail: String| ResolveError::Unavailable {
                 proxy: proxy.clone(),
                 detail,
             };
-            let error = match self.http.get(&url).send().await {
+            let mut get = self.http.get(&url);
+            if let Some(c) = credential {
+                get = get.basic_auth(&c.username, Some(&c.password));
+            }
+            let error = match get.send().await {
                 Err(e) if e.is_timeout() => unavailable("timed out".to_owned()),
-                Err(e) => unavailable(format!("cannot connect ({e})")),
+                // Without the URL (reqwest's message has it; ours names the proxy).
+                Err(e) => unavailable(format!("cannot connect ({})", e.without_url())),
                 Ok(resp) => {
                     let status = resp.status();
                     let body = match read_capped(resp).await {
@@ -228,7 +311,18 @@ impl Resolver {
                             .collect());
                         continue;
                     }
-                    unavailable(format!("HTTP {status}"))
+                    if status.as_u16() == 401 || status.as_u16() == 403 {
+                        unavailable(format!(
+                            "HTTP {status}: the proxy refused {} (go.proxy_credentials)",
+                            if credential.is_some() {
+                                "the configured credentials"
+                            } else {
+                                "a request without credentials"
+                            }
+                        ))
+                    } else {
+                        unavailable(format!("HTTP {status}"))
+                    }
                 }
             };
             match mode {
@@ -407,6 +501,21 @@ fn highest(module: &ModulePath, list: &str) -> Option<ModuleVersion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proxy_urls_with_credentials_are_refused_and_never_echoed() {
+        let e = parse_goproxy("https://a.example,https://u:secret@b.example/x")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("must not carry credentials"), "{e}");
+        assert!(!e.contains("secret"), "{e}");
+        assert_eq!(
+            redact("https://u:pw@a.example:8443/p|https://b.example"),
+            "https://***@a.example:8443/p|https://b.example"
+        );
+        assert_eq!(host("https://U:p@[::1]:8443/x"), "::1");
+        assert_eq!(host("https://Proxy.Example:8443"), "proxy.example");
+    }
 
     #[test]
     fn goproxy_lists() {

@@ -9,6 +9,8 @@ use cbs_testkit::FixtureProxy;
 fn resolver(goproxy: &str) -> Resolver {
     Resolver::new(&ProxyConfig {
         goproxy: goproxy.to_owned(),
+        credentials: vec![],
+        ca_pem: None,
         timeout: Duration::from_secs(5),
         cache_ttl: Duration::from_secs(60),
     })

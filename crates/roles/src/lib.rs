@@ -34,6 +34,7 @@ pub struct App {
 impl App {
     /// Connects (lazily) and starts the process's listening connection.
     pub fn new(config: Config, shutdown: &CancellationToken) -> anyhow::Result<App> {
+        config.go.check().map_err(|e| anyhow::anyhow!(e))?;
         let store = Store::new(&config.database).context("database config")?;
         let hub = Hub::start(
             store.connector().clone(),
@@ -44,6 +45,36 @@ impl App {
             config: std::sync::Arc::new(config),
             store,
             hub,
+        })
+    }
+
+    /// The module proxy client's settings (with the configured credentials and CA).
+    pub fn proxy_config(
+        &self,
+        cache_ttl: std::time::Duration,
+    ) -> anyhow::Result<cbs_goproxy::ProxyConfig> {
+        let ca = &self.config.go.proxy_ca_file;
+        let ca_pem = if ca.as_os_str().is_empty() {
+            None
+        } else {
+            Some(std::fs::read(ca).with_context(|| format!("go.proxy_ca_file {}", ca.display()))?)
+        };
+        Ok(cbs_goproxy::ProxyConfig {
+            ca_pem,
+            goproxy: self.config.go.proxy.clone(),
+            credentials: self
+                .config
+                .go
+                .proxy_credentials
+                .iter()
+                .map(|c| cbs_goproxy::Credential {
+                    host: c.host.clone(),
+                    username: c.username.clone(),
+                    password: c.password.expose().clone(),
+                })
+                .collect(),
+            timeout: self.config.go.resolve_timeout,
+            cache_ttl,
         })
     }
 }

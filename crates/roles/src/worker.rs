@@ -42,6 +42,9 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
         goproxy: app.config.go.proxy.clone(),
         gosumdb: app.config.go.sumdb.clone(),
         command_timeout: w.command_timeout,
+        gonosumdb: app.config.go.gonosumdb(),
+        netrc: write_netrc(app)?.map(Arc::new),
+        proxy_ca: Some(app.config.go.proxy_ca_file.clone()).filter(|p| !p.as_os_str().is_empty()),
     };
     if go.goproxy.split([',', '|']).any(|p| {
         let p = p.trim();
@@ -96,6 +99,26 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
             Ok(Executor::Docker(Box::new(docker)))
         }
     }
+}
+
+/// Writes the module proxy's credentials (if any) into a new file only this worker's user
+/// can read, in the build root; removed when the executor goes.
+fn write_netrc(app: &App) -> anyhow::Result<Option<tempfile::TempPath>> {
+    use std::io::Write;
+    let Some(text) = app.config.go.netrc() else {
+        return Ok(None);
+    };
+    let root = app.config.worker.build_root();
+    check_build_root(&root)?;
+    // Created with mode 0600 (tempfile's default), then handed to the builder user.
+    let mut file = tempfile::Builder::new()
+        .prefix(".netrc-")
+        .tempfile_in(&root)
+        .with_context(|| format!("creating the proxy credentials file in {}", root.display()))?;
+    file.write_all(text.expose().as_bytes())
+        .and_then(|()| file.flush())
+        .context("writing the proxy credentials file")?;
+    Ok(Some(file.into_temp_path()))
 }
 
 /// Creates the build root if needed (mode 0700), and refuses one that another user could
@@ -206,12 +229,8 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
     let publisher = Arc::new(Publisher::from_config(&app.config).await?);
     // Asked after a failed resolve step whether the module proxy answers.
     let probe = Arc::new(
-        cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
-            goproxy: app.config.go.proxy.clone(),
-            timeout: app.config.go.resolve_timeout,
-            cache_ttl: std::time::Duration::ZERO,
-        })
-        .context("go.proxy")?,
+        cbs_goproxy::Resolver::new(&app.proxy_config(std::time::Duration::ZERO)?)
+            .context("go.proxy")?,
     );
     info!(worker.id = %id, storage = %publisher.storage.describe(), signing.key_id = %publisher.signer.key_id(), "publishing set up");
     let permits = Arc::new(Semaphore::new(

@@ -49,6 +49,8 @@ async fn start_worker_with(
 async fn request(app: &App, proxy: &FixtureProxy, plugins: &[(&str, Option<&str>)]) -> BuildKey {
     let resolver = Resolver::new(&ProxyConfig {
         goproxy: proxy.url(),
+        credentials: vec![],
+        ca_pem: None,
         timeout: Duration::from_secs(5),
         cache_ttl: Duration::from_secs(5),
     })
@@ -375,6 +377,9 @@ async fn the_host_clean_up_never_follows_symbolic_links() {
             goproxy: "http://127.0.0.1:1".into(),
             gosumdb: "off".into(),
             command_timeout: Duration::from_secs(5),
+            gonosumdb: String::new(),
+            netrc: None,
+            proxy_ca: None,
         },
         cbs_executor::CachePaths {
             gomodcache: dirs.path().join("mod"),

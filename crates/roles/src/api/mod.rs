@@ -34,7 +34,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use cbs_goproxy::{ProxyConfig, Resolver};
+use cbs_goproxy::Resolver;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -283,12 +283,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let addr: SocketAddr = listener.local_addr()?;
-    let resolver = Resolver::new(&ProxyConfig {
-        goproxy: app.config.go.proxy.clone(),
-        timeout: app.config.go.resolve_timeout,
-        cache_ttl: app.config.go.cache_ttl,
-    })
-    .context("go.proxy")?;
+    let resolver =
+        Resolver::new(&app.proxy_config(app.config.go.cache_ttl)?).context("go.proxy")?;
     let grace = app.config.api.shutdown_grace;
     let header_timeout = app.config.api.header_read_timeout;
     let app_connections_per_client = app.config.api.max_connections_per_client;
