@@ -108,22 +108,29 @@ pub fn rate_limit(
 
 /// The id a build records for who requested it: the token's name, or a keyed hash of the
 /// client's address (IPv6: its /64), so that the public history does not show addresses.
-pub fn requester_id(
+pub async fn requester_id(
     state: &ApiState,
     caller: &super::access::Caller,
     client: Option<&super::limit::ClientAddr>,
-) -> Option<String> {
+) -> Result<Option<String>, ApiError> {
     use sha2::Digest;
     if let Some(name) = caller.name() {
-        return Some(format!("token:{name}"));
+        return Ok(Some(format!("token:{name}")));
     }
-    let ip = super::limit::client_key(client?.0);
+    let Some(client) = client else {
+        return Ok(None);
+    };
+    let ip = super::limit::client_key(client.0);
+    let salt = state
+        .client_salt
+        .get_or_try_init(|| state.app.store.deployment_id())
+        .await?;
     let mut h = sha2::Sha256::new();
-    h.update(state.client_salt.as_bytes());
+    h.update(salt.as_bytes());
     h.update(b"\0");
     h.update(ip.to_string().as_bytes());
     let digest = h.finalize();
-    Some(format!("addr:{}", hex::encode(&digest[..8])))
+    Ok(Some(format!("addr:{}", hex::encode(&digest[..8]))))
 }
 
 /// Refuses (429) a new build for a client that has `api.max_queued_per_client` builds
@@ -207,7 +214,7 @@ pub async fn submit(
         None => true,
         Some(b) => (parsed.force && reopenable(b.status)) || b.status == Status::Expired,
     };
-    let requester = requester_id(state, caller, client);
+    let requester = requester_id(state, caller, client).await?;
     if creates {
         rate_limit(state, client)?;
         queue_cap(state, caller, requester.as_deref()).await?;

@@ -102,8 +102,9 @@ pub struct ApiState {
     pub package_counts: Arc<builds::PackageCounts>,
     pub trusted_proxies: Arc<Vec<access::Cidr>>,
     /// Key of the hash that turns client addresses into the ids builds record (the
-    /// deployment's id: the same in every api process, and not public).
-    pub client_salt: Arc<str>,
+    /// deployment's id: the same in every api process, and not public). Read from the
+    /// database on first use, so that the api starts (and /readyz answers) without it.
+    pub client_salt: Arc<tokio::sync::OnceCell<String>>,
 }
 
 /// Binds the configured address, with a long accept queue: thousands of long-polls and
@@ -308,14 +309,8 @@ pub async fn run(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| anyhow::anyhow!("api.trusted_proxies: {e}"))?;
     let trusted = trusted_proxies.clone();
-    let client_salt: Arc<str> = app
-        .store
-        .deployment_id()
-        .await
-        .context("reading the deployment id")?
-        .into();
     let router = router(ApiState {
-        client_salt,
+        client_salt: Arc::default(),
         tokens,
         package_counts: Arc::new(builds::PackageCounts::default()),
         waits: Arc::new(limit::Waits::new(
