@@ -42,6 +42,8 @@ const GOCACHE: &str = "/cache/build";
 const HOME: &str = "/tmp/home";
 /// The command runner (see `runner/runner.go`), mounted read-only.
 const RUNNER: &str = "/cbs/runner";
+/// The least time the runner's compilation is given.
+const RUNNER_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 /// Where resolve containers see the module proxy's credentials (a read-only file).
 const NETRC: &str = "/cbs/netrc";
 /// Where resolve containers see the proxy's certificate authorities (read-only).
@@ -189,7 +191,10 @@ impl DockerExecutor {
                 Phase::Compile,
                 &[],
                 &tx,
-                self.go.command_timeout,
+                // The worker's own setup, not a build's command: a short command limit
+                // must not keep a worker from starting (a cold cache compiles the standard
+                // library first).
+                self.go.command_timeout.max(RUNNER_COMPILE_TIMEOUT),
             )
             .await;
         self.runner = final_path;
