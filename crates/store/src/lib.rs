@@ -96,15 +96,16 @@ impl Store {
         request: &BuildRequest,
         requester: Option<&str>,
     ) -> Result<RequestOutcome, StoreError> {
-        let client = self.client().await?;
-        let rank = queries::queue_rank(&client, requester).await?;
         let event = Event::Requested(Requested {
             request: request.clone(),
             client: requester.map(str::to_owned),
-            rank,
+            rank: 0,
         });
-        let state = apply(None, key, 1, now(), &event)?;
-        if queries::insert_build(&client, &state, &event).await? {
+        let mut state = apply(None, key, 1, now(), &event)?;
+        let client = self.client().await?;
+        // The rank is computed by the insert itself (and written into the event).
+        if let Some(rank) = queries::insert_build(&client, &state, &event).await? {
+            state.queue_rank = rank;
             self.notifier.note(key, 1, true);
             return Ok(RequestOutcome {
                 build: state,

@@ -104,29 +104,6 @@ pub(crate) fn event_from_row(row: &Row) -> Result<RecordedEvent, StoreError> {
     })
 }
 
-/// The rank a new build of `client` gets in the fair queue (start-time fair queuing): the
-/// queue's lowest rank (its "virtual time"; 0 when empty), or one past the client's last
-/// queued build if that is higher. Each client's first queued build thus ties with the
-/// head of the queue, its second with the head's next rank, and so on: a client with 500
-/// queued builds delays another client's single build by at most one build per client.
-/// Builds without a client always get the queue's lowest rank. Two concurrent requests of
-/// one client may get the same rank; that only makes their order by age.
-/// Both reads are index lookups (`builds_fair_claim`, `builds_client_active`).
-pub(crate) async fn queue_rank(
-    c: &impl GenericClient,
-    client: Option<&str>,
-) -> Result<i64, StoreError> {
-    let stmt = c
-        .prepare_cached(
-            "SELECT GREATEST(
-                COALESCE((SELECT min(queue_rank) FROM builds WHERE status = 'queued'), 0),
-                COALESCE((SELECT max(queue_rank) + 1 FROM builds
-                          WHERE client = $1 AND status = 'queued'), 0))",
-        )
-        .await?;
-    Ok(c.query_one(&stmt, &[&client]).await?.try_get(0)?)
-}
-
 /// How many builds `client` requested that are queued or running.
 pub(crate) async fn client_active_builds(
     c: &impl GenericClient,
@@ -140,31 +117,53 @@ pub(crate) async fn client_active_builds(
     Ok(c.query_one(&stmt, &[&client]).await?.try_get(0)?)
 }
 
-/// Inserts a new build's projection row and its first event, unless the key exists.
-/// Returns whether it was inserted. Concurrent inserts of one key wait for each other and
-/// exactly one wins (`ON CONFLICT DO NOTHING`).
+/// Inserts a new build's projection row and its first event (`requested`), unless the key
+/// exists; returns the build's fair-queue rank if it was inserted. Concurrent inserts of
+/// one key wait for each other and exactly one wins (`ON CONFLICT DO NOTHING`).
+///
+/// The rank (start-time fair queuing) is computed here, in the same statement: the queue's
+/// lowest rank (its "virtual time"; 0 when empty), or one past the client's last queued
+/// build if that is higher. Each client's first queued build thus ties with the head of the
+/// queue, its second with the head's next rank, and so on: a client with 500 queued builds
+/// delays another client's single build by at most one build per client. Builds without a
+/// client get the queue's lowest rank. Two concurrent requests of one client may get the
+/// same rank; that only orders them by age. The rank is written into the event too (the
+/// projection stays a fold of the log). Both reads are index lookups (`builds_fair_claim`,
+/// `builds_client_active`).
 pub(crate) async fn insert_build(
     c: &impl GenericClient,
     state: &BuildState,
     event: &Event,
-) -> Result<bool, StoreError> {
+) -> Result<Option<i64>, StoreError> {
     let stmt = c
         .prepare_cached(
-            "WITH b AS (
+            "WITH r AS (
+                SELECT GREATEST(
+                    COALESCE((SELECT min(queue_rank) FROM builds WHERE status = 'queued'), 0),
+                    COALESCE((SELECT max(queue_rank) + 1 FROM builds
+                              WHERE client = $18 AND status = 'queued'), 0)) AS rank
+            ), b AS (
                 INSERT INTO builds (key, status, request, attempt, failures, owner,
                     lease_expires_at, available_at, current_step, last_error, artifact,
                     last_seq, created_at, updated_at, client, queue_rank)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $18, $19)
+                SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $18, rank
+                FROM r
                 ON CONFLICT (key) DO NOTHING
-                RETURNING key
+                RETURNING key, queue_rank
+            ), e AS (
+                INSERT INTO build_events (build_key, seq, event_type, schema_version, payload,
+                    recorded_at)
+                SELECT key, $12, $15, $16,
+                    CASE WHEN queue_rank = 0 THEN $17::jsonb
+                         ELSE $17::jsonb || jsonb_build_object('rank', queue_rank) END,
+                    $14
+                FROM b
             )
-            INSERT INTO build_events (build_key, seq, event_type, schema_version, payload,
-                recorded_at)
-            SELECT key, $12, $15, $16, $17, $14 FROM b",
+            SELECT queue_rank FROM b",
         )
         .await?;
-    let n = c
-        .execute(
+    let result = c
+        .query_opt(
             &stmt,
             &[
                 &state.key.as_str(),
@@ -185,11 +184,14 @@ pub(crate) async fn insert_build(
                 &SCHEMA_VERSION,
                 &Json(event.encode()),
                 &state.client,
-                &state.queue_rank,
             ],
         )
-        .await?;
-    Ok(n == 1)
+        .await;
+    match result {
+        Ok(row) => Ok(row.map(|r| r.try_get(0)).transpose()?),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Writes `event` as number `next.last_seq` and the projection row `next`, only if the
