@@ -453,26 +453,30 @@ impl GoConfig {
     /// The hosts of the proxy URLs in `proxy` (without port); an error if a URL carries
     /// credentials (they would end up in every container's environment).
     pub fn proxy_hosts(&self) -> Result<Vec<String>, String> {
-        let mut hosts = Vec::new();
-        for entry in self.proxy.split([',', '|']).map(str::trim) {
-            let Some(rest) = entry
-                .strip_prefix("https://")
-                .or_else(|| entry.strip_prefix("http://"))
-            else {
-                continue;
-            };
-            let authority = rest.split('/').next().unwrap_or("");
-            if authority.contains('@') {
-                return Err("go.proxy: a proxy URL carries credentials; put them in go.proxy_credentials (they would reach every build container's environment)".into());
-            }
-            let host = if let Some(v6) = authority.strip_prefix('[') {
-                v6.split(']').next().unwrap_or("")
-            } else {
-                authority.split(':').next().unwrap_or("")
-            };
-            hosts.push(host.to_ascii_lowercase());
+        let authorities = self.proxy_authorities();
+        if authorities.iter().any(|(a, _)| a.contains('@')) {
+            return Err("go.proxy: a proxy URL carries credentials; put them in go.proxy_credentials (they would reach every build container's environment)".into());
         }
-        Ok(hosts)
+        Ok(authorities.into_iter().map(|(_, h)| h).collect())
+    }
+
+    /// Each proxy URL's authority (`host:port` as written) and host (without port), lower
+    /// case.
+    fn proxy_authorities(&self) -> Vec<(String, String)> {
+        self.proxy
+            .split([',', '|'])
+            .filter_map(|e| e.trim().split_once("://"))
+            .map(|(_, rest)| {
+                let a = rest.split('/').next().unwrap_or("").to_ascii_lowercase();
+                let hostport = a.rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
+                let host = match hostport.strip_prefix('[') {
+                    Some(v6) => v6.split(']').next().unwrap_or(""),
+                    None => hostport.split(':').next().unwrap_or(""),
+                }
+                .to_owned();
+                (a, host)
+            })
+            .collect()
     }
 
     /// GONOSUMDB's value for `private`.
@@ -522,23 +526,13 @@ impl GoConfig {
         if self.proxy_credentials.is_empty() {
             return None;
         }
-        let authorities: Vec<&str> = self
-            .proxy
-            .split([',', '|'])
-            .filter_map(|e| e.trim().split_once("://"))
-            .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
-            .collect();
+        let authorities = self.proxy_authorities();
         let mut text = String::new();
         for c in &self.proxy_credentials {
             let mut machines = vec![c.host.to_ascii_lowercase()];
-            for a in &authorities {
-                let a = a.to_ascii_lowercase();
-                let host = match a.strip_prefix('[') {
-                    Some(v6) => v6.split(']').next().unwrap_or(""),
-                    None => a.split(':').next().unwrap_or(""),
-                };
-                if host == machines[0] && !machines.contains(&a) {
-                    machines.push(a);
+            for (a, host) in &authorities {
+                if *host == machines[0] && !machines.contains(a) {
+                    machines.push(a.clone());
                 }
             }
             for m in machines {

@@ -240,6 +240,11 @@ impl Resolver {
         if let Some(pem) = &config.ca_pem {
             let certs = reqwest::Certificate::from_pem_bundle(pem)
                 .map_err(|e| ResolveError::BadSetting(format!("the proxy CA file: {e}")))?;
+            if certs.is_empty() {
+                return Err(ResolveError::BadSetting(
+                    "the proxy CA file holds no PEM certificate".into(),
+                ));
+            }
             http = http.tls_certs_merge(certs);
         }
         let http = http
@@ -515,6 +520,26 @@ mod tests {
         );
         assert_eq!(host("https://U:p@[::1]:8443/x"), "::1");
         assert_eq!(host("https://Proxy.Example:8443"), "proxy.example");
+    }
+
+    #[test]
+    fn a_proxy_ca_file_without_certificates_is_refused() {
+        for pem in [
+            &b""[..],
+            b"not a certificate",
+            b"-----BEGIN CERTIFICATE-----\nAAAA\n",
+        ] {
+            let e = Resolver::new(&ProxyConfig {
+                goproxy: "https://proxy.example".into(),
+                credentials: vec![],
+                ca_pem: Some(pem.to_vec()),
+                timeout: Duration::from_secs(1),
+                cache_ttl: Duration::from_secs(1),
+            })
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("proxy CA file"), "{e}");
+        }
     }
 
     #[test]

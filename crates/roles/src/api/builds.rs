@@ -214,11 +214,15 @@ pub async fn submit(
         None => true,
         Some(b) => (parsed.force && reopenable(b.status)) || b.status == Status::Expired,
     };
-    let requester = requester_id(state, caller, client).await?;
-    if creates {
+    // Who asks matters only for work it creates (joining a build is free).
+    let requester = if creates {
         rate_limit(state, client)?;
+        let requester = requester_id(state, caller, client).await?;
         queue_cap(state, caller, requester.as_deref()).await?;
-    }
+        requester
+    } else {
+        None
+    };
     // A build that exists is joined as read (one round trip); only a new key is recorded
     // (a concurrent identical request may record it first: then that one is joined).
     let mut build = match existing {
