@@ -368,8 +368,6 @@ pub struct DockerConfig {
     pub path: String,
     /// Numeric `uid:gid` of the commands; never root.
     pub user: String,
-    /// Network of resolve steps: `bridge`, `host` or a network name (compile: always none).
-    pub resolve_network: String,
     /// Memory limit per container, in bytes (also the swap limit).
     pub memory_bytes: i64,
     /// CPUs per container.
@@ -386,7 +384,6 @@ impl Default for DockerConfig {
             image: "golang:1.26-alpine".into(),
             path: "/usr/local/go/bin:/usr/local/bin:/usr/bin:/bin".into(),
             user: "65532:65532".into(),
-            resolve_network: "bridge".into(),
             memory_bytes: 4 << 30,
             cpus: 2.0,
             pids_limit: 1024,

@@ -127,7 +127,6 @@ fn example_documents_every_key() {
         "image:",
         "path:",
         "user:",
-        "resolve_network:",
         "memory_bytes:",
         "cpus:",
         "pids_limit:",

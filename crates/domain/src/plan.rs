@@ -65,6 +65,10 @@ pub struct BuildPlan {
     pub output: &'static str,
     /// GOOS, GOARCH, GOARM.
     pub target_env: Vec<(&'static str, String)>,
+    /// Whether what this build compiles may go into the build cache other builds use:
+    /// only for Caddy alone (no plugins, no replacements), whose code is trusted. A
+    /// plugin's build writes into a layer of its own that is thrown away.
+    pub shares_build_cache: bool,
 }
 
 /// `main.go`: Caddy's command, the standard modules, `time/tzdata` and one blank import per
@@ -106,6 +110,7 @@ pub fn plan(request: &BuildRequest) -> BuildPlan {
     let output = request.platform().binary_name();
     BuildPlan {
         main_go: render_main_go(request),
+        shares_build_cache: request.plugins().is_empty() && request.replacements().is_empty(),
         steps: vec![
             Step {
                 name: "initialize_module",

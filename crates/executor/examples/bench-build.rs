@@ -41,7 +41,16 @@ async fn docker(proxy: &FixtureProxy, cache: &Path) -> Executor {
             image: cbs_testkit::builder_image(),
             path: "/usr/local/go/bin".into(),
             user: cbs_testkit::builder_user(),
-            resolve_network: "host".into(),
+            proxy: std::sync::Arc::new(
+                cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
+                    goproxy: proxy.url(),
+                    credentials: Vec::new(),
+                    ca_pem: None,
+                    timeout: Duration::from_secs(600),
+                    cache_ttl: Duration::from_secs(1),
+                })
+                .unwrap(),
+            ),
             memory_bytes: 4 << 30,
             cpus: 2.0,
             pids_limit: 1024,

@@ -1,9 +1,11 @@
 //! The docker executor: every Go command in its own hardened container (REFERENCE
 //! section 4).
 //!
-//! Resolve commands get the configured network and a writable module cache; compile
-//! commands get no network at all, `GOPROXY=off`, `-mod=readonly` and a read-only module
-//! cache. Always: a non-root user, all capabilities dropped, no-new-privileges, a read-only
+//! No container has a network. Resolve commands reach the module proxy only through the
+//! worker's gate (see [`crate::gate`]); compile commands get `GOPROXY=off`,
+//! `-mod=readonly` and a read-only module cache. Each build sees the shared module and
+//! build caches through overlay volumes of its own: what it writes lands in its own
+//! layer, which is thrown away after the build (see [`Sandbox`]). Always: a non-root user, all capabilities dropped, no-new-privileges, a read-only
 //! root filesystem with a tmpfs for /tmp, pids/memory/CPU limits, an init process, labels
 //! naming the build and the worker, and an environment that is exactly [`command_env`].
 //! Containers are removed after their output is read (or on timeout, killed and removed).
@@ -23,6 +25,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::gate::{Gate, GATE_PORT};
 use crate::{command_env, CachePaths, ExecError, Exit, GoSettings, PlanOutcome, Progress};
 
 /// Label on every container we create.
@@ -44,10 +47,8 @@ const HOME: &str = "/tmp/home";
 const RUNNER: &str = "/cbs/runner";
 /// The least time the runner's compilation is given.
 const RUNNER_COMPILE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
-/// Where resolve containers see the module proxy's credentials (a read-only file).
-const NETRC: &str = "/cbs/netrc";
-/// Where resolve containers see the proxy's certificate authorities (read-only).
-const PROXY_CA: &str = "/cbs/proxy-ca.pem";
+/// Where resolve containers see the gate's Unix socket.
+const GATE_SOCKET: &str = "/cbs/gate.sock";
 /// Its source, compiled with the builder image when a worker starts.
 const RUNNER_SOURCE: &str = include_str!("runner/runner.go");
 /// The exit code the runner reports for a command it stopped at its time limit.
@@ -68,9 +69,9 @@ pub struct DockerSettings {
     pub path: String,
     /// `uid:gid` the commands run as (never root).
     pub user: String,
-    /// Network of resolve commands (`bridge`, `host`, or a network name). Compile commands
-    /// always get `none`.
-    pub resolve_network: String,
+    /// The module proxies, which the gate asks for resolve commands (with their
+    /// credentials and certificate authorities, which never enter a container).
+    pub proxy: std::sync::Arc<cbs_goproxy::Resolver>,
     pub memory_bytes: i64,
     /// CPUs (1.5 = one and a half).
     pub cpus: f64,
@@ -110,6 +111,13 @@ impl DockerExecutor {
         gocache: PathBuf,
         worker: String,
     ) -> Result<DockerExecutor, ExecError> {
+        // Absolute, as overlay options need them.
+        let mut dirs = Vec::new();
+        for dir in [modcache, gocache] {
+            tokio::fs::create_dir_all(&dir).await?;
+            dirs.push(dir.canonicalize()?);
+        }
+        let (modcache, gocache) = (dirs.remove(0), dirs.remove(0));
         let docker = if settings.host.is_empty() {
             Docker::connect_with_defaults()
         } else {
@@ -147,17 +155,8 @@ impl DockerExecutor {
         };
         for dir in [&executor.modcache, &executor.gocache] {
             tokio::fs::create_dir_all(dir).await?;
+            mount_option_safe(dir)?;
             executor.give_to_builder(dir)?;
-        }
-        if let Some(file) = &executor.go.netrc {
-            // Readable by the builder user only (0400), through the read-only mount.
-            use std::os::unix::fs::{MetadataExt, PermissionsExt};
-            let (uid, gid) = parse_user(&executor.settings.user)?;
-            let path: &Path = file;
-            if std::fs::symlink_metadata(path)?.uid() == 0 && uid != 0 {
-                std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
-            }
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o400))?;
         }
         if !executor.runner.exists() {
             executor.build_runner(&runner_dir).await?;
@@ -183,6 +182,13 @@ impl DockerExecutor {
         let cmd = ["go", "build", "-trimpath", "-o", "runner", "."]
             .map(String::from)
             .to_vec();
+        // The runner is our own code: it may use (and fill) the shared build cache.
+        let mounts = Mounts {
+            modcache: self.modcache.display().to_string(),
+            gocache: self.gocache.display().to_string(),
+            volumes: false,
+            gate: None,
+        };
         let exit = self
             .run_container(
                 src.path(),
@@ -190,6 +196,7 @@ impl DockerExecutor {
                 cmd,
                 Phase::Compile,
                 &[],
+                &mounts,
                 &tx,
                 // The worker's own setup, not a build's command: a short command limit
                 // must not keep a worker from starting (a cold cache compiles the standard
@@ -238,6 +245,18 @@ impl DockerExecutor {
     }
 }
 
+/// Overlay mount options are `key=value` pairs separated by commas, paths with colons:
+/// a path with either cannot be a layer.
+fn mount_option_safe(path: &Path) -> Result<(), ExecError> {
+    let s = path.to_string_lossy();
+    if s.contains([',', ':', '\\']) || !path.is_absolute() {
+        return Err(ExecError::Engine(format!(
+            "{s}: cache and build directories must be absolute paths without ',', ':' or '\\' (they become overlay mount options)"
+        )));
+    }
+    Ok(())
+}
+
 /// `uid:gid` (numbers; names would need the image's /etc/passwd).
 fn parse_user(user: &str) -> Result<(u32, u32), ExecError> {
     let bad = || ExecError::Engine(format!("docker.user must be numeric uid:gid, got {user:?}"));
@@ -279,6 +298,23 @@ impl DockerExecutor {
         }
         if !orphans.is_empty() {
             info!(count = orphans.len(), worker.id = %self.worker, "removed orphaned build containers");
+        }
+        // The overlay volumes of builds a previous run of this worker did not finish.
+        let volumes = self
+            .docker
+            .list_volumes(Some(bollard::query_parameters::ListVolumesOptions {
+                filters: Some(filters.clone()),
+            }))
+            .await
+            .map_err(engine)?
+            .volumes
+            .unwrap_or_default()
+            .into_iter()
+            .map(|v| v.name)
+            .collect::<Vec<_>>();
+        if !volumes.is_empty() {
+            info!(count = volumes.len(), worker.id = %self.worker, "removing orphaned build volumes");
+            remove_volumes(self.docker.clone(), volumes).await;
         }
         Ok(orphans.len())
     }
@@ -337,7 +373,7 @@ impl DockerExecutor {
         }
     }
 
-    /// Runs one Go command in its own container.
+    /// Runs one Go command in its own container (and sandbox).
     pub(crate) async fn run(
         &self,
         dir: &Path,
@@ -347,18 +383,48 @@ impl DockerExecutor {
         target: &[(&'static str, String)],
         lines: &mpsc::UnboundedSender<String>,
     ) -> Result<Exit, ExecError> {
-        let mut cmd = vec!["go".to_owned()];
-        cmd.extend(command.args.iter().cloned());
-        self.run_container(
-            dir,
-            build_key,
-            cmd,
+        let sandbox = self.sandbox(dir, build_key).await?;
+        let step = Step {
+            name: "command",
             phase,
-            target,
-            lines,
-            self.go.command_timeout,
-        )
-        .await
+            commands: vec![command.clone()],
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let started = Instant::now();
+        let boxed = &sandbox;
+        let run = async move {
+            let tx = tx;
+            self.run_group(
+                std::slice::from_ref(&step),
+                phase,
+                target,
+                build_key,
+                dir,
+                boxed,
+                &tx,
+            )
+            .await
+        };
+        let forward = async {
+            while let Some(p) = rx.recv().await {
+                if let Progress::Line { line, .. } = p {
+                    let _ = lines.send(line);
+                }
+            }
+        };
+        let (outcome, ()) = tokio::join!(run, forward);
+        let outcome = outcome?;
+        // (On an error, the dropped sandbox removes itself in the background.)
+        sandbox.teardown().await;
+        Ok(match outcome {
+            None => Exit {
+                code: Some(0),
+                duration: started.elapsed(),
+                timed_out: false,
+            },
+            Some(PlanOutcome::Failed { exit, .. }) => exit,
+            Some(PlanOutcome::Built(_)) => unreachable!("a group never builds"),
+        })
     }
 
     /// Runs `cmd` in a new hardened container for `phase`, then removes it.
@@ -370,6 +436,7 @@ impl DockerExecutor {
         cmd: Vec<String>,
         phase: Phase,
         target: &[(&'static str, String)],
+        mounts: &Mounts<'_>,
         lines: &mpsc::UnboundedSender<String>,
         timeout: std::time::Duration,
     ) -> Result<Exit, ExecError> {
@@ -378,43 +445,44 @@ impl DockerExecutor {
             gocache: GOCACHE.into(),
             home: HOME.into(),
         };
-        // Credentials only where the network is: resolve steps.
         let resolve = phase == Phase::Resolve;
-        let netrc = self.go.netrc.as_ref().filter(|_| resolve);
-        let proxy_ca = self.go.proxy_ca.as_ref().filter(|_| resolve);
         let env = command_env(
             &self.go,
             phase,
             &caches,
             target,
             &self.settings.path,
-            crate::ResolveFiles {
-                netrc: netrc.map(|_| Path::new(NETRC)),
-                proxy_ca: proxy_ca.map(|_| Path::new(PROXY_CA)),
-            },
+            crate::ResolveFiles::default(),
         )
         .into_iter()
-        .map(|(k, v)| format!("{k}={v}"))
+        .map(|(k, v)| match k.as_str() {
+            // The proxies, as the gate serves them on the container's loopback.
+            "GOPROXY" if resolve => format!(
+                "GOPROXY={}",
+                self.settings
+                    .proxy
+                    .forwarded_goproxy(&format!("http://127.0.0.1:{GATE_PORT}"))
+            ),
+            _ => format!("{k}={v}"),
+        })
         .collect();
-        let (network, modcache_mode) = match phase {
-            Phase::Resolve => (self.settings.resolve_network.clone(), "rw"),
-            Phase::Compile => ("none".to_owned(), "ro"),
-        };
+        let modcache_mode = if resolve { "rw" } else { "ro" };
+        // A volume is never filled from the image (Docker copies the mount point's
+        // contents and owner into an empty volume otherwise).
+        let nocopy = if mounts.volumes { ",nocopy" } else { "" };
         let mut binds = vec![
             format!("{}:{BUILD_DIR}:rw", dir.display()),
-            format!("{}:{MODCACHE}:{modcache_mode}", self.modcache.display()),
-            format!("{}:{GOCACHE}:rw", self.gocache.display()),
+            format!("{}:{MODCACHE}:{modcache_mode}{nocopy}", mounts.modcache),
+            format!("{}:{GOCACHE}:rw{nocopy}", mounts.gocache),
             format!("{}:{RUNNER}:ro", self.runner.display()),
         ];
-        if let Some(file) = netrc {
-            binds.push(format!("{}:{NETRC}:ro", file.display()));
-        }
-        if let Some(file) = proxy_ca {
-            binds.push(format!("{}:{PROXY_CA}:ro", file.display()));
+        if let Some(socket) = mounts.gate.filter(|_| resolve) {
+            binds.push(format!("{}:{GATE_SOCKET}:ro", socket.display()));
         }
         let host_config = HostConfig {
             binds: Some(binds),
-            network_mode: Some(network),
+            // Not even a bridge: the only way out is the gate's socket.
+            network_mode: Some("none".to_owned()),
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
@@ -439,15 +507,7 @@ impl DockerExecutor {
             env: Some(env),
             working_dir: Some(BUILD_DIR.into()),
             user: Some(self.settings.user.clone()),
-            labels: Some(HashMap::from([
-                (LABEL_MANAGED.to_owned(), "true".to_owned()),
-                (LABEL_WORKER.to_owned(), self.worker.clone()),
-                (LABEL_BUILD.to_owned(), build_key.to_owned()),
-                (
-                    LABEL_DEPLOYMENT.to_owned(),
-                    self.settings.deployment.clone(),
-                ),
-            ])),
+            labels: Some(self.labels(build_key)),
             network_disabled: Some(phase == Phase::Compile),
             host_config: Some(host_config),
             ..Default::default()
@@ -635,7 +695,9 @@ fn nonce() -> String {
 
 impl DockerExecutor {
     /// Runs a plan with one container per phase: consecutive steps of the same phase run
-    /// their commands through the runner in one container.
+    /// their commands through the runner in one container. All in one sandbox; after a
+    /// successful build, the module files it fetched are shared (when they match its
+    /// go.sum) and, for a plan that may share them, its build cache entries too.
     pub(crate) async fn run_plan(
         &self,
         plan: &BuildPlan,
@@ -643,6 +705,7 @@ impl DockerExecutor {
         dir: &Path,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<PlanOutcome, ExecError> {
+        let sandbox = self.sandbox(dir, build_key).await?;
         let mut first = 0;
         while first < plan.steps.len() {
             let phase = plan.steps[first].phase;
@@ -652,14 +715,133 @@ impl DockerExecutor {
                 .map_or(plan.steps.len(), |n| first + n);
             let group = &plan.steps[first..end];
             if let Some(failed) = self
-                .run_group(group, phase, &plan.target_env, build_key, dir, progress)
+                .run_group(
+                    group,
+                    phase,
+                    &plan.target_env,
+                    build_key,
+                    dir,
+                    &sandbox,
+                    progress,
+                )
                 .await?
             {
+                sandbox.teardown().await;
                 return Ok(failed);
             }
             first = end;
         }
+        self.share(&sandbox, dir, plan.shares_build_cache).await;
+        sandbox.teardown().await;
         Ok(PlanOutcome::Built(dir.join(plan.output)))
+    }
+
+    /// Publishes what a successful build fetched and, if `build_cache`, what it compiled.
+    async fn share(&self, sandbox: &Sandbox, dir: &Path, build_cache: bool) {
+        let owner = parse_user(&self.settings.user).ok();
+        let kept = sandbox.gate.as_ref().map(Gate::kept).unwrap_or_default();
+        let go_sum = dir.join("go.sum");
+        let modcache = self.modcache.clone();
+        let gocache = self.gocache.clone();
+        let upper = sandbox.layers.path().join("build/upper");
+        let shared = tokio::task::spawn_blocking(move || {
+            let go_sum = std::fs::read_to_string(go_sum).unwrap_or_default();
+            if let Err(e) = crate::gate::publish(&kept, &go_sum, &modcache, owner) {
+                warn!(error = %e, "cannot share module files");
+            }
+            if build_cache {
+                match promote(&upper, &gocache, owner) {
+                    Ok(n) if n > 0 => info!(entries = n, "build cache entries shared"),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "cannot share build cache entries"),
+                }
+            }
+        })
+        .await;
+        if let Err(e) = shared {
+            warn!(error = %e, "sharing the build's caches failed");
+        }
+    }
+
+    /// A new sandbox for one build: overlay volumes over the shared module and build
+    /// caches, with layers in a new directory beside `dir`, and a gate to the proxies.
+    async fn sandbox(&self, dir: &Path, build_key: &str) -> Result<Sandbox, ExecError> {
+        use std::os::unix::fs::PermissionsExt;
+        let parent = dir
+            .canonicalize()?
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(std::env::temp_dir);
+        let layers = tempfile::Builder::new()
+            .prefix(".sandbox-")
+            .tempdir_in(&parent)?;
+        std::fs::set_permissions(layers.path(), std::fs::Permissions::from_mode(0o700))?;
+        mount_option_safe(layers.path())?;
+        let mut sandbox = Sandbox {
+            docker: Some(self.docker.clone()),
+            volumes: Vec::new(),
+            gate: None,
+            layers,
+        };
+        let id = sandbox
+            .layers
+            .path()
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_start_matches(".sandbox-").to_owned())
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "");
+        for (layer, lower) in [("mod", &self.modcache), ("build", &self.gocache)] {
+            let base = sandbox.layers.path().join(layer);
+            for d in ["upper", "work"] {
+                std::fs::create_dir_all(base.join(d))?;
+            }
+            // The merged view's root is the upper directory's: the builder's to write in.
+            self.give_to_builder(&base.join("upper"))?;
+            let name = format!("cbs-{layer}-{id}-{}", std::process::id());
+            let options = format!(
+                "lowerdir={},upperdir={},workdir={}",
+                lower.display(),
+                base.join("upper").display(),
+                base.join("work").display()
+            );
+            self.docker
+                .create_volume(bollard::models::VolumeCreateRequest {
+                    name: Some(name.clone()),
+                    driver: Some("local".into()),
+                    driver_opts: Some(HashMap::from([
+                        ("type".to_owned(), "overlay".to_owned()),
+                        ("device".to_owned(), "overlay".to_owned()),
+                        ("o".to_owned(), options),
+                    ])),
+                    labels: Some(self.labels(build_key)),
+                    ..Default::default()
+                })
+                .await
+                .map_err(engine)?;
+            sandbox.volumes.push(name);
+        }
+        sandbox.gate = Some(
+            Gate::start(
+                self.settings.proxy.clone(),
+                &sandbox.layers.path().join("gate"),
+            )
+            .await?,
+        );
+        Ok(sandbox)
+    }
+
+    /// The labels of everything made for `build_key`.
+    fn labels(&self, build_key: &str) -> HashMap<String, String> {
+        HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_WORKER.to_owned(), self.worker.clone()),
+            (LABEL_BUILD.to_owned(), build_key.to_owned()),
+            (
+                LABEL_DEPLOYMENT.to_owned(),
+                self.settings.deployment.clone(),
+            ),
+        ])
     }
 
     /// Runs the commands of `steps` in one container; `Some(Failed)` if one failed.
@@ -670,6 +852,7 @@ impl DockerExecutor {
         target: &[(&'static str, String)],
         build_key: &str,
         dir: &Path,
+        sandbox: &Sandbox,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<Option<PlanOutcome>, ExecError> {
         // (step index, command) in order.
@@ -697,17 +880,27 @@ impl DockerExecutor {
         // Each command has its own limit, enforced by the runner; the container as a whole
         // gets the sum (and some slack) as a backstop.
         let per_command = self.go.command_timeout;
-        let cmd = vec![
+        let mut cmd = vec![
             RUNNER.to_owned(),
             nonce.clone(),
             per_command.as_millis().max(1).to_string(),
             json,
         ];
+        let mounts = Mounts {
+            modcache: sandbox.volumes[0].clone(),
+            gocache: sandbox.volumes[1].clone(),
+            volumes: true,
+            gate: sandbox.gate.as_ref().map(Gate::socket),
+        };
+        if phase == Phase::Resolve {
+            cmd.push(format!("127.0.0.1:{GATE_PORT}"));
+            cmd.push(GATE_SOCKET.to_owned());
+        }
         let timeout = per_command * u32::try_from(commands.len()).unwrap_or(1) + CONTAINER_SLACK;
         let (tx, mut rx) = mpsc::unbounded_channel();
         let run = async move {
             let tx = tx;
-            self.run_container(dir, build_key, cmd, phase, target, &tx, timeout)
+            self.run_container(dir, build_key, cmd, phase, target, &mounts, &tx, timeout)
                 .await
         };
         // What the markers told so far.
@@ -795,6 +988,157 @@ impl DockerExecutor {
             tail,
         }))
     }
+}
+
+/// What a container mounts as its caches (host paths or volume names) and the gate's
+/// socket, if it resolves.
+#[derive(Debug)]
+struct Mounts<'a> {
+    modcache: String,
+    gocache: String,
+    /// Whether the caches are volumes (names), not host paths.
+    volumes: bool,
+    gate: Option<&'a Path>,
+}
+
+/// One build's sandbox: its overlay volumes, the directory of their layers and the gate.
+/// [`Sandbox::teardown`] removes it all; dropped without it (a cancelled build), the
+/// removal goes on in the background.
+#[derive(Debug)]
+struct Sandbox {
+    docker: Option<Docker>,
+    /// The module cache's volume, then the build cache's.
+    volumes: Vec<String>,
+    gate: Option<Gate>,
+    layers: tempfile::TempDir,
+}
+
+impl Sandbox {
+    async fn teardown(mut self) {
+        if let Some(docker) = self.docker.take() {
+            self.gate = None;
+            remove_volumes(docker, std::mem::take(&mut self.volumes)).await;
+        }
+        let layers = std::mem::replace(&mut self.layers, placeholder_dir());
+        let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+    }
+}
+
+/// A stand-in for a moved-out layers directory (an empty temporary one).
+fn placeholder_dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("a temporary directory")
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.take() else {
+            return;
+        };
+        let volumes = std::mem::take(&mut self.volumes);
+        let layers = std::mem::replace(&mut self.layers, placeholder_dir());
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                remove_volumes(docker, volumes).await;
+                let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+            });
+        }
+    }
+}
+
+/// Removes volumes; one still in use (its container's removal under way) is tried again
+/// for a while.
+async fn remove_volumes(docker: Docker, volumes: Vec<String>) {
+    for v in volumes {
+        for attempt in 0..40 {
+            match docker
+                .remove_volume(&v, None::<bollard::query_parameters::RemoveVolumeOptions>)
+                .await
+            {
+                Ok(()) => break,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => break,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 409, ..
+                }) if attempt < 39 => {
+                    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                }
+                Err(e) => {
+                    warn!(volume = %v, error = %e, "cannot remove a build's volume");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Removes a layers directory. Overlay leaves `work/work` owned by root with mode 0: it is
+/// empty, so it is removed by name first (reading it is not needed).
+fn remove_layers(layers: tempfile::TempDir) {
+    for layer in ["mod", "build"] {
+        let _ = std::fs::remove_dir(layers.path().join(layer).join("work/work"));
+    }
+    let path = layers.path().to_path_buf();
+    if let Err(e) = layers.close() {
+        warn!(dir = %path.display(), error = %e, "cannot remove a build's cache layers");
+    }
+}
+
+/// Copies the build cache entries a build wrote (in its overlay's upper directory) into
+/// the shared build cache: only Go's entry files (`xx/<64 hex>-a` and `-d`), regular
+/// files, never replacing one. Returns how many were added.
+fn promote(upper: &Path, shared: &Path, owner: Option<(u32, u32)>) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut added = 0;
+    let Ok(dirs) = std::fs::read_dir(upper) else {
+        return Ok(0);
+    };
+    for d in dirs {
+        let d = d?;
+        let name = d.file_name().to_string_lossy().into_owned();
+        if !hex(&name, 2) || !d.file_type()?.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(d.path())? {
+            let f = f?;
+            let file = f.file_name().to_string_lossy().into_owned();
+            let entry = file
+                .strip_suffix("-a")
+                .or_else(|| file.strip_suffix("-d"))
+                .is_some_and(|h| hex(h, 64) && h.starts_with(&name));
+            if !entry || !f.file_type()?.is_file() {
+                continue;
+            }
+            let target_dir = shared.join(&name);
+            let target = target_dir.join(&file);
+            if target.exists() {
+                continue;
+            }
+            if !target_dir.exists() {
+                std::fs::create_dir(&target_dir).or_else(|e| {
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })?;
+                std::fs::set_permissions(&target_dir, std::fs::Permissions::from_mode(0o755))?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::lchown(&target_dir, Some(uid), Some(gid))?;
+                }
+            }
+            let tmp = tempfile::NamedTempFile::new_in(&target_dir)?;
+            std::fs::copy(f.path(), tmp.path())?;
+            std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::lchown(tmp.path(), Some(uid), Some(gid))?;
+            }
+            tmp.persist(&target).map_err(|e| e.error)?;
+            added += 1;
+        }
+    }
+    Ok(added)
 }
 
 fn push_tail(tail: &mut std::collections::VecDeque<String>, line: String) {

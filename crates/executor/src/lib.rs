@@ -6,6 +6,7 @@
 //! container). Both get the same commands and the same environment from [`command_env`].
 
 mod docker;
+mod gate;
 mod local;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,7 @@ pub use docker::{
     DockerExecutor, DockerSettings, ManagedContainer, LABEL_BUILD, LABEL_DEPLOYMENT, LABEL_MANAGED,
     LABEL_WORKER,
 };
+pub use gate::Published;
 pub use local::LocalExecutor;
 
 /// Settings every executor shares: proxies and where the caches live.

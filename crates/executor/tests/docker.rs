@@ -23,8 +23,16 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
         image: cbs_testkit::builder_image(),
         path: "/usr/local/go/bin".into(),
         user: cbs_testkit::builder_user(),
-        // The fixture proxy listens on the host's loopback.
-        resolve_network: "host".into(),
+        proxy: std::sync::Arc::new(
+            cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
+                goproxy: goproxy.to_owned(),
+                credentials: Vec::new(),
+                ca_pem: None,
+                timeout: Duration::from_secs(600),
+                cache_ttl: Duration::from_secs(1),
+            })
+            .unwrap(),
+        ),
         memory_bytes: 2 << 30,
         cpus: 2.0,
         pids_limit: 512,
@@ -233,49 +241,149 @@ async fn an_unreachable_proxy_fails_a_resolve_step() {
     }
 }
 
-/// Writes a program that dials `addr` and prints its environment.
-fn probe_program(dir: &Path, addr: &str) {
+/// Writes a program that prints its environment and network interfaces, dials `addr`,
+/// asks the gate for `gate_path`, and writes `marker` into GOMODCACHE and GOCACHE (or
+/// reports whether it is there, with `check`).
+fn probe_program(dir: &Path, addr: &str, gate_path: &str) {
     std::fs::write(dir.join("go.mod"), "module probe\n\ngo 1.21\n").unwrap();
     std::fs::write(
         dir.join("main.go"),
         format!(
-            "package main\n\nimport (\n\t\"fmt\"\n\t\"net\"\n\t\"os\"\n\t\"time\"\n)\n\nfunc main() {{\n\tfor _, e := range os.Environ() {{\n\t\tfmt.Println(\"env\", e)\n\t}}\n\tc, err := net.DialTimeout(\"tcp\", \"{addr}\", 3*time.Second)\n\tif err != nil {{\n\t\tfmt.Println(\"dial failed:\", err)\n\t\treturn\n\t}}\n\tc.Close()\n\tfmt.Println(\"dial ok\")\n}}\n"
+            r#"package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+)
+
+func main() {{
+	for _, e := range os.Environ() {{
+		fmt.Println("env", e)
+	}}
+	ifs, _ := net.Interfaces()
+	for _, i := range ifs {{
+		fmt.Println("interface", i.Name)
+	}}
+	c, err := net.DialTimeout("tcp", "{addr}", 3*time.Second)
+	if err != nil {{
+		fmt.Println("dial failed:", err)
+	}} else {{
+		c.Close()
+		fmt.Println("dial ok")
+	}}
+	resp, err := (&http.Client{{Timeout: 10 * time.Second}}).Get("http://127.0.0.1:7070/0/{gate_path}")
+	if err != nil {{
+		fmt.Println("gate failed:", err)
+	}} else {{
+		b, _ := io.ReadAll(resp.Body)
+		fmt.Printf("gate %d %q\n", resp.StatusCode, b)
+	}}
+	for _, v := range []string{{"GOMODCACHE", "GOCACHE"}} {{
+		f := filepath.Join(os.Getenv(v), "marker")
+		if len(os.Args) > 1 && os.Args[1] == "check" {{
+			_, err := os.Stat(f)
+			fmt.Println(v, "marker present:", err == nil)
+		}} else {{
+			err := os.WriteFile(f, []byte("poison"), 0o644)
+			fmt.Println(v, "marker written:", err == nil)
+			fmt.Println(v, "write error:", err)
+		}}
+	}}
+}}
+"#
         ),
     )
     .unwrap();
 }
 
+/// Runs the probe (`go run . [arg]`) in a new directory in `phase`; its output.
+async fn run_probe(exec: &Executor, addr: &str, phase: Phase, arg: Option<&str>) -> Vec<String> {
+    let target = Platform::new("linux", "amd64", None).unwrap().go_env();
+    let dir = tempfile::tempdir().unwrap();
+    probe_program(dir.path(), addr, "github.com/caddyserver/caddy/v2/@v/list");
+    if let Executor::Docker(d) = exec {
+        d.give_to_builder(dir.path()).unwrap();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut args = vec!["run".to_owned(), ".".to_owned()];
+    args.extend(arg.map(str::to_owned));
+    let cmd = GoCommand { args };
+    let exit = exec
+        .run(dir.path(), "probe", &cmd, phase, &target, &tx)
+        .await
+        .unwrap();
+    drop(tx);
+    let mut out = Vec::new();
+    while let Some(l) = rx.recv().await {
+        out.push(l);
+    }
+    assert!(exit.success(), "{phase:?}: {out:?}");
+    out
+}
+
+/// The host's address on Docker's default bridge (a local interface of this machine).
+fn bridge_gateway() -> String {
+    let out = Command::new("docker")
+        .args([
+            "network",
+            "inspect",
+            "bridge",
+            "--format",
+            "{{range .IPAM.Config}}{{.Gateway}}{{end}}",
+        ])
+        .output()
+        .unwrap();
+    let mut ip = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    if ip.is_empty() {
+        // Not always reported: the address of the bridge's interface.
+        let out = Command::new("ip")
+            .args(["-4", "-o", "addr", "show", "docker0"])
+            .output()
+            .unwrap();
+        ip = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|a| a.split('/').next())
+            .unwrap_or_default()
+            .to_owned();
+    }
+    assert!(!ip.is_empty(), "no address of Docker's bridge network");
+    ip
+}
+
 #[tokio::test]
-async fn compile_commands_have_no_network_and_no_command_sees_the_workers_secrets() {
+async fn build_containers_reach_the_module_proxy_through_the_gate_and_nothing_else() {
     let proxy = FixtureProxy::start().await;
     let cache = tempfile::tempdir().unwrap();
     let exec = executor(&proxy.url(), cache.path(), "docker-test-net").await;
+    // A service of the host, on every interface: what a container on a bridge could reach
+    // (as it could the cloud metadata address, the Docker engine's port, ...).
+    let host_service = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+    let addr = format!(
+        "{}:{}",
+        bridge_gateway(),
+        host_service.local_addr().unwrap().port()
+    );
     std::env::set_var("CBS_WORKER_SECRET", "hunter2");
-    let target = Platform::new("linux", "amd64", None).unwrap().go_env();
-    for (phase, want) in [(Phase::Resolve, "dial ok"), (Phase::Compile, "dial failed")] {
-        let dir = tempfile::tempdir().unwrap();
-        probe_program(dir.path(), &proxy.addr.to_string());
-        if let Executor::Docker(d) = &exec {
-            d.give_to_builder(dir.path()).unwrap();
-        }
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let cmd = GoCommand {
-            args: vec!["run".into(), ".".into()],
-        };
-        let exit = exec
-            .run(dir.path(), "probe", &cmd, phase, &target, &tx)
-            .await
-            .unwrap();
-        drop(tx);
-        let mut out = Vec::new();
-        while let Some(l) = rx.recv().await {
-            out.push(l);
-        }
-        assert!(exit.success(), "{phase:?}: {out:?}");
+    for phase in [Phase::Resolve, Phase::Compile] {
+        let out = run_probe(&exec, &addr, phase, None).await;
+        // Only the loopback interface: no route to anything, the metadata address included.
+        let interfaces: Vec<&String> = out.iter().filter(|l| l.starts_with("interface ")).collect();
+        assert_eq!(interfaces, ["interface lo"], "{phase:?}: {out:?}");
         assert!(
-            out.iter().any(|l| l.starts_with(want)),
+            out.iter().any(|l| l.starts_with("dial failed:")),
             "{phase:?}: {out:?}"
         );
+        let through_gate = out
+            .iter()
+            .any(|l| l.starts_with("gate 200") && l.contains("v2.8.4"));
+        assert_eq!(through_gate, phase == Phase::Resolve, "{phase:?}: {out:?}");
         assert!(
             !out.iter().any(|l| l.contains("hunter2")),
             "{phase:?}: {out:?}"
@@ -284,6 +392,88 @@ async fn compile_commands_have_no_network_and_no_command_sees_the_workers_secret
         assert!(out.iter().any(|l| l == "env CGO_ENABLED=0"), "{out:?}");
     }
     assert_eq!(our_containers("docker-test-net"), "");
+}
+
+#[tokio::test]
+async fn what_a_build_writes_into_the_caches_no_other_build_sees() {
+    let proxy = FixtureProxy::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let exec = executor(&proxy.url(), cache.path(), "docker-test-layers").await;
+    for phase in [Phase::Resolve, Phase::Compile] {
+        // A build that runs code of its own (as one that exploited the toolchain could)
+        // writes into both caches: it may, in its own layer.
+        let out = run_probe(&exec, "127.0.0.1:9", phase, None).await;
+        for v in ["GOCACHE", "GOMODCACHE"] {
+            let written = format!("{v} marker written: true");
+            // The module cache is read-only while compiling.
+            let want = v == "GOCACHE" || phase == Phase::Resolve;
+            assert_eq!(out.contains(&written), want, "{phase:?}: {out:?}");
+        }
+        // Neither the shared caches nor the next build see it.
+        for shared in ["mod", "build"] {
+            assert!(
+                !cache.path().join(shared).join("marker").exists(),
+                "{phase:?}: {shared}"
+            );
+        }
+        let out = run_probe(&exec, "127.0.0.1:9", phase, Some("check")).await;
+        for v in ["GOCACHE", "GOMODCACHE"] {
+            assert!(
+                out.contains(&format!("{v} marker present: false")),
+                "{phase:?}: {out:?}"
+            );
+        }
+    }
+    // Nothing of the sandboxes is left: no volume, no layer directory.
+    let volumes = Command::new("docker")
+        .args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label={LABEL_WORKER}=docker-test-layers"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&volumes.stdout).trim(), "");
+}
+
+#[tokio::test]
+async fn module_files_a_build_fetched_are_shared_and_reused() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let proxy = FixtureProxy::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let exec = executor(&proxy.url(), cache.path(), "docker-test-share").await;
+    let req = request("linux", "amd64", None, &[("github.com/acme/alpha", "v1.1.0")]);
+    let (outcome, events, _dir) = build(&exec, &req).await;
+    assert!(
+        matches!(outcome, PlanOutcome::Built(_)),
+        "{outcome:?}\n{events:#?}"
+    );
+    let fetched = proxy.zips_served();
+    assert!(fetched > 0);
+    // Shared: what the gate relayed and go.sum vouches for, read-only, the builder's.
+    let v = cache
+        .path()
+        .join("mod/cache/download/github.com/acme/alpha/@v");
+    for f in ["v1.1.0.zip", "v1.1.0.mod", "v1.1.0.info", "v1.1.0.ziphash"] {
+        let meta = std::fs::symlink_metadata(v.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{f}");
+        assert_eq!(
+            format!("{}:{}", meta.uid(), meta.gid()),
+            cbs_testkit::builder_user(),
+            "{f}"
+        );
+    }
+    // The same build again (another platform): every module's zip comes from the shared
+    // cache.
+    let req = request("linux", "arm64", None, &[("github.com/acme/alpha", "v1.1.0")]);
+    let (outcome, events, _dir) = build(&exec, &req).await;
+    assert!(
+        matches!(outcome, PlanOutcome::Built(_)),
+        "{outcome:?}\n{events:#?}"
+    );
+    assert_eq!(proxy.zips_served(), fetched);
 }
 
 #[tokio::test]
@@ -336,7 +526,7 @@ async fn a_cancelled_run_leaves_no_container_behind() {
     let worker = "docker-test-cancel";
     let exec = executor(&proxy.url(), cache.path(), worker).await;
     let dir = tempfile::tempdir().unwrap();
-    probe_program(dir.path(), "127.0.0.1:9");
+    probe_program(dir.path(), "127.0.0.1:9", "x");
     // A program that never ends, cancelled once its container runs.
     std::fs::write(
         dir.path().join("main.go"),

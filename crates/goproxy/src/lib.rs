@@ -264,6 +264,60 @@ impl Resolver {
         })
     }
 
+    /// The configured GOPROXY list with proxy `i` replaced by `{base}/{i}`, separators kept:
+    /// what a sandbox that reaches the proxies only through a forwarder at `base` uses
+    /// (fall-through between proxies stays Go's own).
+    pub fn forwarded_goproxy(&self, base: &str) -> String {
+        let mut out = String::new();
+        for i in 0..self.proxies.len() {
+            if i > 0 {
+                out.push(match self.proxies[i - 1].1 {
+                    Fallthrough::AnyError => '|',
+                    Fallthrough::NotFound => ',',
+                });
+            }
+            out.push_str(&format!("{base}/{i}"));
+        }
+        out
+    }
+
+    /// How many proxies the GOPROXY list names.
+    pub fn proxy_count(&self) -> usize {
+        self.proxies.len()
+    }
+
+    /// GETs `path` (already escaped, relative to the proxy's root) from proxy `index` with
+    /// that proxy's credentials, for a forwarder. The error names the proxy without
+    /// credentials and says why it could not be reached.
+    pub async fn forward(
+        &self,
+        index: usize,
+        path: &str,
+        user_agent: Option<&str>,
+    ) -> Result<reqwest::Response, String> {
+        let Some((proxy, _, credential)) = self.proxies.get(index) else {
+            return Err(format!("no proxy number {index}"));
+        };
+        let mut get = self.http.get(format!("{proxy}/{path}"));
+        if let Some(c) = credential {
+            get = get.basic_auth(&c.username, Some(&c.password));
+        }
+        if let Some(ua) = user_agent {
+            get = get.header(reqwest::header::USER_AGENT, ua);
+        }
+        get.send().await.map_err(|e| {
+            let e = e.without_url();
+            let mut why = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                why.push_str(": ");
+                why.push_str(&s.to_string());
+                source = s.source();
+            }
+            format!("cannot reach the module proxy {} ({why})", redact(proxy))
+        })
+    }
+
     /// Answers cached now (bounded by [`CACHE_ENTRIES`]).
     pub fn cached(&self) -> usize {
         self.cache.lock().expect("cache lock").len()

@@ -38,13 +38,21 @@ const MESSAGE_TAIL: usize = 20;
 /// Makes the configured executor.
 pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
     let w = &app.config.worker;
+    let local = matches!(w.executor, cbs_config::ExecutorKind::Local);
     let go = GoSettings {
         goproxy: app.config.go.proxy.clone(),
         gosumdb: app.config.go.sumdb.clone(),
         command_timeout: w.command_timeout,
         gonosumdb: app.config.go.gonosumdb(),
-        netrc: write_netrc(app)?.map(Arc::new),
-        proxy_ca: Some(app.config.go.proxy_ca_file.clone()).filter(|p| !p.as_os_str().is_empty()),
+        // The local executor's go reaches the proxy itself; docker builds reach it through
+        // the worker's gate, which holds the credentials and authorities itself.
+        netrc: if local {
+            write_netrc(app)?.map(Arc::new)
+        } else {
+            None
+        },
+        proxy_ca: Some(app.config.go.proxy_ca_file.clone())
+            .filter(|p| local && !p.as_os_str().is_empty()),
     };
     if go.goproxy.split([',', '|']).any(|p| {
         let p = p.trim();
@@ -72,7 +80,15 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
                     image: d.image.clone(),
                     path: d.path.clone(),
                     user: d.user.clone(),
-                    resolve_network: d.resolve_network.clone(),
+                    // The gate's proxies: a request may carry a whole module zip, so
+                    // it gets a command's time.
+                    proxy: Arc::new(
+                        cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
+                            timeout: w.command_timeout,
+                            ..app.proxy_config(std::time::Duration::from_secs(1))?
+                        })
+                        .context("go.proxy")?,
+                    ),
                     memory_bytes: d.memory_bytes,
                     cpus: d.cpus,
                     pids_limit: d.pids_limit,

@@ -156,7 +156,6 @@ worker:
     image: {image}
     path: /usr/local/go/bin
     user: "{user}"
-    resolve_network: host
 go:
   proxy: {goproxy}
   sumdb: "off"

@@ -93,7 +93,6 @@ async fn roles_reconnect_and_waiting_clients_get_their_answer_after_a_postgres_r
     w.docker.image = cbs_testkit::builder_image();
     w.docker.path = "/usr/local/go/bin".into();
     w.docker.user = cbs_testkit::builder_user();
-    w.docker.resolve_network = "host".into();
     cbs_roles::janitor::migrate(&config).await.unwrap();
 
     let shutdown = CancellationToken::new();

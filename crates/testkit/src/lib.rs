@@ -68,7 +68,6 @@ pub fn role_config(
     w.docker.image = builder_image();
     w.docker.path = "/usr/local/go/bin".into();
     w.docker.user = builder_user();
-    w.docker.resolve_network = "host".into();
     config
 }
 

@@ -70,6 +70,8 @@ struct Gate {
     holding: tokio::sync::Notify,
     /// Told when the gate opens.
     opened: tokio::sync::Notify,
+    /// Module zips the go command asked for.
+    module_files: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Clone)]
@@ -104,7 +106,8 @@ impl FixtureProxy {
         FixtureProxy::serve("127.0.0.1:0".parse().expect("addr"), Some(auth), None).await
     }
 
-    /// From now on, holds requests of the go command (User-Agent `Go-http-client`) until
+    /// From now on, holds requests of the go command (User-Agent `GoCommand/` or
+    /// `Go-http-client`) until
     /// [`FixtureProxy::open`]: a resolve container then stays up for inspection.
     pub fn close(&self) {
         self.gate.closed.store(true, Ordering::SeqCst);
@@ -114,6 +117,11 @@ impl FixtureProxy {
     pub fn open(&self) {
         self.gate.closed.store(false, Ordering::SeqCst);
         self.gate.opened.notify_waiters();
+    }
+
+    /// How many module zips the go command asked for so far.
+    pub fn zips_served(&self) -> usize {
+        self.gate.module_files.load(Ordering::SeqCst)
     }
 
     /// Returns once a request is being held.
@@ -243,9 +251,15 @@ async fn answer(State(state): State<ProxyState>, headers: HeaderMap, uri: Uri) -
     }
     let from_go = headers
         .get(header::USER_AGENT)
-        .is_some_and(|v| v.as_bytes().starts_with(b"Go-http-client"));
+        .is_some_and(|v| {
+            let v = v.as_bytes();
+            v.starts_with(b"Go-http-client") || v.starts_with(b"GoCommand/")
+        });
     if from_go {
         let gate = &state.gate;
+        if uri.path().ends_with(".zip") {
+            gate.module_files.fetch_add(1, Ordering::SeqCst);
+        }
         loop {
             let opened = gate.opened.notified();
             if !gate.closed.load(Ordering::SeqCst) {

@@ -7,12 +7,18 @@
 // command the runner prints a marker line "@@cbs NONCE start I" / "@@cbs NONCE exit I CODE".
 // Each command gets TIMEOUT_MS milliseconds: then it is killed with its whole process group
 // and its exit code is -2 (no process exits with a negative code). The runner stops after the first command that fails.
+//
+// With two more arguments, LISTEN SOCKET (resolve containers, which have no network), the
+// runner first listens on the TCP address LISTEN (the container's own loopback) and
+// carries every connection to the Unix socket SOCKET: the worker's module-proxy gate, the
+// only thing a resolve step can reach.
 package main
 
 import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"strconv"
@@ -25,9 +31,15 @@ import (
 const exitTimedOut = -2
 
 func main() {
-	if len(os.Args) != 4 {
-		fmt.Println("usage: runner NONCE TIMEOUT_MS JSON")
+	if len(os.Args) != 4 && len(os.Args) != 6 {
+		fmt.Println("usage: runner NONCE TIMEOUT_MS JSON [LISTEN SOCKET]")
 		os.Exit(2)
+	}
+	if len(os.Args) == 6 {
+		if err := gate(os.Args[4], os.Args[5]); err != nil {
+			fmt.Println("runner: cannot open the way to the module proxy:", err)
+			os.Exit(2)
+		}
 	}
 	nonce := os.Args[1]
 	ms, err := strconv.ParseInt(os.Args[2], 10, 64)
@@ -104,4 +116,34 @@ func run(args []string, timeout time.Duration) int {
 		return 126
 	}
 	return 0
+}
+
+// gate listens on listen and copies each connection to and from the Unix socket socket.
+func gate(listen, socket string) error {
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		return err
+	}
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				u, err := net.Dial("unix", socket)
+				if err != nil {
+					return
+				}
+				defer u.Close()
+				done := make(chan struct{}, 2)
+				go func() { io.Copy(u, c); u.(*net.UnixConn).CloseWrite(); done <- struct{}{} }()
+				go func() { io.Copy(c, u); c.(*net.TCPConn).CloseWrite(); done <- struct{}{} }()
+				<-done
+				<-done
+			}()
+		}
+	}()
+	return nil
 }
