@@ -787,7 +787,11 @@ impl DockerExecutor {
             .layers
             .path()
             .file_name()
-            .map(|n| n.to_string_lossy().trim_start_matches(".sandbox-").to_owned())
+            .map(|n| {
+                n.to_string_lossy()
+                    .trim_start_matches(".sandbox-")
+                    .to_owned()
+            })
             .unwrap_or_default()
             .to_ascii_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "");
@@ -845,6 +849,7 @@ impl DockerExecutor {
     }
 
     /// Runs the commands of `steps` in one container; `Some(Failed)` if one failed.
+    #[allow(clippy::too_many_arguments)]
     async fn run_group(
         &self,
         steps: &[Step],

@@ -274,7 +274,8 @@ fn hash1(mut files: Vec<(String, [u8; 32])>) -> Option<String> {
 /// The `h1:` hash of a module zip (dirhash.HashZip).
 fn hash_zip(path: &Path) -> std::io::Result<Option<String>> {
     use sha2::Digest;
-    let mut zip = zip::ZipArchive::new(std::fs::File::open(path)?).map_err(std::io::Error::other)?;
+    let mut zip =
+        zip::ZipArchive::new(std::fs::File::open(path)?).map_err(std::io::Error::other)?;
     let mut files = Vec::with_capacity(zip.len());
     let mut buf = vec![0u8; 64 * 1024];
     for i in 0..zip.len() {
@@ -296,7 +297,11 @@ fn hash_zip(path: &Path) -> std::io::Result<Option<String>> {
 /// The `h1:` hash of a `go.mod` file (`<module> <version>/go.mod h1:...` in go.sum).
 fn hash_mod(content: &[u8]) -> String {
     use sha2::Digest;
-    hash1(vec![("go.mod".into(), sha2::Sha256::digest(content).into())]).unwrap_or_default()
+    hash1(vec![(
+        "go.mod".into(),
+        sha2::Sha256::digest(content).into(),
+    )])
+    .unwrap_or_default()
 }
 
 /// go.sum as `(escaped module, version or version/go.mod) -> h1 hash`.
@@ -342,14 +347,14 @@ pub(crate) fn publish(
             "mod" => sums
                 .get(&(module.clone(), format!("{version}/go.mod")))
                 .filter(|want| **want == hash_mod(&std::fs::read(file).unwrap_or_default()))
-                .map(|h| h.clone()),
+                .cloned(),
             _ => {
                 let named = sums.contains_key(&(module.clone(), version.clone()))
                     || sums.contains_key(&(module.clone(), format!("{version}/go.mod")));
                 let says = std::fs::read(file)
                     .ok()
                     .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
-                    .is_some_and(|v| v["Version"] == serde_json::Value::from(version.as_str()));
+                    .is_some_and(|v| v["Version"] == version.as_str());
                 (named && says).then(String::new)
             }
         };

@@ -235,7 +235,17 @@ async fn an_unreachable_proxy_fails_a_resolve_step() {
     match outcome {
         PlanOutcome::Failed { step, tail, .. } => {
             assert_eq!(step, "pin_versions");
-            assert!(tail.join("\n").contains("connection refused"), "{tail:?}");
+            // Go's words, with the gate's: which proxy, and why it could not be reached
+            // (its address, never a credential).
+            let tail = tail.join("\n");
+            assert!(
+                tail.contains(&format!("cannot reach the module proxy {dead}")),
+                "{tail}"
+            );
+            assert!(
+                tail.to_ascii_lowercase().contains("connection refused"),
+                "{tail}"
+            );
         }
         other => panic!("{other:?}"),
     }
@@ -444,7 +454,12 @@ async fn module_files_a_build_fetched_are_shared_and_reused() {
     let proxy = FixtureProxy::start().await;
     let cache = tempfile::tempdir().unwrap();
     let exec = executor(&proxy.url(), cache.path(), "docker-test-share").await;
-    let req = request("linux", "amd64", None, &[("github.com/acme/alpha", "v1.1.0")]);
+    let req = request(
+        "linux",
+        "amd64",
+        None,
+        &[("github.com/acme/alpha", "v1.1.0")],
+    );
     let (outcome, events, _dir) = build(&exec, &req).await;
     assert!(
         matches!(outcome, PlanOutcome::Built(_)),
@@ -467,7 +482,12 @@ async fn module_files_a_build_fetched_are_shared_and_reused() {
     }
     // The same build again (another platform): every module's zip comes from the shared
     // cache.
-    let req = request("linux", "arm64", None, &[("github.com/acme/alpha", "v1.1.0")]);
+    let req = request(
+        "linux",
+        "arm64",
+        None,
+        &[("github.com/acme/alpha", "v1.1.0")],
+    );
     let (outcome, events, _dir) = build(&exec, &req).await;
     assert!(
         matches!(outcome, PlanOutcome::Built(_)),
@@ -596,4 +616,17 @@ async fn a_cancelled_run_leaves_no_container_behind() {
         "{destroyed}"
     );
     assert_eq!(our_containers(worker), "", "container left behind");
+    // The sandbox's volumes go in the background too; a worker's start removes any left.
+    exec.remove_leftovers().await.unwrap();
+    let volumes = Command::new("docker")
+        .args([
+            "volume",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label={LABEL_WORKER}={worker}"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&volumes.stdout).trim(), "");
 }

@@ -120,15 +120,28 @@ async fn builds_through_an_authenticated_proxy_keep_the_credentials_secret() {
         .iter()
         .map(|v| v.as_str().unwrap())
         .collect();
-    assert!(env.contains(&"NETRC=/cbs/netrc"), "{env:?}");
+    // No credentials, certificate authority or network in the container: the worker's
+    // gate, at the end of a read-only socket, asks the proxy with them.
     assert!(env.contains(&"GONOSUMDB=github.com/acme/*"), "{env:?}");
-    assert!(env.contains(&"SSL_CERT_FILE=/cbs/proxy-ca.pem"), "{env:?}");
+    assert!(env.contains(&"GOPROXY=http://127.0.0.1:7070/0"), "{env:?}");
+    assert!(
+        !env.iter()
+            .any(|e| e.starts_with("NETRC=") || e.starts_with("SSL_CERT_FILE=")),
+        "{env:?}"
+    );
+    assert_eq!(info[0]["HostConfig"]["NetworkMode"], "none");
     let mounts = info[0]["Mounts"].as_array().unwrap();
-    let netrc = mounts
+    assert!(
+        !mounts
+            .iter()
+            .any(|m| m["Destination"] == "/cbs/netrc" || m["Destination"] == "/cbs/proxy-ca.pem"),
+        "{mounts:?}"
+    );
+    let gate = mounts
         .iter()
-        .find(|m| m["Destination"] == "/cbs/netrc")
-        .expect("the credentials file is mounted");
-    assert_eq!(netrc["RW"], false, "read-only");
+        .find(|m| m["Destination"] == "/cbs/gate.sock")
+        .expect("the gate's socket is mounted");
+    assert_eq!(gate["RW"], false, "read-only");
     proxy.open();
 
     // The build goes through, and its binary comes back.

@@ -249,12 +249,10 @@ async fn answer(State(state): State<ProxyState>, headers: HeaderMap, uri: Uri) -
                 .into_response();
         }
     }
-    let from_go = headers
-        .get(header::USER_AGENT)
-        .is_some_and(|v| {
-            let v = v.as_bytes();
-            v.starts_with(b"Go-http-client") || v.starts_with(b"GoCommand/")
-        });
+    let from_go = headers.get(header::USER_AGENT).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.starts_with(b"Go-http-client") || v.starts_with(b"GoCommand/")
+    });
     if from_go {
         let gate = &state.gate;
         if uri.path().ends_with(".zip") {
