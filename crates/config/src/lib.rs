@@ -411,13 +411,13 @@ pub struct GoConfig {
     /// of modules the public checksum database is not asked about (GONOSUMDB). They are
     /// still fetched through `proxy`; every other module is still checked.
     pub private: Vec<String>,
-    /// Credentials for authenticated module proxies, by host: given to resolve steps as
-    /// a read-only netrc file, and used by the api's resolver.
+    /// Credentials for authenticated module proxies, by host: added by the worker's gate
+    /// to resolve steps' requests (never given to a build container), and used by the
+    /// api's resolver.
     pub proxy_credentials: Vec<ProxyCredential>,
     /// PEM file of the certificate authorities a private proxy's HTTPS certificate chains
-    /// to. Resolve steps get it (read-only) as their only roots (SSL_CERT_FILE): include
-    /// public roots in it if other listed proxies need them. The api's resolver adds it to
-    /// the system's roots. Empty: the system's (and the builder image's) roots.
+    /// to, added to the system's roots by the worker's gate and the api's resolver.
+    /// Empty: the system's roots.
     pub proxy_ca_file: PathBuf,
 }
 
