@@ -767,13 +767,19 @@ impl DockerExecutor {
     /// caches, with layers in a new directory beside `dir`, and a gate to the proxies.
     async fn sandbox(&self, dir: &Path, build_key: &str) -> Result<Sandbox, ExecError> {
         use std::os::unix::fs::PermissionsExt;
+        let dir = dir.canonicalize()?;
         let parent = dir
-            .canonicalize()?
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(std::env::temp_dir);
+        // Named after the build directory, so that what cleans up build directories
+        // (by name) treats the two alike.
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let layers = tempfile::Builder::new()
-            .prefix(".sandbox-")
+            .prefix(&format!("{name}-sandbox-"))
             .tempdir_in(&parent)?;
         std::fs::set_permissions(layers.path(), std::fs::Permissions::from_mode(0o700))?;
         mount_option_safe(layers.path())?;
@@ -786,12 +792,9 @@ impl DockerExecutor {
         let id = sandbox
             .layers
             .path()
-            .file_name()
-            .map(|n| {
-                n.to_string_lossy()
-                    .trim_start_matches(".sandbox-")
-                    .to_owned()
-            })
+            .to_string_lossy()
+            .rsplit("-sandbox-")
+            .next()
             .unwrap_or_default()
             .to_ascii_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "");

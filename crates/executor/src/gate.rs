@@ -466,4 +466,85 @@ mod tests {
         assert!(!clean("a//b"));
         assert!(!clean("a/b?c"));
     }
+
+    #[test]
+    fn only_module_files_that_match_go_sum_are_shared() {
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p
+        };
+        let zip_of = |name: &str, go_mod: &str| {
+            let p = dir.path().join(name);
+            let mut w = zip::ZipWriter::new(std::fs::File::create(&p).unwrap());
+            w.start_file(
+                "example.com/m@v1.0.0/go.mod",
+                zip::write::SimpleFileOptions::default(),
+            )
+            .unwrap();
+            w.write_all(go_mod.as_bytes()).unwrap();
+            w.finish().unwrap();
+            p
+        };
+        let zip_path = zip_of("zip", "module example.com/m\n");
+        // Same names, other contents.
+        let tampered = zip_of("tampered", "module example.com/evil\n");
+        let go_sum = format!(
+            "example.com/m v1.0.0 {}\nexample.com/m v1.0.0/go.mod {}\nexample.com/n v1.0.0 {}\nexample.com/n v1.0.0/go.mod {}\n",
+            hash_zip(&zip_path).unwrap().unwrap(),
+            hash_mod(b"module example.com/m\n"),
+            hash_zip(&zip_path).unwrap().unwrap(),
+            hash_mod(b"module example.com/n\n"),
+        );
+        let key = |m: &str, ext: &'static str| (m.to_owned(), "v1.0.0".to_owned(), ext);
+        let kept = HashMap::from([
+            (key("example.com/m", "zip"), zip_path.clone()),
+            (
+                key("example.com/m", "mod"),
+                file("m.mod", "module example.com/m\n"),
+            ),
+            (
+                key("example.com/m", "info"),
+                file("m.info", r#"{"Version":"v1.0.0"}"#),
+            ),
+            // Bytes go.sum does not vouch for: a zip whose hash differs, another go.mod, an
+            // .info that names another version, a module go.sum does not name.
+            (key("example.com/n", "zip"), tampered),
+            (
+                key("example.com/n", "mod"),
+                file("n.mod", "module example.com/evil\n"),
+            ),
+            (
+                key("example.com/n", "info"),
+                file("n.info", r#"{"Version":"v9.9.9"}"#),
+            ),
+            (
+                key("example.com/o", "mod"),
+                file("o.mod", "module example.com/o\n"),
+            ),
+        ]);
+        let cache = tempfile::tempdir().unwrap();
+        let published = publish(&kept, &go_sum, cache.path(), None).unwrap();
+        assert_eq!(
+            published,
+            Published {
+                added: 3,
+                present: 0,
+                refused: 4
+            }
+        );
+        let v = cache.path().join("cache/download/example.com/m/@v");
+        for f in ["v1.0.0.zip", "v1.0.0.mod", "v1.0.0.info", "v1.0.0.ziphash"] {
+            let meta = std::fs::metadata(v.join(f)).unwrap();
+            assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{f}");
+        }
+        assert!(!cache.path().join("cache/download/example.com/n").exists());
+        assert!(!cache.path().join("cache/download/example.com/o").exists());
+        // Again: nothing new, nothing replaced.
+        let again = publish(&kept, &go_sum, cache.path(), None).unwrap();
+        assert_eq!((again.added, again.present), (0, 3));
+    }
 }
