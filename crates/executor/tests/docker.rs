@@ -454,46 +454,36 @@ async fn module_files_a_build_fetched_are_shared_and_reused() {
     let proxy = FixtureProxy::start().await;
     let cache = tempfile::tempdir().unwrap();
     let exec = executor(&proxy.url(), cache.path(), "docker-test-share").await;
-    let req = request(
-        "linux",
-        "amd64",
-        None,
-        &[("github.com/acme/alpha", "v1.1.0")],
-    );
-    let (outcome, events, _dir) = build(&exec, &req).await;
-    assert!(
-        matches!(outcome, PlanOutcome::Built(_)),
-        "{outcome:?}\n{events:#?}"
-    );
-    let fetched = proxy.zips_served();
-    assert!(fetched > 0);
-    // Shared: what the gate relayed and go.sum vouches for, read-only, the builder's.
-    let v = cache
-        .path()
-        .join("mod/cache/download/github.com/acme/alpha/@v");
-    for f in ["v1.1.0.zip", "v1.1.0.mod", "v1.1.0.info", "v1.1.0.ziphash"] {
-        let meta = std::fs::symlink_metadata(v.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
-        assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{f}");
-        assert_eq!(
-            format!("{}:{}", meta.uid(), meta.gid()),
-            cbs_testkit::builder_user(),
-            "{f}"
+    // The same plugin for two platforms: the second build takes every module's zip from
+    // the shared cache.
+    let mut fetched = 0;
+    for arch in ["amd64", "arm64"] {
+        let req = request("linux", arch, None, &[("github.com/acme/alpha", "v1.1.0")]);
+        let (outcome, events, _dir) = build(&exec, &req).await;
+        assert!(
+            matches!(outcome, PlanOutcome::Built(_)),
+            "{arch}: {outcome:?}\n{events:#?}"
         );
+        if arch == "amd64" {
+            fetched = proxy.zips_served();
+            assert!(fetched > 0);
+        } else {
+            assert_eq!(proxy.zips_served(), fetched, "zips fetched again");
+        }
+        // Shared: what the gate relayed and go.sum vouches for, read-only, the builder's.
+        let v = cache
+            .path()
+            .join("mod/cache/download/github.com/acme/alpha/@v");
+        for f in ["v1.1.0.zip", "v1.1.0.mod", "v1.1.0.info", "v1.1.0.ziphash"] {
+            let meta = std::fs::symlink_metadata(v.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(meta.permissions().mode() & 0o777, 0o444, "{f}");
+            assert_eq!(
+                format!("{}:{}", meta.uid(), meta.gid()),
+                cbs_testkit::builder_user(),
+                "{f}"
+            );
+        }
     }
-    // The same build again (another platform): every module's zip comes from the shared
-    // cache.
-    let req = request(
-        "linux",
-        "arm64",
-        None,
-        &[("github.com/acme/alpha", "v1.1.0")],
-    );
-    let (outcome, events, _dir) = build(&exec, &req).await;
-    assert!(
-        matches!(outcome, PlanOutcome::Built(_)),
-        "{outcome:?}\n{events:#?}"
-    );
-    assert_eq!(proxy.zips_served(), fetched);
 }
 
 #[tokio::test]
