@@ -184,6 +184,8 @@ fn by_hand_in_one_container(proxy: &FixtureProxy, cache: &Path, req: &BuildReque
     cmd.arg(cbs_testkit::builder_image())
         .arg("/cbs/runner")
         .arg("bench")
+        // Each command's time limit, in milliseconds.
+        .arg("600000")
         .arg(format!("[{}]", cmds.join(",")));
     let start = Instant::now();
     let out = cmd.output().unwrap();
