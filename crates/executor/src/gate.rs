@@ -43,8 +43,6 @@ struct Shared {
     /// Where relayed module files are kept (private to the worker).
     files: PathBuf,
     kept: Mutex<HashMap<FileKey, PathBuf>>,
-    /// Upstream failures seen (for the worker's view of why a resolve step failed).
-    failures: Mutex<Vec<String>>,
     next: std::sync::atomic::AtomicU64,
 }
 
@@ -78,7 +76,6 @@ impl Gate {
             upstream,
             files,
             kept: Mutex::default(),
-            failures: Mutex::default(),
             next: Default::default(),
         });
         let app = axum::Router::new()
@@ -104,12 +101,6 @@ impl Gate {
     /// The module files relayed so far.
     pub(crate) fn kept(&self) -> HashMap<FileKey, PathBuf> {
         self.shared.kept.lock().expect("gate lock").clone()
-    }
-
-    /// Why upstream requests failed, in order (without credentials).
-    #[allow(dead_code)]
-    pub(crate) fn failures(&self) -> Vec<String> {
-        self.shared.failures.lock().expect("gate lock").clone()
     }
 }
 
@@ -167,17 +158,13 @@ async fn relay(
     let resp = match shared.upstream.forward(index, &rest, user_agent).await {
         Ok(r) => r,
         Err(why) => {
-            shared.failures.lock().expect("gate lock").push(why.clone());
+            warn!(error = %why, "module-proxy gate: upstream request failed");
             return text(StatusCode::BAD_GATEWAY, why);
         }
     };
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
     if status.is_server_error() {
-        shared
-            .failures
-            .lock()
-            .expect("gate lock")
-            .push(format!("the module proxy answered {status} for {rest}"));
+        warn!(%status, path = %rest, "module-proxy gate: the module proxy answered with an error");
     }
     let content_type = resp
         .headers()
@@ -227,7 +214,7 @@ async fn relay(
     if let Err(e) = spooled {
         let _ = tokio::fs::remove_file(&spool).await;
         let why = format!("the module proxy's answer for {rest}: {e}");
-        shared.failures.lock().expect("gate lock").push(why.clone());
+        warn!(error = %why, "module-proxy gate: relaying failed");
         return text(StatusCode::BAD_GATEWAY, why);
     }
     let file = match tokio::fs::File::open(&spool).await {
