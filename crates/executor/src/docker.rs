@@ -743,7 +743,7 @@ impl DockerExecutor {
         let go_sum = dir.join("go.sum");
         let modcache = self.modcache.clone();
         let gocache = self.gocache.clone();
-        let upper = sandbox.layers.path().join("build/upper");
+        let upper = sandbox.dir.join("build/upper");
         let shared = tokio::task::spawn_blocking(move || {
             let go_sum = std::fs::read_to_string(go_sum).unwrap_or_default();
             if let Err(e) = crate::gate::publish(&kept, &go_sum, &modcache, owner) {
@@ -787,11 +787,11 @@ impl DockerExecutor {
             docker: Some(self.docker.clone()),
             volumes: Vec::new(),
             gate: None,
-            layers,
+            dir: layers.path().to_path_buf(),
+            layers: Some(layers),
         };
         let id = sandbox
-            .layers
-            .path()
+            .dir
             .to_string_lossy()
             .rsplit("-sandbox-")
             .next()
@@ -799,7 +799,7 @@ impl DockerExecutor {
             .to_ascii_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "");
         for (layer, lower) in [("mod", &self.modcache), ("build", &self.gocache)] {
-            let base = sandbox.layers.path().join(layer);
+            let base = sandbox.dir.join(layer);
             for d in ["upper", "work"] {
                 std::fs::create_dir_all(base.join(d))?;
             }
@@ -828,13 +828,8 @@ impl DockerExecutor {
                 .map_err(engine)?;
             sandbox.volumes.push(name);
         }
-        sandbox.gate = Some(
-            Gate::start(
-                self.settings.proxy.clone(),
-                &sandbox.layers.path().join("gate"),
-            )
-            .await?,
-        );
+        sandbox.gate =
+            Some(Gate::start(self.settings.proxy.clone(), &sandbox.dir.join("gate")).await?);
         Ok(sandbox)
     }
 
@@ -1018,7 +1013,9 @@ struct Sandbox {
     /// The module cache's volume, then the build cache's.
     volumes: Vec<String>,
     gate: Option<Gate>,
-    layers: tempfile::TempDir,
+    /// The layers' directory, and its owner until the sandbox is removed.
+    dir: PathBuf,
+    layers: Option<tempfile::TempDir>,
 }
 
 impl Sandbox {
@@ -1027,14 +1024,10 @@ impl Sandbox {
             self.gate = None;
             remove_volumes(docker, std::mem::take(&mut self.volumes)).await;
         }
-        let layers = std::mem::replace(&mut self.layers, placeholder_dir());
-        let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+        if let Some(layers) = self.layers.take() {
+            let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+        }
     }
-}
-
-/// A stand-in for a moved-out layers directory (an empty temporary one).
-fn placeholder_dir() -> tempfile::TempDir {
-    tempfile::tempdir().expect("a temporary directory")
 }
 
 impl Drop for Sandbox {
@@ -1043,11 +1036,13 @@ impl Drop for Sandbox {
             return;
         };
         let volumes = std::mem::take(&mut self.volumes);
-        let layers = std::mem::replace(&mut self.layers, placeholder_dir());
+        let layers = self.layers.take();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
                 remove_volumes(docker, volumes).await;
-                let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+                if let Some(layers) = layers {
+                    let _ = tokio::task::spawn_blocking(move || remove_layers(layers)).await;
+                }
             });
         }
     }

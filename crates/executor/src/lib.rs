@@ -19,7 +19,6 @@ pub use docker::{
     DockerExecutor, DockerSettings, ManagedContainer, LABEL_BUILD, LABEL_DEPLOYMENT, LABEL_MANAGED,
     LABEL_WORKER,
 };
-pub use gate::Published;
 pub use local::LocalExecutor;
 
 /// Settings every executor shares: proxies and where the caches live.
