@@ -1,0 +1,174 @@
+//! A build's status: the answer of the build routes.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::request::BuildRequest;
+
+/// A build's `status` as clients see it. The names are the server's status names, except
+/// that a succeeded build reads `complete` (caddyserver.com's name).
+///
+/// Used in [`Build::status`] (every build-status route, the admin queue) and
+/// [`crate::StateData`] (`GET /api/build/{key}/events`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStatus {
+    /// Waiting for a worker.
+    Queued,
+    /// A worker is building it.
+    Running,
+    /// Done: the binary can be downloaded. Written `complete`, never `succeeded`.
+    #[serde(rename = "complete")]
+    Succeeded,
+    /// The last attempt failed; [`LastError::kind`] says whether it will be retried.
+    Failed,
+    Cancelled,
+    /// Retryable failures used up every attempt.
+    GaveUp,
+    /// Succeeded, but its files were deleted (retention); a new request rebuilds it.
+    Expired,
+}
+
+impl BuildStatus {
+    pub const ALL: [BuildStatus; 7] = [
+        BuildStatus::Queued,
+        BuildStatus::Running,
+        BuildStatus::Succeeded,
+        BuildStatus::Failed,
+        BuildStatus::Cancelled,
+        BuildStatus::GaveUp,
+        BuildStatus::Expired,
+    ];
+
+    /// The name as written in JSON.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuildStatus::Queued => "queued",
+            BuildStatus::Running => "running",
+            BuildStatus::Succeeded => "complete",
+            BuildStatus::Failed => "failed",
+            BuildStatus::Cancelled => "cancelled",
+            BuildStatus::GaveUp => "gave_up",
+            BuildStatus::Expired => "expired",
+        }
+    }
+}
+
+impl fmt::Display for BuildStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not a [`BuildStatus`] as written in JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownStatus(pub String);
+
+impl fmt::Display for UnknownStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown build status {:?}", self.0)
+    }
+}
+
+impl std::error::Error for UnknownStatus {}
+
+impl FromStr for BuildStatus {
+    type Err = UnknownStatus;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        BuildStatus::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// Whether trying again can help: `retryable` (the server retries) or `permanent` (the
+/// request's fault; the same request fails again). In [`LastError`] and the `failed` event's
+/// data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailureKind {
+    Retryable,
+    Permanent,
+}
+
+/// A build's status: `result` of `POST /api/build`, `GET /api/build/{key}` (also its
+/// long-poll `?wait=&after=`), `POST /api/build/{key}/cancel`, and of the `202 Accepted`
+/// answers of `GET /api/build/{key}/download` and `GET /api/download/{key}` for a build that
+/// is not done yet. Always wrapped: see [`crate::BuildResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Build {
+    /// The binary of a succeeded build; left out otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactInfo>,
+    /// Claims so far: the current (or last) attempt's number, 0 before the first.
+    pub attempt: u32,
+    pub created_at: DateTime<Utc>,
+    /// The last failure; left out when there has been none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<LastError>,
+    /// Failed attempts.
+    pub failures: u32,
+    /// The build key: 64 lower-case hex digits.
+    pub key: String,
+    /// Sequence number of the build's last event (the `after` of a long-poll).
+    pub last_seq: u32,
+    pub links: Links,
+    pub request: BuildRequest,
+    pub status: BuildStatus,
+    /// The step the running attempt is in; left out when there is none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    /// When the build's last event was recorded.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The `artifact` of a [`Build`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// Lower-case hex SHA-256 of the binary.
+    pub sha256: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The `error` of a [`Build`]: its last failure.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    /// The attempt that failed.
+    pub attempt: u32,
+    pub kind: FailureKind,
+    pub message: String,
+    /// The step that failed; `null` (not left out) when no step did.
+    pub step: Option<String>,
+}
+
+/// The `links` of a [`Build`]: its routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Links {
+    /// `/api/build/{key}/download`.
+    pub download: String,
+    /// `/api/build/{key}/events` (Server-Sent Events).
+    pub events: String,
+    /// `/api/build/{key}/history`.
+    pub history: String,
+    /// `/api/build/{key}`.
+    #[serde(rename = "self")]
+    pub self_: String,
+}
+
+impl Links {
+    /// The links of the build with this key, as the api writes them.
+    pub fn for_key(key: &str) -> Links {
+        Links {
+            download: format!("/api/build/{key}/download"),
+            events: format!("/api/build/{key}/events"),
+            history: format!("/api/build/{key}/history"),
+            self_: format!("/api/build/{key}"),
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The plugin catalog.
+
+use serde::{Deserialize, Serialize};
+
+/// One plugin module of the catalog: an element of `result` of `GET /api/packages`
+/// (caddyserver.com's shape, with build counts). See [`crate::PackagesResponse`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Package {
+    /// `""` when the catalog has none.
+    pub description: String,
+    /// Builds that included this module (cached for a minute).
+    pub downloads: i64,
+    /// The Caddy modules it provides; `[]` when the catalog lists none.
+    pub modules: Vec<PackageModule>,
+    /// The Go module path.
+    pub path: String,
+    /// Its source repository; `""` when the catalog has none.
+    pub repo: String,
+}
+
+/// A Caddy module of a [`Package`] (`GET /api/packages`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PackageModule {
+    /// Link to its documentation; `""` when the catalog has none.
+    pub docs: String,
+    /// The module ID, like `dns.providers.cloudflare`.
+    pub name: String,
+}
