@@ -12,8 +12,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::janitor::print_out;
-use crate::App;
+use crate::print_out;
+use cbs_roles::App;
 
 /// Options of `bench api`.
 #[derive(Debug, clap::Args)]
@@ -200,7 +200,7 @@ async fn wake(app: &App, args: &ApiArgs, n: usize) -> anyhow::Result<usize> {
         .store
         .build(&key)
         .await?
-        .map_or(0, |b| crate::api::status_body(&b).len());
+        .map_or(0, |b| cbs_roles::api::status_body(&b).len());
     Ok(answer)
 }
 
@@ -267,12 +267,7 @@ pub async fn floor_server(args: FloorArgs) -> anyhow::Result<()> {
 /// loopback TCP work and the two processes' runtimes.
 async fn floor(n: usize, body_len: usize) -> anyhow::Result<()> {
     let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .args([
-            "bench",
-            "wake-floor-server",
-            "--body-len",
-            &body_len.to_string(),
-        ])
+        .args(["wake-floor-server", "--body-len", &body_len.to_string()])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -341,11 +336,15 @@ pub async fn api(app: App, args: ApiArgs) -> anyhow::Result<()> {
     let bytes = tokio::fs::read(file).await?;
     let b = running_build(&app).await?;
     let key = b.key.clone();
-    let location = format!("builds/{}/{key}/{}", key.shard(), b.attempt);
+    let place = cbs_domain::artifact::ArtifactPath {
+        key: &key,
+        attempt: b.attempt,
+    };
+    let location = place.location();
     // Through the configured storage, as the worker stores it (unsigned: the download path
     // does not read the signature).
     let storage = cbs_storage::Storage::connect(&app.config.storage).await?;
-    storage.put_file(&format!("{location}/caddy"), file).await?;
+    storage.put_file(&place.file("caddy"), file).await?;
     use sha2::Digest;
     app.store
         .append(

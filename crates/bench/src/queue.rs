@@ -17,8 +17,8 @@ use cbs_store::Store;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::janitor::print_out;
-use crate::App;
+use crate::print_out;
+use cbs_roles::App;
 
 /// Options of `bench queue`.
 #[derive(Debug, clap::Args)]
@@ -159,7 +159,11 @@ async fn cycle_rest(store: &Store, b: cbs_projections::BuildState) -> anyhow::Re
             Event::Succeeded(Succeeded {
                 attempt,
                 artifact: Artifact {
-                    location: format!("builds/{}/{}/{attempt}", b.key.shard(), b.key),
+                    location: cbs_domain::artifact::ArtifactPath {
+                        key: &b.key,
+                        attempt,
+                    }
+                    .location(),
                     size: 1,
                     sha256: "0".repeat(64),
                     files: vec![],

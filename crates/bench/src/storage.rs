@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::Context;
 use futures::TryStreamExt;
 
-use crate::janitor::print_out;
+use crate::print_out;
 
 /// Options of `bench storage`.
 #[derive(Debug, clap::Args)]

@@ -447,33 +447,19 @@ impl Default for GoConfig {
 }
 
 impl GoConfig {
-    /// The hosts of the proxy URLs in `proxy` (without port); an error if a URL carries
-    /// credentials (they would end up in every container's environment).
+    /// The hosts of the `proxy` URLs, lower case. An error when `proxy` is not a list of
+    /// proxy URLs (see [`cbs_domain::goproxy`]: no `direct`, no `off`, no credentials in
+    /// URLs: they would reach every log).
     pub fn proxy_hosts(&self) -> Result<Vec<String>, String> {
-        let authorities = self.proxy_authorities();
-        if authorities.iter().any(|(a, _)| a.contains('@')) {
-            return Err("go.proxy: a proxy URL carries credentials; put them in go.proxy_credentials (they would reach every build container's environment)".into());
-        }
-        Ok(authorities.into_iter().map(|(_, h)| h).collect())
+        Ok(self.proxy_list()?.iter().map(|e| e.host()).collect())
     }
 
-    /// Each proxy URL's authority (`host:port` as written) and host (without port), lower
-    /// case.
-    fn proxy_authorities(&self) -> Vec<(String, String)> {
-        self.proxy
-            .split([',', '|'])
-            .filter_map(|e| e.trim().split_once("://"))
-            .map(|(_, rest)| {
-                let a = rest.split('/').next().unwrap_or("").to_ascii_lowercase();
-                let hostport = a.rsplit_once('@').map_or(a.as_str(), |(_, h)| h);
-                let host = match hostport.strip_prefix('[') {
-                    Some(v6) => v6.split(']').next().unwrap_or(""),
-                    None => hostport.split(':').next().unwrap_or(""),
-                }
-                .to_owned();
-                (a, host)
-            })
-            .collect()
+    fn proxy_list(&self) -> Result<Vec<cbs_domain::goproxy::ProxyEntry>, String> {
+        use cbs_domain::goproxy::{parse, GoProxyError};
+        parse(&self.proxy).map_err(|e| match e {
+            GoProxyError::Credentials(_) => "go.proxy: a proxy URL carries credentials; put them in go.proxy_credentials (in the URL they would reach every log)".to_owned(),
+            e => format!("go.proxy: {e}"),
+        })
     }
 
     /// GONOSUMDB's value for `private`.
@@ -523,7 +509,12 @@ impl GoConfig {
         if self.proxy_credentials.is_empty() {
             return None;
         }
-        let authorities = self.proxy_authorities();
+        let authorities: Vec<(String, String)> = self
+            .proxy_list()
+            .unwrap_or_default()
+            .iter()
+            .map(|e| (e.authority().to_ascii_lowercase(), e.host()))
+            .collect();
         let mut text = String::new();
         for c in &self.proxy_credentials {
             let mut machines = vec![c.host.to_ascii_lowercase()];

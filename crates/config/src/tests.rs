@@ -248,4 +248,11 @@ go:
         e.contains("go.proxy_credentials") && !e.contains("pw@"),
         "{e}"
     );
+    // Builds fetch through proxies only.
+    for list in ["direct", "https://goproxy.corp.example,direct", "off"] {
+        let mut bad = cfg.go.clone();
+        bad.proxy = list.into();
+        let e = bad.check().unwrap_err();
+        assert!(e.contains("'direct' and 'off' are not allowed"), "{e}");
+    }
 }

@@ -4,8 +4,10 @@
 //! (parse, don't validate): Go module paths and versions ([`module`]), platforms
 //! ([`platform`]), requests as asked for and as resolved ([`request`]).
 
+pub mod artifact;
 pub mod buildinfo;
 pub mod failure;
+pub mod goproxy;
 mod key;
 pub mod module;
 pub mod plan;

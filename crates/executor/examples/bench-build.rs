@@ -37,10 +37,16 @@ fn go(proxy: &FixtureProxy) -> GoSettings {
 async fn docker(proxy: &FixtureProxy, cache: &Path) -> Executor {
     let d = DockerExecutor::connect(
         DockerSettings {
-            host: String::new(),
-            image: cbs_testkit::builder_image(),
-            path: "/usr/local/go/bin".into(),
-            user: cbs_testkit::builder_user(),
+            container: cbs_config::DockerConfig {
+                host: String::new(),
+                image: cbs_testkit::builder_image(),
+                path: "/usr/local/go/bin".into(),
+                user: cbs_testkit::builder_user(),
+                memory_bytes: 4 << 30,
+                cpus: 2.0,
+                pids_limit: 1024,
+                tmpfs_size: "2g".into(),
+            },
             proxy: std::sync::Arc::new(
                 cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
                     goproxy: proxy.url(),
@@ -51,10 +57,6 @@ async fn docker(proxy: &FixtureProxy, cache: &Path) -> Executor {
                 })
                 .unwrap(),
             ),
-            memory_bytes: 4 << 30,
-            cpus: 2.0,
-            pids_limit: 1024,
-            tmpfs_size: "2g".into(),
             deployment: "executor-tests".into(),
         },
         go(proxy),

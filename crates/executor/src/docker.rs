@@ -60,24 +60,11 @@ const CONTAINER_SLACK: std::time::Duration = std::time::Duration::from_secs(30);
 /// Docker settings.
 #[derive(Debug, Clone)]
 pub struct DockerSettings {
-    /// The engine's address (`unix:///var/run/docker.sock`, `tcp://host:2375`); empty means
-    /// DOCKER_HOST or the local socket.
-    pub host: String,
-    /// The builder image (with `go` on PATH).
-    pub image: String,
-    /// PATH inside the image.
-    pub path: String,
-    /// `uid:gid` the commands run as (never root).
-    pub user: String,
+    /// The engine, image, user and limits, as configured (`worker.docker`).
+    pub container: cbs_config::DockerConfig,
     /// The module proxies, which the gate asks for resolve commands (with their
     /// credentials and certificate authorities, which never enter a container).
     pub proxy: std::sync::Arc<cbs_goproxy::Resolver>,
-    pub memory_bytes: i64,
-    /// CPUs (1.5 = one and a half).
-    pub cpus: f64,
-    pub pids_limit: i64,
-    /// Size of the /tmp tmpfs, like `1g`.
-    pub tmpfs_size: String,
     /// The deployment's id (from its database), put on every container as a label.
     pub deployment: String,
 }
@@ -118,10 +105,10 @@ impl DockerExecutor {
             dirs.push(dir.canonicalize()?);
         }
         let (modcache, gocache) = (dirs.remove(0), dirs.remove(0));
-        let docker = if settings.host.is_empty() {
+        let docker = if settings.container.host.is_empty() {
             Docker::connect_with_defaults()
         } else {
-            Docker::connect_with_host(&settings.host)
+            Docker::connect_with_host(&settings.container.host)
         };
         let docker = docker
             .map_err(engine)?
@@ -129,9 +116,11 @@ impl DockerExecutor {
             .await
             .map_err(engine)?;
         let image = docker
-            .inspect_image(&settings.image)
+            .inspect_image(&settings.container.image)
             .await
-            .map_err(|e| ExecError::Engine(format!("builder image {}: {e}", settings.image)))?;
+            .map_err(|e| {
+                ExecError::Engine(format!("builder image {}: {e}", settings.container.image))
+            })?;
         let full_image_id = image.id.unwrap_or_default();
         let image_id = full_image_id.trim_start_matches("sha256:");
         // Keyed by image and runner source: a changed runner is compiled again.
@@ -166,7 +155,7 @@ impl DockerExecutor {
 
     /// The builder image: its reference and its id.
     pub fn image(&self) -> (&str, &str) {
-        (&self.settings.image, &self.image_id)
+        (&self.settings.container.image, &self.image_id)
     }
 
     /// Compiles the runner with the builder image (no network), for the image's platform.
@@ -214,7 +203,7 @@ impl DockerExecutor {
         if !exit.success() {
             return Err(ExecError::Engine(format!(
                 "cannot compile the command runner with {}: {}",
-                self.settings.image,
+                self.settings.container.image,
                 out.join("\n")
             )));
         }
@@ -228,7 +217,7 @@ impl DockerExecutor {
     /// directory is the worker's and the configured user should be the worker's own.
     pub fn give_to_builder(&self, dir: &Path) -> Result<(), ExecError> {
         use std::os::unix::fs::MetadataExt;
-        let (uid, gid) = parse_user(&self.settings.user)?;
+        let (uid, gid) = parse_user(&self.settings.container.user)?;
         // Never through a symbolic link: someone else's link would get us to hand over
         // whatever it points at.
         let meta = std::fs::symlink_metadata(dir)?;
@@ -451,7 +440,7 @@ impl DockerExecutor {
             phase,
             &caches,
             target,
-            &self.settings.path,
+            &self.settings.container.path,
             crate::ResolveFiles::default(),
         )
         .into_iter()
@@ -486,27 +475,27 @@ impl DockerExecutor {
             readonly_rootfs: Some(true),
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
-            pids_limit: Some(self.settings.pids_limit),
-            memory: Some(self.settings.memory_bytes),
-            memory_swap: Some(self.settings.memory_bytes),
-            nano_cpus: Some((self.settings.cpus * 1e9) as i64),
+            pids_limit: Some(self.settings.container.pids_limit),
+            memory: Some(self.settings.container.memory_bytes),
+            memory_swap: Some(self.settings.container.memory_bytes),
+            nano_cpus: Some((self.settings.container.cpus * 1e9) as i64),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_owned(),
                 format!(
                     "rw,exec,nosuid,nodev,mode=1777,size={}",
-                    self.settings.tmpfs_size
+                    self.settings.container.tmpfs_size
                 ),
             )])),
             init: Some(true),
             ..Default::default()
         };
         let config = ContainerCreateBody {
-            image: Some(self.settings.image.clone()),
+            image: Some(self.settings.container.image.clone()),
             cmd: Some(cmd),
             entrypoint: Some(vec![]),
             env: Some(env),
             working_dir: Some(BUILD_DIR.into()),
-            user: Some(self.settings.user.clone()),
+            user: Some(self.settings.container.user.clone()),
             labels: Some(self.labels(build_key)),
             network_disabled: Some(phase == Phase::Compile),
             host_config: Some(host_config),
@@ -738,7 +727,7 @@ impl DockerExecutor {
 
     /// Publishes what a successful build fetched and, if `build_cache`, what it compiled.
     async fn share(&self, sandbox: &Sandbox, dir: &Path, build_cache: bool) {
-        let owner = parse_user(&self.settings.user).ok();
+        let owner = parse_user(&self.settings.container.user).ok();
         let kept = sandbox.gate.as_ref().map(Gate::kept).unwrap_or_default();
         let go_sum = dir.join("go.sum");
         let modcache = self.modcache.clone();

@@ -19,10 +19,16 @@ const WORKER: &str = "docker-test";
 
 async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
     let settings = DockerSettings {
-        host: String::new(),
-        image: cbs_testkit::builder_image(),
-        path: "/usr/local/go/bin".into(),
-        user: cbs_testkit::builder_user(),
+        container: cbs_config::DockerConfig {
+            host: String::new(),
+            image: cbs_testkit::builder_image(),
+            path: "/usr/local/go/bin".into(),
+            user: cbs_testkit::builder_user(),
+            memory_bytes: 2 << 30,
+            cpus: 2.0,
+            pids_limit: 512,
+            tmpfs_size: "1g".into(),
+        },
         proxy: std::sync::Arc::new(
             cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
                 goproxy: goproxy.to_owned(),
@@ -33,10 +39,6 @@ async fn executor(goproxy: &str, cache: &Path, worker: &str) -> Executor {
             })
             .unwrap(),
         ),
-        memory_bytes: 2 << 30,
-        cpus: 2.0,
-        pids_limit: 512,
-        tmpfs_size: "1g".into(),
         deployment: "executor-tests".into(),
     };
     let go = GoSettings {

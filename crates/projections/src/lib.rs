@@ -43,6 +43,15 @@ pub enum Status {
 }
 
 impl Status {
+    /// Statuses a forced request (`requeued`, reason forced) reopens: the build ended
+    /// without an artifact to serve. The api asks this, and the fold enforces it.
+    pub fn reopenable(self) -> bool {
+        matches!(
+            self,
+            Status::Failed | Status::GaveUp | Status::Cancelled | Status::Expired
+        )
+    }
+
     pub const ALL: [Status; 7] = [
         Status::Queued,
         Status::Running,
@@ -341,11 +350,7 @@ pub fn apply(
                             status: prev.status,
                         });
                     }
-                    let reopenable = matches!(
-                        prev.status,
-                        Status::Failed | Status::GaveUp | Status::Cancelled | Status::Expired
-                    );
-                    if !reopenable {
+                    if !prev.status.reopenable() {
                         return Err(invalid());
                     }
                     // A forced build starts counting failures afresh.

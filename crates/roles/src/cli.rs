@@ -36,11 +36,6 @@ pub enum Command {
     },
     /// Every role in one process (a single machine).
     All,
-    /// Benchmarks.
-    Bench {
-        #[command(subcommand)]
-        command: BenchCommand,
-    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,19 +46,4 @@ pub enum JanitorCommand {
         #[arg(long)]
         fix: bool,
     },
-}
-
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Build cycles per second and dispatch latency of the queue (writes to the configured
-    /// database: point it at a scratch database).
-    Queue(crate::bench::QueueArgs),
-    /// Long-poll wake latency, API memory, and download throughput (see scripts/bench-api).
-    Api(crate::bench_api::ApiArgs),
-    /// Upload and download throughput and peak memory of the configured artifact storage
-    /// (see scripts/bench-storage, which runs it for both backends).
-    Storage(crate::bench_storage::StorageArgs),
-    /// The bare server of `bench api`'s floor measurement (started by `bench api` itself).
-    #[command(hide = true)]
-    WakeFloorServer(crate::bench_api::FloorArgs),
 }

@@ -4,13 +4,8 @@
 //! and a listener on port 0. Only this crate knows HTTP, the command line and signals.
 
 pub mod api;
-pub mod bench;
-pub mod bench_api;
-pub mod bench_storage;
 pub mod cli;
 pub mod janitor;
-pub mod preempt;
-pub mod publish;
 pub mod shutdown;
 pub mod worker;
 
@@ -20,7 +15,7 @@ use cbs_store::{Hub, Store};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use cli::{BenchCommand, Command, JanitorCommand};
+use cli::{Command, JanitorCommand};
 
 /// What every role shares in one process: config, store, and the one listening connection.
 /// Cheap to clone (every request handler gets a clone).
@@ -101,7 +96,7 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
                 move || cbs_signing::keygen(&path, password.as_deref())
             })
             .await??;
-            janitor::print_out(&public);
+            print_out(&public);
             info!(
                 secret = %path.display(),
                 public = %cbs_signing::public_key_path(&path).display(),
@@ -138,30 +133,6 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             worker::run(app, shutdown).await
         }
         Command::All => Box::pin(run_all(config, shutdown)).await,
-        Command::Bench {
-            command: BenchCommand::Api(args),
-        } => {
-            let app = App::new(config, &shutdown)?;
-            let mut epoch = app.hub.epoch();
-            epoch.wait_for(|e| *e > 0).await?;
-            bench_api::api(app, args).await
-        }
-        Command::Bench {
-            command: BenchCommand::Storage(args),
-        } => bench_storage::run(&config, args).await,
-        Command::Bench {
-            command: BenchCommand::WakeFloorServer(args),
-        } => bench_api::floor_server(args).await,
-        Command::Bench {
-            command: BenchCommand::Queue(args),
-        } => {
-            let connector = cbs_store::PgConnector::new(&config.database)?;
-            cbs_store::migrate::run(&connector)
-                .await
-                .context("migrating the benchmark database")?;
-            let app = App::new(config, &shutdown)?;
-            bench::queue(app, args, shutdown).await
-        }
     }
 }
 
@@ -193,7 +164,9 @@ pub async fn run_all(config: Config, shutdown: CancellationToken) -> anyhow::Res
     result.map(|_| ())
 }
 
-fn init_logging(config: &Config) {
+/// Logging as the config says (`log.filter`, overridden by RUST_LOG; `log.format`), to
+/// stderr.
+pub fn init_logging(config: &Config) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.log.filter))
@@ -208,4 +181,10 @@ fn init_logging(config: &Config) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// A command's report goes to stdout (logs go to stderr).
+#[allow(clippy::print_stdout)]
+pub(crate) fn print_out(s: &str) {
+    print!("{s}");
 }

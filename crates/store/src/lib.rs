@@ -11,6 +11,8 @@
 //!
 //! All statements live in [`queries`], one documented function each.
 
+#[cfg(feature = "bench")]
+mod bench;
 mod connect;
 mod error;
 mod hub;
@@ -263,24 +265,6 @@ impl Store {
         migrate::check_applied(&client).await
     }
 
-    /// Server settings that decide write performance, with the server version.
-    pub async fn server_settings(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let client = self.client().await?;
-        queries::server_settings(
-            &client,
-            &[
-                "fsync",
-                "synchronous_commit",
-                "wal_sync_method",
-                "full_page_writes",
-                "shared_buffers",
-                "commit_delay",
-                "max_connections",
-            ],
-        )
-        .await
-    }
-
     /// Builds requested per plugin module.
     pub async fn plugin_counts(
         &self,
@@ -289,26 +273,25 @@ impl Store {
         Ok(queries::plugin_counts(&client).await?.into_iter().collect())
     }
 
-    /// Claims one specific queued build (benchmarks; workers use [`Store::claim`]).
-    pub async fn claim_key_for_bench(
-        &self,
-        key: &BuildKey,
-    ) -> Result<Option<BuildState>, StoreError> {
-        let Some(b) = self.build(key).await? else {
-            return Ok(None);
-        };
-        let event = Event::Claimed(cbs_events::Claimed {
-            worker: "bench".into(),
-            attempt: b.attempt + 1,
-            lease_expires_at: Utc::now() + chrono::Duration::hours(1),
-        });
-        Ok(Some(self.append(&b, event).await?))
+    /// Where the janitor's feed-driven duty `name` has read the global log to.
+    pub async fn janitor_cursor(&self, name: &str) -> Result<GlobalCursor, StoreError> {
+        let client = self.client().await?;
+        match queries::janitor_cursor(&client, name).await? {
+            None => Ok(GlobalCursor::default()),
+            Some(text) => text.parse().map_err(|e: cbs_events::BadCursor| {
+                StoreError::Corrupt(format!("janitor cursor {name}: {e}"))
+            }),
+        }
     }
 
-    /// Connections to the database whose application name starts with `name`.
-    pub async fn count_connections(&self, name: &str) -> Result<i64, StoreError> {
+    /// Records how far the janitor's duty `name` has read the global log.
+    pub async fn set_janitor_cursor(
+        &self,
+        name: &str,
+        cursor: GlobalCursor,
+    ) -> Result<(), StoreError> {
         let client = self.client().await?;
-        queries::count_connections(&client, name).await
+        queries::set_janitor_cursor(&client, name, &cursor.to_string()).await
     }
 
     /// Running builds whose lease has expired (their worker stopped renewing it).

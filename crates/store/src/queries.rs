@@ -656,24 +656,6 @@ pub(crate) async fn applied_migration(c: &Client) -> Result<Option<i32>, StoreEr
     Ok(row.try_get(0)?)
 }
 
-/// The named server settings and the server version (benchmarks print them).
-pub(crate) async fn server_settings(
-    c: &impl GenericClient,
-    names: &[&str],
-) -> Result<Vec<(String, String)>, StoreError> {
-    let rows = c
-        .query(
-            "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name = ANY($1)
-             UNION ALL SELECT 'server_version', version()
-             ORDER BY 1",
-            &[&names],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
-        .collect()
-}
-
 /// How many builds were requested with each plugin module (the catalog's counts).
 pub(crate) async fn plugin_counts(
     c: &impl GenericClient,
@@ -689,22 +671,6 @@ pub(crate) async fn plugin_counts(
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
         .collect()
-}
-
-/// Connections to this database whose application name starts with `name` (benchmarks
-/// report what the api process holds).
-pub(crate) async fn count_connections(
-    c: &impl GenericClient,
-    name: &str,
-) -> Result<i64, StoreError> {
-    let row = c
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND starts_with(application_name, $1)",
-            &[&name],
-        )
-        .await?;
-    Ok(row.try_get(0)?)
 }
 
 /// Running builds whose lease ended before now, oldest expiry first.
@@ -841,4 +807,35 @@ pub(crate) async fn next_available(
         .prepare_cached("SELECT min(available_at) FROM builds WHERE status = 'queued'")
         .await?;
     Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
+}
+
+/// Where the janitor's duty `name` has read the global log to (`0-0` before its first read).
+pub(crate) async fn janitor_cursor(
+    c: &impl GenericClient,
+    name: &str,
+) -> Result<Option<String>, StoreError> {
+    let stmt = c
+        .prepare_cached("SELECT cursor FROM janitor_cursors WHERE name = $1")
+        .await?;
+    let row = c.query_opt(&stmt, &[&name]).await?;
+    Ok(match row {
+        Some(r) => Some(r.try_get("cursor")?),
+        None => None,
+    })
+}
+
+/// Records how far the janitor's duty `name` has read the global log.
+pub(crate) async fn set_janitor_cursor(
+    c: &impl GenericClient,
+    name: &str,
+    cursor: &str,
+) -> Result<(), StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "INSERT INTO janitor_cursors (name, cursor) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET cursor = $2",
+        )
+        .await?;
+    c.execute(&stmt, &[&name, &cursor]).await?;
+    Ok(())
 }

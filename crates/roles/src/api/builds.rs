@@ -80,9 +80,11 @@ fn resolve_error(e: ResolveError) -> ApiError {
     }
 }
 
-/// Statuses a forced request reopens.
-fn reopenable(s: Status) -> bool {
-    matches!(s, Status::Failed | Status::GaveUp | Status::Cancelled)
+/// Whether a request reopens an existing build: a forced one reopens any build that ended
+/// without an artifact ([`Status::reopenable`]); any request reopens an expired build (its
+/// files were deleted for retention: it is rebuilt on request).
+fn reopens(force: bool, status: Status) -> bool {
+    (force && status.reopenable()) || status == Status::Expired
 }
 
 /// Takes a submission token for the client, or says when to come back (429).
@@ -212,7 +214,7 @@ pub async fn submit(
     let existing = state.app.store.build(&key).await?;
     let creates = match &existing {
         None => true,
-        Some(b) => (parsed.force && reopenable(b.status)) || b.status == Status::Expired,
+        Some(b) => reopens(parsed.force, b.status),
     };
     // Who asks matters only for work it creates (joining a build is free).
     let requester = if creates {
@@ -236,9 +238,7 @@ pub async fn submit(
                 .build
         }
     };
-    let reopenable = reopenable(build.status);
-    // An expired build (its files were deleted for retention) is rebuilt on request.
-    if (parsed.force && reopenable) || build.status == Status::Expired {
+    if reopens(parsed.force, build.status) {
         let event = Event::Requeued(Requeued {
             attempt: build.attempt,
             reason: RequeueReason::Forced,

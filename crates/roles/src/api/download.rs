@@ -7,6 +7,7 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cbs_domain::artifact as layout;
 use cbs_events::FailureKind;
 use cbs_projections::{BuildState, Status};
 use serde_json::json;
@@ -131,7 +132,7 @@ async fn serve_artifact(
         .first()
         .map(String::as_str)
         .unwrap_or_else(|| build.request.platform().binary_name());
-    let object_key = format!("{}/{name}", artifact.location);
+    let object_key = layout::stored_file(&artifact.location, name);
     let etag = format!("\"{}\"", artifact.sha256);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -249,20 +250,20 @@ impl Companion {
     fn file(self, binary: &str) -> (String, String, &'static str) {
         match self {
             Companion::Signature => {
-                let n = format!("{binary}.minisig");
+                let n = layout::signature_of(binary);
                 (n.clone(), n, "text/plain; charset=utf-8")
             }
             Companion::Checksum => {
-                let n = format!("{binary}.sha256");
+                let n = layout::checksum_of(binary);
                 (n.clone(), n, "text/plain; charset=utf-8")
             }
             Companion::Provenance => (
-                crate::publish::PROVENANCE.to_owned(),
-                crate::publish::PROVENANCE.to_owned(),
+                layout::PROVENANCE.to_owned(),
+                layout::PROVENANCE.to_owned(),
                 "application/vnd.in-toto+json",
             ),
             Companion::ProvenanceSignature => {
-                let n = format!("{}.minisig", crate::publish::PROVENANCE);
+                let n = layout::signature_of(layout::PROVENANCE);
                 (n.clone(), n, "text/plain; charset=utf-8")
             }
         }
@@ -304,7 +305,7 @@ async fn companion(
     }
     let bytes = state
         .storage
-        .get(&format!("{}/{stored}", artifact.location), None)
+        .get(&layout::stored_file(&artifact.location, &stored), None)
         .await
         .map_err(|e| storage_error(&build, e))?
         .bytes(16 * 1024 * 1024)

@@ -5,6 +5,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use cbs_domain::artifact::{checksum_of, signature_of, ArtifactPath, PROVENANCE};
 use cbs_domain::buildinfo::{BuildInfo, ModuleInfo};
 use cbs_events::Artifact;
 use cbs_projections::BuildState;
@@ -14,8 +15,6 @@ use cbs_storage::Storage;
 use chrono::{DateTime, Utc};
 
 /// File name of the provenance statement.
-pub const PROVENANCE: &str = "provenance.json";
-
 /// Storage and the signing key of a worker.
 #[derive(Debug)]
 pub struct Publisher {
@@ -133,7 +132,10 @@ async fn sign_file(
 /// in storage, unreferenced, for the clean-up to remove).
 pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
     let b = i.build;
-    let location = format!("builds/{}/{}/{}", b.key.shard(), b.key, b.attempt);
+    let place = ArtifactPath {
+        key: &b.key,
+        attempt: b.attempt,
+    };
     let now = Utc::now();
     let modules_sha = binary_modules_hash(i.info);
     let replacements = binary_replacements(i.info);
@@ -186,13 +188,10 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
         .to_string(),
     )?;
 
-    let sig_name = format!("{}.minisig", i.name);
-    let sum_name = format!("{}.sha256", i.name);
-    let prov_sig_name = format!("{PROVENANCE}.minisig");
-    let stored = p
-        .storage
-        .put_file(&format!("{location}/{}", i.name), i.binary)
-        .await?;
+    let sig_name = signature_of(i.name);
+    let sum_name = checksum_of(i.name);
+    let prov_sig_name = signature_of(PROVENANCE);
+    let stored = p.storage.put_file(&place.file(i.name), i.binary).await?;
     anyhow::ensure!(
         stored == i.size,
         "stored {stored} bytes of a {}-byte binary",
@@ -204,12 +203,10 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
         (&prov_sig_name, statement_sig.into_bytes()),
         (&PROVENANCE.to_owned(), statement),
     ] {
-        p.storage
-            .put_bytes(&format!("{location}/{name}"), body.into())
-            .await?;
+        p.storage.put_bytes(&place.file(name), body.into()).await?;
     }
     Ok(Artifact {
-        location,
+        location: place.location(),
         size: i.size,
         sha256: i.sha256.to_owned(),
         files: vec![
