@@ -31,7 +31,10 @@ pub use admin::{QueueEntry, QueueList, Worker, WorkerBuild, WorkerList};
 pub use build::{ArtifactInfo, Build, BuildStatus, FailureKind, LastError, Links};
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
-pub use events::{EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage};
+pub use events::{
+    EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, RequeueReason,
+    UnknownEventType,
+};
 pub use packages::{Package, PackageModule};
 pub use request::{
     ArmValue, BuildRequest, BuildSubmission, Plugin, PluginSubmission, Replacement,

@@ -485,6 +485,101 @@ async fn artifacts_not_downloaded_for_the_retention_expire_and_a_new_request_reb
     assert_eq!(again.len(), first.len());
 }
 
+/// Files of an attempt that was never published (its worker uploaded, then failed, was
+/// fenced off, or died before its `succeeded` event) are removed by the janitor's
+/// retention, once the attempt has been over for twice the lease; the published attempt's
+/// files stay and are served.
+#[tokio::test(flavor = "multi_thread")]
+async fn files_of_attempts_never_published_are_removed_and_the_published_ones_stay() {
+    let s = server_configured(false, None, |c| {
+        c.worker.lease = Duration::from_secs(3);
+        c.janitor.retry_backoff = Duration::from_millis(100);
+        c.janitor.retention_check_interval = Duration::from_millis(200);
+        c.janitor.leader_check_interval = Duration::from_millis(300);
+    })
+    .await;
+    // Attempt 1: a worker that stored its files and then failed (retryably).
+    let request = cbs_testkit::request_with("linux", "amd64", None, &[]);
+    let key = request.key();
+    s.app.store.request_build(&key, &request).await.unwrap();
+    let claimed = s
+        .app
+        .store
+        .claim("vanished-worker", Duration::from_secs(3))
+        .await
+        .unwrap()
+        .expect("the build is claimable");
+    assert_eq!((claimed.key.clone(), claimed.attempt), (key.clone(), 1));
+    let storage = cbs_storage::Storage::connect(&s.app.config.storage)
+        .await
+        .unwrap();
+    let first = cbs_domain::artifact::ArtifactPath {
+        key: &key,
+        attempt: 1,
+    };
+    for name in ["caddy", "caddy.minisig", "caddy.sha256"] {
+        storage
+            .put_bytes(&first.file(name), b"unpublished".to_vec().into())
+            .await
+            .unwrap();
+    }
+    let first_dir = s.app.config.storage.dir.join(first.location());
+    assert!(first_dir.join("caddy").exists());
+    s.app
+        .store
+        .append(
+            &claimed,
+            cbs_events::Event::Failed(cbs_events::Failed {
+                attempt: 1,
+                kind: cbs_events::FailureKind::Retryable,
+                step: Some("publish".into()),
+                message: "stored the files, then lost the storage".into(),
+            }),
+        )
+        .await
+        .unwrap();
+    // The janitor retries it; a worker builds and publishes attempt 2.
+    tokio::spawn(cbs_roles::janitor::run_services(
+        s.app.clone(),
+        s.shutdown.clone(),
+    ));
+    tokio::spawn(cbs_roles::worker::run(s.app.clone(), s.shutdown.clone()));
+    let built = wait_build(&s, &key, "built by attempt 2", |b| {
+        b.status == Status::Succeeded
+    })
+    .await;
+    assert_eq!(built.attempt, 2);
+    let location = built.artifact.clone().unwrap().location;
+    assert_eq!(
+        location,
+        cbs_domain::artifact::ArtifactPath {
+            key: &key,
+            attempt: 2
+        }
+        .location()
+    );
+    // No event says when the files go: the directory is watched, with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(&first_dir).is_ok_and(|mut d| d.next().is_some()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "attempt 1's files are removed: {} still holds files",
+            first_dir.display()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The published attempt is whole and served.
+    let published = s.app.config.storage.dir.join(&location);
+    for name in &built.artifact.as_ref().unwrap().files {
+        assert!(published.join(name).exists(), "{name} of attempt 2 stays");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let r = get_ok(&format!("{}/api/build/{key}/download", s.base)).await;
+    let binary = r.bytes().await.unwrap();
+    assert_eq!(binary.len() as u64, built.artifact.as_ref().unwrap().size);
+    check_published(&s, key.as_str(), &binary, dir.path()).await;
+}
+
 const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 /// Replacements are an operator's power: anonymous requests may not replace (not even

@@ -7,11 +7,11 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cbs_api_types as wire;
 use cbs_events::{Cancelled, Event};
 use cbs_projections::{BuildState, Status};
-use serde_json::{json, Value};
 
-use super::builds::{build_json, parse_key};
+use super::builds::parse_key;
 use super::error::ApiError;
 use super::ApiState;
 
@@ -32,7 +32,7 @@ pub async fn cancel(
     match state.app.store.append_latest(&key, event).await {
         Ok(b) => {
             tracing::info!(build.key = %key, token = caller.name().unwrap_or_default(), "build cancelled");
-            Ok(Json(json!({ "result": build_json(&b) })).into_response())
+            Ok(Json(super::wire::build_envelope(&b)).into_response())
         }
         Err(cbs_store::StoreError::NotFound(_)) => {
             Err(ApiError::not_found(format!("no build with key {key}")))
@@ -70,12 +70,13 @@ fn limit_param(query: Option<&str>) -> Result<i64, ApiError> {
     Ok(limit)
 }
 
-fn entry(b: &BuildState) -> Value {
-    let mut v = build_json(b);
-    v["available_at"] = json!(b.available_at);
-    v["owner"] = json!(b.owner);
-    v["lease_expires_at"] = json!(b.lease_expires_at);
-    v
+fn entry(b: &BuildState) -> wire::QueueEntry {
+    wire::QueueEntry::new(
+        super::wire::build(b),
+        b.available_at,
+        b.lease_expires_at,
+        b.owner.clone(),
+    )
 }
 
 /// `GET /api/admin/queue[?limit=N]`: running builds, then queued ones in the order workers
@@ -88,8 +89,8 @@ pub async fn queue(
     state.tokens.admin(&headers, "listing the queue")?;
     let limit = limit_param(query.as_deref())?;
     let builds = state.app.store.active_builds(limit).await?;
-    let list: Vec<Value> = builds.iter().map(entry).collect();
-    Ok(Json(json!({ "result": { "builds": list } })).into_response())
+    let builds = builds.iter().map(entry).collect();
+    Ok(Json(wire::Envelope::new(wire::QueueList { builds })).into_response())
 }
 
 /// `GET /api/admin/workers`: the workers that hold builds now, each with its builds, their
@@ -101,20 +102,23 @@ pub async fn workers(
 ) -> Result<Response, ApiError> {
     state.tokens.admin(&headers, "listing the workers")?;
     let builds = state.app.store.active_builds(i64::from(LIST_LIMIT)).await?;
-    let mut by_worker: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    let mut by_worker: BTreeMap<String, Vec<wire::WorkerBuild>> = BTreeMap::new();
     for b in builds.iter().filter(|b| b.status == Status::Running) {
         let worker = b.owner.clone().unwrap_or_default();
-        by_worker.entry(worker).or_default().push(json!({
-            "key": b.key.as_str(),
-            "attempt": b.attempt,
-            "step": b.current_step,
-            "lease_expires_at": b.lease_expires_at,
-            "updated_at": b.updated_at,
-        }));
+        by_worker
+            .entry(worker)
+            .or_default()
+            .push(wire::WorkerBuild {
+                attempt: b.attempt,
+                key: b.key.as_str().to_owned(),
+                lease_expires_at: b.lease_expires_at,
+                step: b.current_step.clone(),
+                updated_at: b.updated_at,
+            });
     }
-    let list: Vec<Value> = by_worker
+    let workers = by_worker
         .into_iter()
-        .map(|(worker, builds)| json!({ "worker": worker, "builds": builds }))
+        .map(|(worker, builds)| wire::Worker { builds, worker })
         .collect();
-    Ok(Json(json!({ "result": { "workers": list } })).into_response())
+    Ok(Json(wire::Envelope::new(wire::WorkerList { workers })).into_response())
 }

@@ -8,11 +8,11 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use cbs_api_types as wire;
 use cbs_domain::BuildKey;
-use cbs_events::{Event, EventType, GlobalCursor, RecordedEvent, RequeueReason, Requeued};
+use cbs_events::{Event, EventType, GlobalCursor, RequeueReason, Requeued};
 use cbs_goproxy::ResolveError;
 use cbs_projections::{BuildState, Status};
-use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::params::{self, Parsed};
@@ -20,47 +20,13 @@ use super::ApiState;
 
 /// `status` as clients know it: `complete` for a finished build.
 pub fn status_name(s: Status) -> &'static str {
-    match s {
-        Status::Succeeded => "complete",
-        other => other.as_str(),
-    }
+    super::wire::status(s).as_str()
 }
 
 /// The body of a status answer.
 pub fn status_body(b: &BuildState) -> Bytes {
-    Bytes::from(json!({ "result": build_json(b) }).to_string())
-}
-
-/// The status JSON of a build.
-pub fn build_json(b: &BuildState) -> Value {
-    let key = b.key.as_str();
-    let mut v = json!({
-        "status": status_name(b.status),
-        "key": key,
-        "attempt": b.attempt,
-        "failures": b.failures,
-        "created_at": b.created_at,
-        "updated_at": b.updated_at,
-        "last_seq": b.last_seq,
-        "request": b.request,
-        "links": {
-            "self": format!("/api/build/{key}"),
-            "events": format!("/api/build/{key}/events"),
-            "history": format!("/api/build/{key}/history"),
-            "download": format!("/api/build/{key}/download"),
-        },
-    });
-    if let Some(step) = &b.current_step {
-        v["step"] = json!(step);
-    }
-    if let Some(e) = &b.last_error {
-        v["error"] =
-            json!({ "message": e.message, "step": e.step, "kind": e.kind, "attempt": e.attempt });
-    }
-    if let Some(a) = &b.artifact {
-        v["artifact"] = json!({ "size": a.size, "sha256": a.sha256 });
-    }
-    v
+    // Strings, numbers and timestamps only: serializing cannot fail.
+    Bytes::from(serde_json::to_vec(&super::wire::build_envelope(b)).expect("status JSON"))
 }
 
 pub fn parse_key(key: &str) -> Result<BuildKey, ApiError> {
@@ -287,7 +253,7 @@ pub async fn post_build(
         }
         _ => StatusCode::ACCEPTED,
     };
-    Ok((code, Json(json!({ "result": build_json(&build) }))).into_response())
+    Ok((code, Json(super::wire::build_envelope(&build))).into_response())
 }
 
 /// After a failed read, a waiting request tries again this soon (or at the next wake-up).
@@ -408,15 +374,6 @@ pub async fn get_build(
     }
 }
 
-fn event_json(e: &RecordedEvent) -> Value {
-    json!({
-        "seq": e.seq,
-        "type": e.event.event_type().as_str(),
-        "time": e.recorded_at,
-        "data": e.event.encode(),
-    })
-}
-
 /// A `limit` query parameter: a number from 1 to `max`.
 pub fn parse_limit(v: &str, max: u32) -> Result<u32, ApiError> {
     v.parse::<u32>()
@@ -458,14 +415,19 @@ pub async fn history(
     if events.is_empty() && (after == 0 || state.app.store.build(&key).await?.is_none()) {
         return Err(ApiError::not_found(format!("no build with key {key}")));
     }
-    let next = (events.len() == limit as usize).then(|| events.last().map(|e| e.seq));
-    let events: Vec<Value> = events.iter().map(event_json).collect();
-    Ok(
-        Json(
-            json!({ "result": { "key": key.as_str(), "events": events, "next": next.flatten() } }),
-        )
-        .into_response(),
-    )
+    let next = (events.len() == limit as usize)
+        .then(|| events.last().map(|e| e.seq))
+        .flatten();
+    let events = events
+        .iter()
+        .map(super::wire::history_event)
+        .collect::<Result<_, _>>()?;
+    Ok(Json(wire::Envelope::new(wire::HistoryPage {
+        events,
+        key: key.as_str().to_owned(),
+        next,
+    }))
+    .into_response())
 }
 
 /// `GET /api/events?after=<cursor>&limit=N&type=a,b`: the global audit feed, paged without
@@ -503,16 +465,15 @@ pub async fn feed(
     // With a type filter, one request scans a bounded stretch of the log; `next` moves past
     // what was scanned, so a type never written costs a bounded read per page.
     let (events, next) = state.app.store.feed(after, limit, &types).await?;
-    let events: Vec<Value> = events
+    let events = events
         .iter()
-        .map(|e| {
-            let mut v = event_json(e);
-            v["key"] = json!(e.key.as_str());
-            v["cursor"] = json!(e.cursor().to_string());
-            v
-        })
-        .collect();
-    Ok(Json(json!({ "result": { "events": events, "next": next.to_string() } })).into_response())
+        .map(super::wire::feed_event)
+        .collect::<Result<_, _>>()?;
+    Ok(Json(wire::Envelope::new(wire::FeedPage {
+        events,
+        next: next.to_string(),
+    }))
+    .into_response())
 }
 
 /// How long the build counts of `/api/packages` are reused.
@@ -545,21 +506,26 @@ impl PackageCounts {
 /// `GET /api/packages`: the catalog, in caddyserver.com's shape, with build counts.
 pub async fn packages(State(state): State<ApiState>) -> Result<Response, ApiError> {
     let counts = state.package_counts.get(&state.app.store).await?;
-    let result: Vec<Value> = state
+    let result: Vec<wire::Package> = state
         .app
         .config
         .packages
         .catalog
         .iter()
-        .map(|e| {
-            json!({
-                "path": e.path,
-                "repo": e.repo,
-                "description": e.description,
-                "downloads": counts.get(&e.path).copied().unwrap_or(0),
-                "modules": e.modules.iter().map(|m| json!({ "name": m.name, "docs": m.docs })).collect::<Vec<_>>(),
-            })
+        .map(|e| wire::Package {
+            description: e.description.clone(),
+            downloads: counts.get(&e.path).copied().unwrap_or(0),
+            modules: e
+                .modules
+                .iter()
+                .map(|m| wire::PackageModule {
+                    docs: m.docs.clone(),
+                    name: m.name.clone(),
+                })
+                .collect(),
+            path: e.path.clone(),
+            repo: e.repo.clone(),
         })
         .collect();
-    Ok(Json(json!({ "result": result })).into_response())
+    Ok(Json(wire::Envelope::new(result)).into_response())
 }

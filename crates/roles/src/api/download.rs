@@ -10,9 +10,8 @@ use axum::Json;
 use cbs_domain::artifact as layout;
 use cbs_events::FailureKind;
 use cbs_projections::{BuildState, Status};
-use serde_json::json;
 
-use super::builds::{build_json, parse_key, submit};
+use super::builds::{parse_key, submit};
 use super::error::ApiError;
 use super::{params, ApiState};
 
@@ -54,7 +53,7 @@ async fn answer(
         )),
         _ => Ok((
             StatusCode::ACCEPTED,
-            Json(json!({ "result": build_json(build) })),
+            Json(super::wire::build_envelope(build)),
         )
             .into_response()),
     }

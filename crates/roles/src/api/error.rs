@@ -66,11 +66,7 @@ impl IntoResponse for ApiError {
 
 /// The error JSON (the request id is added by the middleware that knows it).
 pub fn error_response(status: StatusCode, message: &str, id: Option<&str>) -> Response {
-    let mut error = serde_json::json!({ "message": message });
-    if let Some(id) = id {
-        error["id"] = id.into();
-    }
-    let body = serde_json::json!({ "status_code": status.as_u16(), "error": error });
+    let body = cbs_api_types::ErrorBody::new(status.as_u16(), message, id.map(str::to_owned));
     let mut resp = (status, Json(body)).into_response();
     resp.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

@@ -20,6 +20,7 @@ mod fresh;
 pub mod limit;
 mod params;
 mod sse;
+pub mod wire;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,57 +2,13 @@
 //! caddyserver.com pages and `caddy upgrade` send them (`?os&arch&arm&version&p=module[@v]
 //! ...&r=old=new[@v]...`). Both become a checked `BuildSpec`.
 
+use cbs_api_types::{ArmValue, BuildSubmission};
 use cbs_domain::BuildSpec;
-use serde::Deserialize;
 
 use super::error::ApiError;
 
 /// Longest query string accepted, in bytes.
 pub const MAX_QUERY: usize = 8 * 1024;
-
-/// The JSON body of `POST /api/build`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BuildBody {
-    pub os: String,
-    pub arch: String,
-    #[serde(default)]
-    pub arm: Option<ArmValue>,
-    #[serde(default)]
-    pub caddy_version: Option<String>,
-    #[serde(default)]
-    pub plugins: Vec<PluginBody>,
-    #[serde(default)]
-    pub replacements: Vec<ReplacementBody>,
-    #[serde(default)]
-    pub force: bool,
-}
-
-/// GOARM as a number (7) or a string ("7").
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum ArmValue {
-    Number(u64),
-    Text(String),
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PluginBody {
-    pub module: String,
-    #[serde(default)]
-    pub version: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplacementBody {
-    pub old: String,
-    pub new: String,
-    /// The prototype called it `new_version`.
-    #[serde(default, alias = "new_version")]
-    pub version: Option<String>,
-}
 
 /// A parsed request: the spec, and whether a failed build may be built again.
 #[derive(Debug)]
@@ -61,43 +17,42 @@ pub struct Parsed {
     pub force: bool,
 }
 
-impl BuildBody {
-    pub fn into_parsed(self) -> Result<Parsed, ApiError> {
-        let arm = self.arm.map(|a| match a {
-            ArmValue::Number(n) => n.to_string(),
-            ArmValue::Text(t) => t,
-        });
-        let plugins: Vec<(&str, Option<&str>)> = self
-            .plugins
-            .iter()
-            .map(|p| (p.module.as_str(), p.version.as_deref()))
-            .collect();
-        let replacements: Vec<(&str, &str, Option<&str>)> = self
-            .replacements
-            .iter()
-            .map(|r| (r.old.as_str(), r.new.as_str(), r.version.as_deref()))
-            .collect();
-        let spec = BuildSpec::parse(
-            &self.os,
-            &self.arch,
-            arm.as_deref(),
-            self.caddy_version.as_deref(),
-            &plugins,
-            &replacements,
-        )
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-        Ok(Parsed {
-            spec,
-            force: self.force,
-        })
-    }
+/// Checks a JSON body's request.
+fn parsed(body: BuildSubmission) -> Result<Parsed, ApiError> {
+    let arm = body.arm.map(|a| match a {
+        ArmValue::Number(n) => n.to_string(),
+        ArmValue::Text(t) => t,
+    });
+    let plugins: Vec<(&str, Option<&str>)> = body
+        .plugins
+        .iter()
+        .map(|p| (p.module.as_str(), p.version.as_deref()))
+        .collect();
+    let replacements: Vec<(&str, &str, Option<&str>)> = body
+        .replacements
+        .iter()
+        .map(|r| (r.old.as_str(), r.new.as_str(), r.version.as_deref()))
+        .collect();
+    let spec = BuildSpec::parse(
+        &body.os,
+        &body.arch,
+        arm.as_deref(),
+        body.caddy_version.as_deref(),
+        &plugins,
+        &replacements,
+    )
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Parsed {
+        spec,
+        force: body.force,
+    })
 }
 
 /// Parses a JSON body.
 pub fn from_json(body: &[u8]) -> Result<Parsed, ApiError> {
-    let body: BuildBody = serde_json::from_slice(body)
+    let body: BuildSubmission = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
-    body.into_parsed()
+    parsed(body)
 }
 
 /// Splits `module[@version]`.

@@ -14,12 +14,12 @@ use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
+use cbs_api_types::{LogData, ResultData, StateData, StepData, StreamEvent};
 use cbs_events::{Event, FailureKind, RecordedEvent};
-use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::builds::{parse_key, status_name};
+use super::builds::parse_key;
 use super::error::ApiError;
 use super::ApiState;
 
@@ -45,41 +45,43 @@ fn id_of((seq, sub): Place) -> String {
 
 /// The SSE messages of one stored event, and whether the stream ends with it.
 fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
-    let msg = |place: Place, name: &str, data: serde_json::Value| {
+    let msg = |place: Place, m: StreamEvent| {
         (
             place,
             Sse::default()
                 .id(id_of(place))
-                .event(name)
-                .data(data.to_string()),
+                .event(m.name())
+                .data(m.data()),
         )
     };
     let head = (e.seq, None);
     let result = (e.seq, Some(1));
-    let state = |status: &str, extra: serde_json::Value| {
-        let mut v = json!({ "status": status });
-        if let (Some(obj), Some(more)) = (v.as_object_mut(), extra.as_object()) {
-            obj.extend(more.clone());
-        }
-        msg(head, "state", v)
-    };
-    let failure = |message: &str| {
-        msg(
-            result,
-            "result",
-            json!({ "success": false, "error": message }),
-        )
-    };
+    let state = |s: StateData| msg(head, StreamEvent::State(s));
+    let failure = |message: &str| msg(result, StreamEvent::Result(ResultData::failure(message)));
+    let log = |place: Place, line: String| msg(place, StreamEvent::Log(LogData { line }));
     match &e.event {
-        Event::Requested(_) => (vec![state("queued", json!({}))], false),
+        Event::Requested(_) => (vec![state(StateData::Queued)], false),
         Event::Claimed(c) => (
-            vec![state("running", json!({ "attempt": c.attempt }))],
+            vec![state(StateData::Running { attempt: c.attempt })],
             false,
         ),
         // Heartbeats are for the janitor, not for people watching.
         Event::LeaseRenewed(_) => (vec![], false),
-        Event::ArtifactDeleted(d) => (vec![state("expired", json!({ "reason": d.reason }))], false),
-        Event::StepStarted(s) => (vec![msg(head, "step", json!({ "step": s.step }))], false),
+        Event::ArtifactDeleted(d) => (
+            vec![state(StateData::Expired {
+                reason: d.reason.clone(),
+            })],
+            false,
+        ),
+        Event::StepStarted(s) => (
+            vec![msg(
+                head,
+                StreamEvent::Step(StepData {
+                    step: s.step.clone(),
+                }),
+            )],
+            false,
+        ),
         Event::StepFinished(s) => {
             let how = match s.exit_code {
                 Some(c) => format!("exit status {c}"),
@@ -90,55 +92,62 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
                 s.step,
                 s.duration_ms as f64 / 1000.0
             );
-            (vec![msg(head, "log", json!({ "line": line }))], false)
+            (vec![log(head, line)], false)
         }
         Event::Output(o) => (
             o.lines
                 .iter()
                 .enumerate()
-                .map(|(i, line)| msg((e.seq, Some(i)), "log", json!({ "line": line })))
+                .map(|(i, line)| log((e.seq, Some(i)), line.clone()))
                 .collect(),
             false,
         ),
         Event::Succeeded(s) => (
             vec![
-                state(status_name(cbs_projections::Status::Succeeded), json!({})),
+                state(StateData::Succeeded),
                 msg(
                     result,
-                    "result",
-                    json!({ "success": true, "error": null, "size": s.artifact.size, "sha256": s.artifact.sha256 }),
+                    StreamEvent::Result(ResultData::success(
+                        s.artifact.size,
+                        s.artifact.sha256.clone(),
+                    )),
                 ),
             ],
             true,
         ),
         Event::Failed(f) => {
             let permanent = f.kind == FailureKind::Permanent;
-            let mut out = vec![state(
-                "failed",
-                json!({ "retryable": !permanent, "step": f.step, "error": f.message }),
-            )];
+            let mut out = vec![state(StateData::Failed {
+                error: f.message.clone(),
+                retryable: !permanent,
+                step: f.step.clone(),
+            })];
             if permanent {
                 out.push(failure(&f.message));
             }
             (out, permanent)
         }
         Event::Requeued(r) => (
-            vec![state(
-                "queued",
-                json!({ "reason": r.reason, "not_before": r.not_before }),
-            )],
+            vec![state(StateData::Requeued {
+                not_before: r.not_before,
+                reason: super::wire::requeue_reason(r.reason),
+            })],
             false,
         ),
         Event::Cancelled(c) => (
             vec![
-                state("cancelled", json!({ "reason": c.reason })),
+                state(StateData::Cancelled {
+                    reason: c.reason.clone(),
+                }),
                 failure(&format!("the build was cancelled: {}", c.reason)),
             ],
             true,
         ),
         Event::GaveUp(g) => (
             vec![
-                state("gave_up", json!({ "failures": g.failures })),
+                state(StateData::GaveUp {
+                    failures: g.failures,
+                }),
                 failure(&g.message),
             ],
             true,

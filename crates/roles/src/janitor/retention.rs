@@ -85,7 +85,7 @@ async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
 /// while uploading may still be finishing the upload (it removes its own files when its
 /// result is refused; this catches the ones that crashed first).
 pub fn sweep_grace(lease: Duration) -> Duration {
-    lease.saturating_mul(2).max(Duration::from_secs(60))
+    lease.saturating_mul(2)
 }
 
 /// Whether `event`, `age` old, is one the sweep acts on now: `Some(true)` act, `Some(false)`
@@ -231,7 +231,7 @@ mod tests {
         assert_eq!(sweep_on(&step, grace * 10, grace), Some(false));
         assert_eq!(
             sweep_grace(Duration::from_secs(10)),
-            Duration::from_secs(60)
+            Duration::from_secs(20)
         );
         assert_eq!(
             sweep_grace(Duration::from_secs(300)),
