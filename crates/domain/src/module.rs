@@ -1,4 +1,5 @@
-//! Go module paths and versions, by the rules of golang.org/x/mod (REFERENCE section 3).
+//! Go module paths and versions, by the rules of golang.org/x/mod (module.CheckPath, semver, the
+//! proxy protocol's case escaping).
 //!
 //! A [`ModulePath`] or [`ModuleVersion`] can only hold a value that passed these checks, so
 //! whatever renders go.mod, main.go or an argv from them cannot be injected into: no

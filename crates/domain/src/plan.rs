@@ -1,5 +1,6 @@
 //! The build plan: the files and Go commands that turn a [`BuildRequest`] into a binary,
-//! the way xcaddy does it (REFERENCE section 2). Pure: executors run the plan.
+//! the way xcaddy does it (a main package importing Caddy and each plugin, `go mod init`,
+//! `go get` of each module at its version, `go build` with `-trimpath` and `CGO_ENABLED=0`). Pure: executors run the plan.
 //!
 //! Every value that reaches `main.go` or an argv comes from a validated newtype, and every
 //! command is an argv (never a shell string). Module paths can hold no quote, newline,

@@ -265,7 +265,7 @@ impl fmt::Display for EventType {
 
 /// An unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}; known types: requested, claimed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up")]
+#[error("unknown event type {0:?}; known types: requested, claimed, lease_renewed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up, artifact_deleted")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {

@@ -1,4 +1,5 @@
-//! A client of the Go module proxy protocol (REFERENCE section 3), used to turn the
+//! A client of the Go module proxy protocol (`$base/$module/@v/list`, `/@v/$version.info`,
+//! `/@latest`, as `go help goproxy` documents it), used to turn the
 //! versions a user asks for (`latest`, a branch, a tag) into absolute versions before a
 //! build is keyed and queued.
 //!

@@ -1,7 +1,8 @@
 //! The roles of caddy-build-server: api, worker, janitor, and `all` of them in one process.
 //!
 //! Each role is `run(app, ..., shutdown)`, so tests start it in-process with their own config
-//! and a listener on port 0. Only this crate knows HTTP, the command line and signals.
+//! and a listener on port 0. This crate is the only HTTP server (the api; the executor's per-build gate
+//! aside), and the only one that knows the command line and signals.
 
 pub mod api;
 pub mod cli;

@@ -2,7 +2,8 @@
 //!
 //! Why not NOTIFY inside the writing transaction: a transaction that notifies takes a
 //! database-wide lock at commit and holds it through its WAL flush, so notifying writers
-//! cannot share a flush and the log's write rate collapses (REFERENCE section 5). Instead, a
+//! cannot share a flush and the log's write rate collapses (Postgres serializes the commits of
+//! notifying transactions on a global queue lock). Instead, a
 //! write commits on its own, and this task then sends `pg_notify` on a dedicated connection
 //! whose transactions are `synchronous_commit = off`: they write no data, so nothing is lost
 //! by not waiting for the flush, and the lock is held for microseconds. Entries that arrive

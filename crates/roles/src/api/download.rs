@@ -148,6 +148,8 @@ async fn serve_artifact(
             .await
             .map_err(|e| storage_error(build, e))?
         {
+            // A download all the same: retention must not expire what people fetch.
+            state.downloads.touch(&state.app.store, &build.key);
             return Ok((
                 StatusCode::FOUND,
                 [

@@ -1,15 +1,23 @@
-//! The HTTP API role (default port 8234).
+//! The HTTP API role (default port 8234). README's endpoint table describes every route (a
+//! tidy test checks that it lists each one of [`router`]); here they are by file:
 //!
-//! - `POST /api/build` (JSON body or query parameters), `GET /api/build/{key}` (status,
-//!   long-poll with `wait` and `after`), `GET /api/build/{key}/history`, `GET /api/events`
-//!   (global audit feed);
-//! - `GET|HEAD /api/build/{key}/download`, `/api/download/{key}`: the artifact;
-//! - `GET|HEAD /api/download?os&arch&p...` and `/api/compat?...` (caddyserver.com and the
-//!   prototype): wait for the build, then the binary;
-//! - `/healthz`, `/readyz`.
+//! - builds.rs: `POST /api/build` (JSON body or query parameters), `GET /api/build/{key}`
+//!   (status, long-poll with `wait` and `after`), `GET /api/build/{key}/history`,
+//!   `GET /api/events` (global audit feed), `GET /api/packages`;
+//! - sse.rs: `GET /api/build/{key}/events` (progress as Server-Sent Events);
+//! - download.rs: `GET|HEAD /api/build/{key}/download`, `/api/download/{key}` (the binary);
+//!   `/api/build/{key}/download.minisig`, `download.sha256`, `provenance`,
+//!   `provenance.minisig`; `GET /api/public-key`; `GET|HEAD /api/download?os&arch&p...` and
+//!   `/api/compat?...` (caddyserver.com and the prototype: wait for the build, then the
+//!   binary);
+//! - admin.rs (admin scope): `POST /api/build/{key}/cancel`, `GET /api/admin/queue`,
+//!   `GET /api/admin/workers`;
+//! - this file: `/healthz`, `/readyz`, the middleware (request ids, error shape, body
+//!   deadline, connection limits) and serving.
 //!
-//! Every error is `{"status_code", "error": {"message", "id"}}`; every response carries
-//! `x-request-id`. Served with hyper-util so that slow request headers time out.
+//! Every JSON body is a type of crates/api-types (wire.rs converts). Every error is
+//! `{"error": {"id", "message"}, "status_code"}`; every response carries `x-request-id`.
+//! Served with hyper-util so that slow request headers time out.
 
 pub mod access;
 mod admin;

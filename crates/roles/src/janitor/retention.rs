@@ -6,7 +6,7 @@
 //!   its worker was fenced off, or crashed, between upload and its `succeeded` event) are
 //!   removed. The duty follows the global event log with a cursor of its own: every event
 //!   that ends an attempt (see [`sweep_on`]) makes it remove the files of that build's ended,
-//!   unpublished attempts ([`unpublished_attempts`]), once the event is `SWEEP_GRACE` old.
+//!   unpublished attempts ([`unpublished_attempts`]), once the event is [`sweep_grace`] old.
 //!   The api only ever serves the attempt its build's `succeeded` event names, so such files
 //!   were never served; this only frees the space.
 

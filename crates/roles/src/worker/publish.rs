@@ -14,7 +14,6 @@ use cbs_signing::{checksum_file, modules_hash, Signer, TrustedComment};
 use cbs_storage::Storage;
 use chrono::{DateTime, Utc};
 
-/// File name of the provenance statement.
 /// Storage and the signing key of a worker.
 #[derive(Debug)]
 pub struct Publisher {
