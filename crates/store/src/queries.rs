@@ -19,13 +19,14 @@ use crate::StoreError;
 /// the build claimable) separated by spaces; never event bodies.
 pub(crate) const CHANNEL: &str = "cbs_events";
 
-/// Columns of a `builds` row, in the order [`build_from_row`] reads them.
+/// Columns of a `builds` row; [`build_from_row`] reads them by name.
 const BUILD_COLUMNS: &str = "key, status, request, attempt, failures, owner, lease_expires_at, \
      available_at, current_step, last_error, artifact, last_seq, created_at, updated_at, client, \
      queue_rank";
 
-/// Columns of a `build_events` row, in the order [`event_from_row`] reads them.
-const EVENT_COLUMNS: &str = "position, tx_id::text, build_key, seq, event_type, schema_version, \
+/// Columns of a `build_events` row; [`event_from_row`] reads them by name.
+const EVENT_COLUMNS: &str =
+    "position, tx_id::text AS tx_id, build_key, seq, event_type, schema_version, \
      payload, recorded_at";
 
 fn to_i32(v: u32, what: &str) -> Result<i32, StoreError> {
@@ -49,57 +50,57 @@ fn from_json<T: serde::de::DeserializeOwned>(
 
 /// Reads a `builds` row selected with [`BUILD_COLUMNS`].
 pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
-    let key: String = row.try_get(0)?;
+    let key: String = row.try_get("key")?;
     let key: BuildKey = key
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("builds.key: {e}")))?;
-    let status: String = row.try_get(1)?;
+    let status: String = row.try_get("status")?;
     let status: Status = status
         .parse()
         .map_err(|e| StoreError::Corrupt(format!("builds.status: {e}")))?;
-    let last_error: Option<serde_json::Value> = row.try_get(9)?;
-    let artifact: Option<serde_json::Value> = row.try_get(10)?;
+    let last_error: Option<serde_json::Value> = row.try_get("last_error")?;
+    let artifact: Option<serde_json::Value> = row.try_get("artifact")?;
     Ok(BuildState {
         status,
-        request: from_json(row.try_get(2)?, "builds.request")?,
-        attempt: to_u32(row.try_get(3)?, "builds.attempt")?,
-        failures: to_u32(row.try_get(4)?, "builds.failures")?,
-        owner: row.try_get(5)?,
-        lease_expires_at: row.try_get(6)?,
-        available_at: row.try_get(7)?,
-        current_step: row.try_get(8)?,
+        request: from_json(row.try_get("request")?, "builds.request")?,
+        attempt: to_u32(row.try_get("attempt")?, "builds.attempt")?,
+        failures: to_u32(row.try_get("failures")?, "builds.failures")?,
+        owner: row.try_get("owner")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        available_at: row.try_get("available_at")?,
+        current_step: row.try_get("current_step")?,
         last_error: last_error
             .map(|v| from_json(v, "builds.last_error"))
             .transpose()?,
         artifact: artifact
             .map(|v| from_json(v, "builds.artifact"))
             .transpose()?,
-        last_seq: to_u32(row.try_get(11)?, "builds.last_seq")?,
-        created_at: row.try_get(12)?,
-        updated_at: row.try_get(13)?,
-        client: row.try_get(14)?,
-        queue_rank: row.try_get(15)?,
+        last_seq: to_u32(row.try_get("last_seq")?, "builds.last_seq")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        client: row.try_get("client")?,
+        queue_rank: row.try_get("queue_rank")?,
         key,
     })
 }
 
 /// Reads a `build_events` row selected with [`EVENT_COLUMNS`].
 pub(crate) fn event_from_row(row: &Row) -> Result<RecordedEvent, StoreError> {
-    let tx: String = row.try_get(1)?;
-    let key: String = row.try_get(2)?;
-    let event_type: String = row.try_get(4)?;
-    let payload: serde_json::Value = row.try_get(6)?;
+    let tx: String = row.try_get("tx_id")?;
+    let key: String = row.try_get("build_key")?;
+    let event_type: String = row.try_get("event_type")?;
+    let payload: serde_json::Value = row.try_get("payload")?;
     Ok(RecordedEvent {
-        position: row.try_get(0)?,
+        position: row.try_get("position")?,
         tx_id: tx
             .parse()
             .map_err(|_| StoreError::Corrupt(format!("build_events.tx_id {tx:?}")))?,
         key: key
             .parse()
             .map_err(|e| StoreError::Corrupt(format!("build_events.build_key: {e}")))?,
-        seq: to_u32(row.try_get(3)?, "build_events.seq")?,
-        recorded_at: row.try_get(7)?,
-        event: Event::decode(&event_type, row.try_get(5)?, payload)
+        seq: to_u32(row.try_get("seq")?, "build_events.seq")?,
+        recorded_at: row.try_get("recorded_at")?,
+        event: Event::decode(&event_type, row.try_get("schema_version")?, payload)
             .map_err(|e| StoreError::Corrupt(format!("build_events: {e}")))?,
     })
 }
@@ -399,7 +400,7 @@ pub(crate) async fn feed_scan_end(
 ) -> Result<Option<GlobalCursor>, StoreError> {
     let stmt = c
         .prepare_cached(
-            "SELECT tx_id::text, position FROM (
+            "SELECT tx_id::text AS tx_id, position FROM (
                  SELECT tx_id, position FROM build_events
                  WHERE (tx_id, position) > ($1::text::xid8, $2)
                    AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -414,8 +415,8 @@ pub(crate) async fn feed_scan_end(
         .query_opt(&stmt, &[&after.tx_id.to_string(), &after.position, &scan])
         .await?;
     row.map(|r| {
-        let tx: String = r.try_get(0)?;
-        let position: i64 = r.try_get(1)?;
+        let tx: String = r.try_get("tx_id")?;
+        let position: i64 = r.try_get("position")?;
         Ok(GlobalCursor {
             tx_id: tx
                 .parse()
@@ -458,7 +459,7 @@ pub(crate) async fn tail(
 ) -> Result<Vec<TailEntry>, StoreError> {
     let rows = c
         .query(
-            "SELECT tx_id::text, position, build_key, seq, event_type FROM build_events
+            "SELECT tx_id::text AS tx_id, position, build_key, seq, event_type FROM build_events
              WHERE (tx_id, position) > ($1::text::xid8, $2)
                AND tx_id < pg_snapshot_xmin(pg_current_snapshot())
              ORDER BY tx_id, position
@@ -468,17 +469,17 @@ pub(crate) async fn tail(
         .await?;
     rows.iter()
         .map(|r| {
-            let tx: String = r.try_get(0)?;
+            let tx: String = r.try_get("tx_id")?;
             Ok(TailEntry {
                 cursor: GlobalCursor {
                     tx_id: tx
                         .parse()
                         .map_err(|_| StoreError::Corrupt(format!("tx_id {tx:?}")))?,
-                    position: r.try_get(1)?,
+                    position: r.try_get("position")?,
                 },
-                key: r.try_get(2)?,
-                seq: to_u32(r.try_get(3)?, "seq")?,
-                event_type: r.try_get(4)?,
+                key: r.try_get("build_key")?,
+                seq: to_u32(r.try_get("seq")?, "seq")?,
+                event_type: r.try_get("event_type")?,
             })
         })
         .collect()
