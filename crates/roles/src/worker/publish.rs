@@ -128,7 +128,7 @@ async fn sign_file(
 
 /// Signs and stores the binary and its companions; returns the artifact the `succeeded`
 /// event records. Any error leaves the build unpublished (files of this attempt may remain
-/// in storage, unreferenced, for the clean-up to remove).
+/// in storage, never served; the janitor's retention removes them).
 pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
     let b = i.build;
     let place = ArtifactPath {
