@@ -161,6 +161,16 @@ mod tests {
         }
     }
 
+    /// The wire vocabulary of event types is the server's, name for name.
+    #[test]
+    fn event_types_agree() {
+        for t in cbs_events::EventType::ALL {
+            let w: wire::EventType = t.as_str().parse().unwrap();
+            assert_eq!(w.as_str(), t.as_str());
+        }
+        assert_eq!(cbs_events::EventType::ALL.len(), wire::EventType::ALL.len());
+    }
+
     /// The typed request writes what the domain's request writes.
     #[test]
     fn requests_agree() {
