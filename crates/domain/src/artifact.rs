@@ -23,16 +23,11 @@ pub struct ArtifactPath<'a> {
 }
 
 impl ArtifactPath<'_> {
-    /// `builds/<shard>/<key>/<attempt>`: what a `succeeded` event records as the artifact's
-    /// location.
+    /// `builds/<shard>/<key>/<attempt>`: the attempt's folder (every file of this attempt,
+    /// and nothing of another attempt, lies under `<location>/`), and what a `succeeded`
+    /// event records as the artifact's location.
     pub fn location(&self) -> String {
-        format!("{}{}", build_prefix(self.key), self.attempt)
-    }
-
-    /// Every file of this attempt, and nothing of another attempt, starts with this
-    /// (`.../<attempt>/`; attempt 1's prefix does not match attempt 10's files).
-    pub fn prefix(&self) -> String {
-        format!("{}/", self.location())
+        format!("{}/{}", build_folder(self.key), self.attempt)
     }
 
     /// The storage key of one file of this attempt.
@@ -41,9 +36,10 @@ impl ArtifactPath<'_> {
     }
 }
 
-/// Every file of every attempt of a build starts with this (`builds/<shard>/<key>/`).
-pub fn build_prefix(key: &BuildKey) -> String {
-    format!("{ROOT}/{}/{key}/", key.shard())
+/// The folder of every attempt of a build (`builds/<shard>/<key>`): all its files lie under
+/// `<folder>/`.
+pub fn build_folder(key: &BuildKey) -> String {
+    format!("{ROOT}/{}/{key}", key.shard())
 }
 
 /// The storage key of a file of a published artifact, from the location its `succeeded`
@@ -76,16 +72,17 @@ mod tests {
         let k = key.as_str();
         assert_eq!(p.location(), format!("builds/ab/{k}/1"));
         assert_eq!(p.file("caddy"), format!("builds/ab/{k}/1/caddy"));
-        assert_eq!(p.prefix(), format!("builds/ab/{k}/1/"));
-        assert_eq!(build_prefix(&key), format!("builds/ab/{k}/"));
+        assert_eq!(build_folder(&key), format!("builds/ab/{k}"));
         assert_eq!(stored_file(&p.location(), PROVENANCE), p.file(PROVENANCE));
-        // Attempt 1's prefix is not a prefix of attempt 10's files.
+        // Attempt 10's files do not lie under attempt 1's folder.
         let ten = ArtifactPath {
             key: &key,
             attempt: 10,
         };
-        assert!(!ten.file("caddy").starts_with(&p.prefix()));
-        assert!(p.file("caddy").starts_with(&build_prefix(&key)));
+        assert!(!ten.file("caddy").starts_with(&format!("{}/", p.location())));
+        assert!(p
+            .file("caddy")
+            .starts_with(&format!("{}/", build_folder(&key))));
         assert_eq!(signature_of("caddy"), "caddy.minisig");
         assert_eq!(checksum_of("caddy.exe"), "caddy.exe.sha256");
     }

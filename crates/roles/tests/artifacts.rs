@@ -577,6 +577,7 @@ async fn files_of_attempts_never_published_are_removed_and_the_published_ones_st
     let r = get_ok(&format!("{}/api/build/{key}/download", s.base)).await;
     let binary = r.bytes().await.unwrap();
     assert_eq!(binary.len() as u64, built.artifact.as_ref().unwrap().size);
+    std::fs::write(dir.path().join("caddy"), &binary).unwrap();
     check_published(&s, key.as_str(), &binary, dir.path()).await;
 }
 

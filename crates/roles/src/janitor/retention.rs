@@ -12,7 +12,7 @@
 
 use std::time::Duration;
 
-use cbs_domain::artifact::{build_prefix, ArtifactPath};
+use cbs_domain::artifact::{build_folder, ArtifactPath};
 use cbs_events::{Event, EventType, RecordedEvent};
 use cbs_projections::{BuildState, Status};
 use cbs_storage::Storage;
@@ -70,7 +70,7 @@ async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
                 continue;
             }
         }
-        match storage.delete_prefix(&build_prefix(&b.key)).await {
+        match storage.delete_prefix(&build_folder(&b.key)).await {
             Ok(n) => info!(build.key = %b.key, files = n, "expired artifact deleted"),
             // The build is expired either way; the files stay as garbage.
             Err(e) => {
@@ -175,7 +175,7 @@ async fn sweep_build(app: &App, storage: &Storage, e: &RecordedEvent) -> anyhow:
             key: &b.key,
             attempt,
         };
-        let n = storage.delete_prefix(&place.prefix()).await?;
+        let n = storage.delete_prefix(&place.location()).await?;
         if n > 0 {
             info!(build.key = %b.key, attempt, files = n, "removed the files of an attempt that was never published");
         } else {

@@ -106,7 +106,7 @@ pub(super) async fn run_build(
                     // Files no event will ever name: remove them now (the janitor's
                     // retention removes them too, should this worker die first).
                     let place = ArtifactPath { key: &key, attempt };
-                    match publisher.storage.delete_prefix(&place.prefix()).await {
+                    match publisher.storage.delete_prefix(&place.location()).await {
                         Ok(n) => info!(files = n, "removed the discarded attempt's files"),
                         Err(e) => warn!(error = %e, "cannot remove the discarded attempt's files"),
                     }
