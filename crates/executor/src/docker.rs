@@ -596,7 +596,6 @@ impl DockerExecutor {
     }
 }
 
-/// Removes a container when dropped before `disarm`: the cleanup of cancelled runs.
 /// A container with our labels.
 #[derive(Debug, Clone)]
 pub struct ManagedContainer {
@@ -605,6 +604,7 @@ pub struct ManagedContainer {
     pub build: String,
 }
 
+/// Removes a container when dropped before `disarm`: the cleanup of cancelled runs.
 struct RemoveOnDrop {
     docker: Option<Docker>,
     id: String,

@@ -8,14 +8,15 @@
 //! anything is written.
 //!
 //! ```text
-//!  requested ──> queued ──claimed──> running ──succeeded──> succeeded
-//!                  ^  ^                │  │
-//!                  │  └─requeued───────┘  └──failed──> failed ──gave_up──> gave_up
-//!                  │   (lease expired,              │  (retryable and out of attempts)
-//!                  │    preempted)                  │
-//!                  └──────────requeued (retry)──────┘ (retryable)
+//!  requested ──> queued ──claimed──> running ──succeeded──> succeeded ──artifact_deleted──> expired
+//!                  ^  ^                │  │ │
+//!                  │  └─requeued───────┘  │ └──failed──> failed ──gave_up──> gave_up
+//!                  │   (lease expired,    │             │  (retryable and out of attempts)
+//!                  │    preempted)        └──gave_up (lease expired, out of attempts)
+//!                  └──────────requeued (retry)──────────┘ (retryable)
 //!  cancelled from queued, running or a retryable failed; requeued (forced) reopens
-//!  failed, gave_up and cancelled builds.
+//!  failed, gave_up, cancelled and expired builds (Status::reopenable); any request
+//!  reopens an expired one.
 //! ```
 
 use cbs_domain::{BuildKey, BuildRequest};

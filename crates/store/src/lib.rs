@@ -174,8 +174,8 @@ impl Store {
         Ok(next)
     }
 
-    /// Claims the oldest available queued build for `worker`, in one statement that also
-    /// appends the `claimed` event. `None` when nothing is available.
+    /// Claims the next available queued build for `worker` (the fair queue's lowest rank,
+    /// then the oldest), in one statement that also appends the `claimed` event. `None` when nothing is available.
     pub async fn claim(
         &self,
         worker: &str,
@@ -340,7 +340,6 @@ impl Store {
         queries::client_active_builds(&c, client).await
     }
 
-    /// Keys of the builds a worker runs now.
     /// Running builds (by lease end), then queued ones in the order workers take them; at
     /// most `limit` (the admin's queue listing).
     pub async fn active_builds(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
@@ -348,6 +347,7 @@ impl Store {
         queries::active_builds(&client, limit).await
     }
 
+    /// Keys of the builds a worker runs now.
     pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         queries::running_builds_of(&client, owner).await

@@ -47,7 +47,7 @@ pub async fn cancel(
                 .unwrap_or_default();
             Err(ApiError::new(
                 StatusCode::CONFLICT,
-                format!("build {key} is {status}: only queued or running builds can be cancelled"),
+                format!("build {key} is {status}: only queued or running builds, and failed ones that will be retried, can be cancelled"),
             ))
         }
         Err(e) => Err(e.into()),
