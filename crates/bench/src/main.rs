@@ -12,6 +12,12 @@ use cbs_config::Config;
 use cbs_roles::App;
 use clap::{Parser, Subcommand};
 
+/// The server's allocator (see crates/roles/src/main.rs): the benchmarks run the server's
+/// code paths in this process and must measure them as the server runs them.
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Benchmarks of caddy-build-server. Configuration comes from CONFIG_PATH or ./config.yml,
 /// as for the server.
 #[derive(Debug, Parser)]

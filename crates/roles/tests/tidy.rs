@@ -564,27 +564,51 @@ fn path_words(line: &str) -> Vec<&str> {
         .collect()
 }
 
-/// The files `git <args> -z` lists, relative to the root, with `/` separators.
+/// The files `git <args> -z` lists, relative to the root, with `/` separators. Without a
+/// usable git (an exported tree, or a repository git refuses to read as another user), the
+/// files of the working tree instead, `target` and `.git` left out.
 fn git_files(root: &Path, args: &[&str]) -> Vec<String> {
     let out = Command::new("git")
         .arg("-C")
         .arg(root)
         .args(args)
         .arg("-z")
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `git {}`: {e}", args.join(" ")));
-    assert!(
-        out.status.success(),
-        "`git {}` failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .expect("non-UTF-8 file name in git")
-        .split('\0')
-        .filter(|f| !f.is_empty())
-        .map(str::to_owned)
-        .collect()
+        .output();
+    match out {
+        Ok(out) if out.status.success() => String::from_utf8(out.stdout)
+            .expect("non-UTF-8 file name in git")
+            .split('\0')
+            .filter(|f| !f.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        // `--others` adds nothing to a walk of the whole tree.
+        _ if args.contains(&"--others") => Vec::new(),
+        _ => {
+            let mut files = Vec::new();
+            walk(root, root, &mut files);
+            files
+        }
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = e.path();
+        let Ok(t) = e.file_type() else { continue };
+        if t.is_dir() {
+            if name != "target" && name != ".git" {
+                walk(root, &path, out);
+            }
+        } else if t.is_file() {
+            if let Ok(rel) = path.strip_prefix(root) {
+                out.push(rel.to_string_lossy().replace('\\', "/"));
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
