@@ -256,3 +256,25 @@ go:
         assert!(e.contains("'direct' and 'off' are not allowed"), "{e}");
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig {
+        cases: std::env::var("CBS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2_000),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    })]
+
+    /// Any config text (template syntax, YAML, or neither): a config or an error that names the
+    /// file; never a panic (property test; CBS_FUZZ_CASES sets the number of inputs).
+    #[test]
+    fn any_config_text(
+        text in proptest::prop_oneof![
+            "(api:\n  listen: \"[0-9.:]{0,21}\"\n|worker:\n  lease: [0-9a-z ]{0,6}\n|go:\n  proxy: \"[a-z:/,|.]{0,30}\"\n|\\{\\{ ?(env|env_or)\\(['\"][A-Z_]{0,8}['\"](, ?['\"][a-z]{0,4}['\"])?\\) ?\\}\\}|\\{% ?[a-z]{0,6} ?%\\}|[a-z_]{0,8}: [^\n]{0,12}\n){0,6}",
+            proptest::prelude::any::<String>(),
+        ],
+    ) {
+        if let Err(e) = load(&text, &[("HOME", "/root")]) {
+            proptest::prop_assert!(e.to_string().contains("test.yml"), "{}", e);
+        }
+    }
+}

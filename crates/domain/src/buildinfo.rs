@@ -263,6 +263,57 @@ fn find_aligned(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: std::env::var("CBS_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(3_000),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        })]
+
+        /// Any bytes after the magic (the inline format's header, lengths and strings, all
+        /// the binary's to say) give build information or an error, never a panic.
+        #[test]
+        fn any_blob_after_the_magic(
+            pad in 0usize..3,
+            flags in proptest::prelude::any::<u8>(),
+            tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            text in "(path|mod|dep|=>|build)[ \\t][ -~\\t\\n]{0,120}",
+        ) {
+            let mut area = vec![0u8; pad * 16];
+            area.extend_from_slice(MAGIC);
+            area.resize(pad * 16 + 15, 0);
+            area.push(flags);
+            area.resize(pad * 16 + HEADER, 0);
+            area.extend_from_slice(&tail);
+            let _ = BuildInfo::from_data_area(&area);
+            // And well-framed strings whose content is arbitrary.
+            let mut framed = area[..pad * 16 + HEADER].to_vec();
+            framed[pad * 16 + 15] = FLAG_INLINE;
+            let modinfo = format!("{}{text}\n{}", "0".repeat(16), "1".repeat(16));
+            for s in [&b"go1.26.0"[..], modinfo.as_bytes()] {
+                let mut n = s.len();
+                loop {
+                    let b = (n & 0x7f) as u8;
+                    n >>= 7;
+                    if n == 0 {
+                        framed.push(b);
+                        break;
+                    }
+                    framed.push(b | 0x80);
+                }
+                framed.extend_from_slice(s);
+            }
+            let _ = BuildInfo::from_data_area(&framed);
+            let _ = BuildInfo::parse_modinfo("go1.26.0".into(), &text);
+        }
+
+        /// Any bytes as a whole binary: an error, never a panic.
+        #[test]
+        fn any_bytes_as_a_binary(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048)) {
+            let _ = BuildInfo::from_binary(&data);
+        }
+    }
+
     fn varint(mut n: usize, out: &mut Vec<u8>) {
         while n >= 0x80 {
             out.push((n as u8) | 0x80);

@@ -453,6 +453,37 @@ fn not_ready(state: &ApiState, build: &BuildState) -> Response {
 mod tests {
     use super::parse_range;
 
+    fn fuzz_config() -> proptest::prelude::ProptestConfig {
+        proptest::prelude::ProptestConfig {
+            cases: std::env::var("CBS_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3_000),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Any Range header and size: a range inside the file, the whole file, or 416; never
+        /// a panic (property test; CBS_FUZZ_CASES sets the number of inputs).
+        #[test]
+        fn any_range_header(
+            value in proptest::prop_oneof![
+                "bytes=[0-9]{0,21}-[0-9]{0,21}",
+                "bytes= ?-?[0-9]{0,5} ?(-|,)? ?[0-9]{0,5}",
+                proptest::prelude::any::<String>(),
+            ],
+            size in proptest::prop_oneof![0u64..4, proptest::prelude::any::<u64>()],
+        ) {
+            if let Ok(Some((start, end))) = parse_range(&value, size) {
+                proptest::prop_assert!(start <= end && end < size, "{} of {}: {}-{}", value, size, start, end);
+            }
+        }
+    }
+
     #[test]
     fn ranges() {
         assert_eq!(parse_range("bytes=0-9", 100), Ok(Some((0, 9))));

@@ -140,6 +140,42 @@ pub fn from_query(query: Option<&str>) -> Result<Parsed, ApiError> {
 mod tests {
     use super::*;
 
+    fn fuzz_config() -> proptest::prelude::ProptestConfig {
+        proptest::prelude::ProptestConfig {
+            cases: std::env::var("CBS_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3_000),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Any query string and any JSON-ish body: a request or a 4xx that says why; never a
+        /// panic or a server error (property test; CBS_FUZZ_CASES sets the number of inputs).
+        #[test]
+        fn any_query_or_body(
+            query in proptest::prop_oneof![
+                "(os=[a-z]{0,8}|arch=[a-z0-9]{0,6}|arm=[0-9a-z]{0,2}|version=[a-z0-9.v-]{0,8}|p=[a-z./@%0-9A-F-]{0,30}|r=[a-z./=@%-]{0,30}|force=[a-z0-9]{0,4}|[a-z%]{0,5}=[^&]{0,8})(&(os=[a-z]{0,8}|arch=[a-z0-9]{0,6}|p=[a-z./@-]{0,30}|[a-z%]{0,5}=[^&]{0,8})){0,6}",
+                proptest::prelude::any::<String>(),
+            ],
+            body in proptest::prop_oneof![
+                r#"\{"os":"[a-z]{0,6}","arch":"[a-z0-9]{0,5}"(,"plugins":\[\{"module":"[a-z./]{0,20}"\}\])?(,"arm":[0-9]{1,3})?\}"#,
+                proptest::prelude::any::<String>(),
+            ],
+        ) {
+            for r in [from_query(Some(&query)), from_json(body.as_bytes())] {
+                if let Err(e) = r {
+                    proptest::prop_assert!(e.status.is_client_error(), "{}: {}", e.status, e.message);
+                    proptest::prop_assert!(!e.message.is_empty());
+                }
+            }
+        }
+    }
+
     #[test]
     fn query_and_json_give_the_same_spec() {
         let q = from_query(Some(

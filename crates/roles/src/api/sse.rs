@@ -273,6 +273,29 @@ pub async fn events(
 mod tests {
     use super::*;
 
+    fn fuzz_config() -> proptest::prelude::ProptestConfig {
+        proptest::prelude::ProptestConfig {
+            cases: std::env::var("CBS_FUZZ_CASES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(3_000),
+            failure_persistence: None,
+            ..proptest::prelude::ProptestConfig::default()
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(fuzz_config())]
+
+        /// Any Last-Event-ID: a place in the stream or none; never a panic.
+        #[test]
+        fn any_last_event_id(s in proptest::prop_oneof!["[0-9]{0,12}(\\.[0-9]{0,22})?", proptest::prelude::any::<String>()]) {
+            if let Some((seq, sub)) = parse_resume(&s) {
+                proptest::prop_assert_eq!(id_of((seq, sub)).parse::<String>().ok().and_then(|t| parse_resume(&t)), Some((seq, sub)));
+            }
+        }
+    }
+
     #[test]
     fn resume_ids_order_like_the_stream() {
         assert_eq!(parse_resume("12"), Some((12, None)));
