@@ -2,7 +2,7 @@
 //! paths and versions, build keys, platforms, whole build requests and GOPROXY lists. Each
 //! property runs `CBS_FUZZ_CASES` generated inputs (default 3,000; a few seconds). The long
 //! run is a documented command (docs/benchmarks.md, "Fuzzing"):
-//! `CBS_FUZZ_CASES=1000000 cargo test --release -p cbs-domain --test fuzz`.
+//! `CBS_FUZZ_CASES=1000000 cargo test --release -p cbs-domain`.
 //!
 //! Every parser must answer every input with a value or an error, never a panic; what it
 //! accepts must survive a round trip through its text form.
