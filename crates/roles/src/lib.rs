@@ -189,3 +189,17 @@ pub fn init_logging(config: &Config) {
 pub(crate) fn print_out(s: &str) {
     print!("{s}");
 }
+
+/// The property tests' settings: `CBS_FUZZ_CASES` inputs per property (3,000 by default), no
+/// failure files written into the source tree.
+#[cfg(test)]
+pub(crate) fn fuzz_config() -> proptest::prelude::ProptestConfig {
+    proptest::prelude::ProptestConfig {
+        cases: std::env::var("CBS_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(3_000),
+        failure_persistence: None,
+        ..proptest::prelude::ProptestConfig::default()
+    }
+}

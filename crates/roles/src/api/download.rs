@@ -453,19 +453,8 @@ fn not_ready(state: &ApiState, build: &BuildState) -> Response {
 mod tests {
     use super::parse_range;
 
-    fn fuzz_config() -> proptest::prelude::ProptestConfig {
-        proptest::prelude::ProptestConfig {
-            cases: std::env::var("CBS_FUZZ_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3_000),
-            failure_persistence: None,
-            ..proptest::prelude::ProptestConfig::default()
-        }
-    }
-
     proptest::proptest! {
-        #![proptest_config(fuzz_config())]
+        #![proptest_config(crate::fuzz_config())]
 
         /// Any Range header and size: a range inside the file, the whole file, or 416; never
         /// a panic (property test; CBS_FUZZ_CASES sets the number of inputs).

@@ -140,19 +140,8 @@ pub fn from_query(query: Option<&str>) -> Result<Parsed, ApiError> {
 mod tests {
     use super::*;
 
-    fn fuzz_config() -> proptest::prelude::ProptestConfig {
-        proptest::prelude::ProptestConfig {
-            cases: std::env::var("CBS_FUZZ_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3_000),
-            failure_persistence: None,
-            ..proptest::prelude::ProptestConfig::default()
-        }
-    }
-
     proptest::proptest! {
-        #![proptest_config(fuzz_config())]
+        #![proptest_config(crate::fuzz_config())]
 
         /// Any query string and any JSON-ish body: a request or a 4xx that says why; never a
         /// panic or a server error (property test; CBS_FUZZ_CASES sets the number of inputs).

@@ -273,19 +273,8 @@ pub async fn events(
 mod tests {
     use super::*;
 
-    fn fuzz_config() -> proptest::prelude::ProptestConfig {
-        proptest::prelude::ProptestConfig {
-            cases: std::env::var("CBS_FUZZ_CASES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(3_000),
-            failure_persistence: None,
-            ..proptest::prelude::ProptestConfig::default()
-        }
-    }
-
     proptest::proptest! {
-        #![proptest_config(fuzz_config())]
+        #![proptest_config(crate::fuzz_config())]
 
         /// Any Last-Event-ID: a place in the stream or none; never a panic.
         #[test]
