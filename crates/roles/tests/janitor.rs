@@ -202,13 +202,15 @@ async fn retryable_failures_back_off_more_each_time_then_give_up() {
     }
 }
 
-/// Who holds the janitors' leader lock (the application name of the holding connection).
+/// Who holds the janitors' leader lock in this test's database (the application name of the
+/// holding connection; other tests' janitors hold theirs in their own databases).
 async fn leader(db: &TestDb) -> Vec<String> {
     db.client()
         .await
         .query(
             "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
-             WHERE l.locktype = 'advisory' AND l.granted",
+             WHERE l.locktype = 'advisory' AND l.granted
+               AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             &[],
         )
         .await
