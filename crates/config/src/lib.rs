@@ -38,6 +38,30 @@ pub struct Config {
     pub janitor: JanitorConfig,
     pub log: LogConfig,
     pub access: AccessConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics (`GET /metrics`). The api (and `all`) serves them on its own port;
+/// the worker and janitor roles, which have no HTTP port, on this listener.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Address of the worker's or janitor's metrics listener, e.g. `0.0.0.0:9235`; empty
+    /// (the default): none.
+    pub listen: String,
+}
+
+impl MetricsConfig {
+    /// The listener's address, if one is configured.
+    pub fn listen_addr(&self) -> Result<Option<std::net::SocketAddr>, String> {
+        let s = self.listen.trim();
+        if s.is_empty() {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|e| {
+            format!("metrics.listen {s:?}: {e} (expected an address such as 0.0.0.0:9235)")
+        })
+    }
 }
 
 /// Who may do what through the API. Off by default (public mode, as caddyserver.com).

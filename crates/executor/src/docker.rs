@@ -21,6 +21,7 @@ use bollard::query_parameters::{
 };
 use bollard::Docker;
 use cbs_domain::plan::{BuildPlan, GoCommand, Phase, Step};
+use cbs_metrics::ReasonLabel;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -502,6 +503,7 @@ impl DockerExecutor {
             ..Default::default()
         };
         let started = Instant::now();
+        let metrics = cbs_metrics::metrics();
         let created = self
             .docker
             .create_container(
@@ -509,7 +511,13 @@ impl DockerExecutor {
                 config,
             )
             .await
-            .map_err(engine)?;
+            .map_err(|e| {
+                metrics
+                    .container_failures
+                    .get_or_create(&ReasonLabel { reason: "create" })
+                    .inc();
+                engine(e)
+            })?;
         let id = created.id;
         // If this future is dropped midway (the build was fenced off or the worker stops),
         // the guard still removes the container.
@@ -518,6 +526,19 @@ impl DockerExecutor {
             id: id.clone(),
         };
         let result = self.start_and_follow(&id, lines, started, timeout).await;
+        let failure = match &result {
+            Err(_) => Some("engine"),
+            Ok(exit) if exit.timed_out => Some("timeout"),
+            // SIGKILL: the memory limit (OOM killer) or the engine.
+            Ok(exit) if exit.code == Some(137) => Some("killed"),
+            Ok(_) => None,
+        };
+        if let Some(reason) = failure {
+            metrics
+                .container_failures
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+        }
         guard.disarm();
         self.remove(&id).await;
         result
@@ -534,6 +555,7 @@ impl DockerExecutor {
             .start_container(id, None)
             .await
             .map_err(engine)?;
+        cbs_metrics::metrics().containers_started.inc();
         let follow = async {
             let options = LogsOptionsBuilder::default()
                 .follow(true)

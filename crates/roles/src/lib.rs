@@ -122,7 +122,12 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
         Command::Janitor { command: None } => {
             janitor::migrate(&config).await?;
             let app = App::new(config, &shutdown)?;
-            janitor::run_services(app, shutdown).await
+            with_metrics_listener(
+                &app,
+                &shutdown,
+                Box::pin(janitor::run_services(app.clone(), shutdown.clone())),
+            )
+            .await
         }
         Command::Api => {
             let app = App::new(config, &shutdown)?;
@@ -131,10 +136,33 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
         }
         Command::Worker => {
             let app = App::new(config, &shutdown)?;
-            worker::run(app, shutdown).await
+            with_metrics_listener(
+                &app,
+                &shutdown,
+                Box::pin(worker::run(app.clone(), shutdown.clone())),
+            )
+            .await
         }
         Command::All => Box::pin(run_all(config, shutdown)).await,
     }
+}
+
+/// Runs `role` beside the metrics listener of `metrics.listen` (worker and janitor: the
+/// roles without an HTTP port). A listener that cannot start stops the role; the role's end
+/// stops the listener.
+async fn with_metrics_listener(
+    app: &App,
+    shutdown: &CancellationToken,
+    role: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let stop = shutdown.child_token();
+    let listener = api::metrics::listener(app.clone(), stop.clone());
+    let role = async {
+        let r = role.await;
+        stop.cancel();
+        r
+    };
+    tokio::try_join!(role, listener).map(|_| ())
 }
 
 /// Every role in one process: migrations first, then api, worker and janitor side by side.
@@ -179,7 +207,15 @@ pub fn init_logging(config: &Config) {
         .with_writer(std::io::stderr);
     // A second init (tests calling main twice) is harmless: keep the first.
     let _ = match config.log.format {
-        LogFormat::Json => builder.json().try_init(),
+        // One object per line: the event's fields at the top level (`message`, `error`,
+        // ...), and the spans it happened in under `spans` (a build's `build.key`,
+        // `attempt`, `worker.id`; a request's `request.id`), innermost last in `span`.
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init(),
         LogFormat::Text => builder.try_init(),
     };
 }

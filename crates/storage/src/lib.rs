@@ -127,7 +127,32 @@ pub fn check_key(key: &str) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// Records an operation's latency and whether it failed (a missing object is an answer, not
+/// a failure) in the process's metrics.
+async fn timed<T>(
+    backend: &'static str,
+    op: &'static str,
+    f: impl std::future::Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    let start = std::time::Instant::now();
+    // Boxed: the S3 SDK's futures are large (clippy::large_futures).
+    let r = Box::pin(f).await;
+    let ok = match &r {
+        Ok(_) => true,
+        Err(e) => e.is_not_found(),
+    };
+    cbs_metrics::metrics().storage_op(backend, op, start.elapsed(), ok);
+    r
+}
+
 impl Storage {
+    fn backend(&self) -> &'static str {
+        match self {
+            Storage::Fs(_) => "fs",
+            Storage::S3(_) => "s3",
+        }
+    }
+
     /// Sets up the configured backend (the fs backend creates its directory; the s3 backend
     /// makes no request until used).
     pub async fn connect(config: &StorageConfig) -> Result<Storage, StorageError> {
@@ -148,19 +173,25 @@ impl Storage {
     /// Stores the file at `path` as `key`, replacing any object there; returns its size.
     pub async fn put_file(&self, key: &str, path: &Path) -> Result<u64, StorageError> {
         check_key(key)?;
-        match self {
-            Storage::Fs(s) => s.put_file(key, path).await,
-            Storage::S3(s) => s.put_file(key, path).await,
-        }
+        timed(self.backend(), "put", async {
+            match self {
+                Storage::Fs(s) => s.put_file(key, path).await,
+                Storage::S3(s) => s.put_file(key, path).await,
+            }
+        })
+        .await
     }
 
     /// Stores a small object held in memory.
     pub async fn put_bytes(&self, key: &str, data: Bytes) -> Result<(), StorageError> {
         check_key(key)?;
-        match self {
-            Storage::Fs(s) => s.put_bytes(key, data).await,
-            Storage::S3(s) => s.put_bytes(key, data).await,
-        }
+        timed(self.backend(), "put", async {
+            match self {
+                Storage::Fs(s) => s.put_bytes(key, data).await,
+                Storage::S3(s) => s.put_bytes(key, data).await,
+            }
+        })
+        .await
     }
 
     /// Opens `key` for reading, all of it or `range` = (first byte, length). The range must
@@ -168,28 +199,37 @@ impl Storage {
     /// beyond the end is an error.
     pub async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Object, StorageError> {
         check_key(key)?;
-        match self {
-            Storage::Fs(s) => s.get(key, range).await,
-            Storage::S3(s) => s.get(key, range).await,
-        }
+        timed(self.backend(), "get", async {
+            match self {
+                Storage::Fs(s) => s.get(key, range).await,
+                Storage::S3(s) => s.get(key, range).await,
+            }
+        })
+        .await
     }
 
     /// The object's size, or `None` if there is none.
     pub async fn head(&self, key: &str) -> Result<Option<u64>, StorageError> {
         check_key(key)?;
-        match self {
-            Storage::Fs(s) => s.head(key).await,
-            Storage::S3(s) => s.head(key).await,
-        }
+        timed(self.backend(), "head", async {
+            match self {
+                Storage::Fs(s) => s.head(key).await,
+                Storage::S3(s) => s.head(key).await,
+            }
+        })
+        .await
     }
 
     /// Deletes every object under `prefix/`; returns how many there were.
     pub async fn delete_prefix(&self, prefix: &str) -> Result<u64, StorageError> {
         check_key(prefix)?;
-        match self {
-            Storage::Fs(s) => s.delete_prefix(prefix).await,
-            Storage::S3(s) => s.delete_prefix(prefix).await,
-        }
+        timed(self.backend(), "delete", async {
+            match self {
+                Storage::Fs(s) => s.delete_prefix(prefix).await,
+                Storage::S3(s) => s.delete_prefix(prefix).await,
+            }
+        })
+        .await
     }
 
     /// A URL that lets anyone GET the object for `ttl`, downloading it as `filename`;
@@ -203,7 +243,9 @@ impl Storage {
         check_key(key)?;
         match self {
             Storage::Fs(_) => Ok(None),
-            Storage::S3(s) => s.presign_get(key, ttl, filename).await.map(Some),
+            Storage::S3(s) => timed("s3", "presign", s.presign_get(key, ttl, filename))
+                .await
+                .map(Some),
         }
     }
 }

@@ -70,15 +70,7 @@ impl Shared {
     /// Parses a payload of `key:seq[:q]` entries; malformed entries are ignored (they can
     /// only come from someone else's NOTIFY on our channel).
     fn dispatch_payload(&self, payload: &str) {
-        for entry in payload.split_ascii_whitespace() {
-            let mut parts = entry.split(':');
-            let (Some(key), Some(seq)) = (parts.next(), parts.next()) else {
-                continue;
-            };
-            let Ok(seq) = seq.parse::<u32>() else {
-                continue;
-            };
-            let claimable = parts.next() == Some("q");
+        for (key, seq, claimable) in entries(payload) {
             self.dispatch(key, seq, claimable);
         }
     }
@@ -228,22 +220,33 @@ async fn session(
     // LISTEN first, then read: an event committed in between is both notified and read.
     queries::listen(&client).await?;
     let start = match *cursor {
-        Some(c) => c,
+        Some(c) => {
+            cbs_metrics::metrics().listen_reconnects.inc();
+            c
+        }
         None => queries::tail_start(&client).await?,
     };
-    *cursor = Some(catch_up(shared, &client, start).await?);
+    *cursor = Some(catch_up(shared, &client, start, None).await?);
     *connected = true;
     shared.epoch.send_modify(|n| *n += 1);
     shared.any.send_modify(|n| *n = n.wrapping_add(1));
     info!(database = connector.display(), "listening for build events");
 
+    let metrics = cbs_metrics::metrics();
+    let mut losses = Losses::default();
     let mut backstop = tokio::time::interval(config.poll_interval);
     backstop.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     backstop.reset();
     loop {
         tokio::select! {
             msg = messages.recv() => match msg {
-                Some(Message::Notification(payload)) => shared.dispatch_payload(&payload),
+                Some(Message::Notification(payload)) => {
+                    metrics.notifications_received.inc();
+                    for (key, seq, _) in entries(&payload) {
+                        losses.notified(key, seq);
+                    }
+                    shared.dispatch_payload(&payload);
+                }
                 Some(Message::Closed(err)) => {
                     return Err(StoreError::Connection(format!(
                         "listening connection closed{}",
@@ -255,10 +258,19 @@ async fn session(
             _ = backstop.tick() => {
                 let c = cursor.expect("set above");
                 // A dead connection shows here at the latest (keepalives aside).
-                let read = tokio::time::timeout(TAIL_READ_TIMEOUT, catch_up(shared, &client, c));
+                let read = tokio::time::timeout(
+                    TAIL_READ_TIMEOUT,
+                    catch_up(shared, &client, c, Some(&mut losses)),
+                );
                 match read.await {
                     Ok(r) => *cursor = Some(r?),
                     Err(_) => return Err(StoreError::Connection("backstop read of the log timed out".into())),
+                }
+                metrics.backstop_reads.inc();
+                let lost = losses.end_of_read();
+                if lost > 0 {
+                    metrics.lost_notifications.inc_by(lost);
+                    debug!(events = lost, "events found only by the backstop read: notifications lost");
                 }
                 shared.prune();
             }
@@ -266,11 +278,13 @@ async fn session(
     }
 }
 
-/// Reads the log's tail after `from` and dispatches it; returns the new cursor.
+/// Reads the log's tail after `from` and dispatches it; returns the new cursor. A backstop
+/// read passes `losses`, which learns what it found.
 async fn catch_up(
     shared: &Shared,
     client: &tokio_postgres::Client,
     from: GlobalCursor,
+    mut losses: Option<&mut Losses>,
 ) -> Result<GlobalCursor, StoreError> {
     let mut cursor = from;
     loop {
@@ -281,6 +295,9 @@ async fn catch_up(
                 .event_type
                 .parse::<EventType>()
                 .is_ok_and(EventType::makes_claimable);
+            if let Some(l) = losses.as_deref_mut() {
+                l.found(&e.key, e.seq);
+            }
             shared.dispatch(&e.key, e.seq, claimable);
             cursor = e.cursor;
         }
@@ -290,5 +307,101 @@ async fn catch_up(
             }
             return Ok(cursor);
         }
+    }
+}
+
+/// The entries of a payload of `key:seq[:q]` entries; malformed entries are skipped.
+fn entries(payload: &str) -> impl Iterator<Item = (&str, u32, bool)> {
+    payload.split_ascii_whitespace().filter_map(|entry| {
+        let mut parts = entry.split(':');
+        let (key, seq) = (parts.next()?, parts.next()?.parse::<u32>().ok()?);
+        Some((key, seq, parts.next() == Some("q")))
+    })
+}
+
+/// Tells which events reached this process only through the backstop read (their
+/// notification was lost: the sender died between commit and NOTIFY, or the notifying
+/// connection broke). A notification names a build's newest seq (the sender coalesces), so
+/// an event counts as notified when a notification named its build with that seq or a
+/// later one. A notification may arrive just after the read that found its event, so an
+/// event is judged one read later: lost if no notification covered it by then.
+/// Notifications are remembered for two reads (an event can be notified before a read can
+/// see it: the tail only shows transactions older than every running one).
+#[derive(Debug, Default)]
+struct Losses {
+    notified: HashMap<String, u32>,
+    notified_before: HashMap<String, u32>,
+    /// Found by the last read and not notified yet.
+    suspects: Vec<(String, u32)>,
+    /// Found by the current read and not notified yet.
+    found: Vec<(String, u32)>,
+}
+
+impl Losses {
+    fn covered(&self, key: &str, seq: u32) -> bool {
+        [&self.notified, &self.notified_before]
+            .iter()
+            .any(|m| m.get(key).is_some_and(|&s| s >= seq))
+    }
+
+    fn notified(&mut self, key: &str, seq: u32) {
+        let known = self.notified.entry(key.to_owned()).or_insert(seq);
+        *known = (*known).max(seq);
+    }
+
+    fn found(&mut self, key: &str, seq: u32) {
+        if !self.covered(key, seq) {
+            self.found.push((key.to_owned(), seq));
+        }
+    }
+
+    /// Ends a backstop read; returns how many events are now judged lost.
+    fn end_of_read(&mut self) -> u64 {
+        let suspects = std::mem::take(&mut self.suspects);
+        let lost = suspects
+            .iter()
+            .filter(|(k, s)| !self.covered(k, *s))
+            .count() as u64;
+        self.suspects = std::mem::take(&mut self.found);
+        self.notified_before = std::mem::take(&mut self.notified);
+        lost
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_entries_skip_malformed_ones() {
+        let got: Vec<_> = entries("a:1 b:2:q junk c:x d:4:z").collect();
+        assert_eq!(got, vec![("a", 1, false), ("b", 2, true), ("d", 4, false)]);
+    }
+
+    #[test]
+    fn an_event_only_the_backstop_found_is_lost_one_read_later() {
+        let mut l = Losses::default();
+        l.notified("a", 3);
+        // Covered by a coalesced notification of a later seq.
+        l.found("a", 2);
+        l.found("a", 3);
+        // Never notified.
+        l.found("b", 1);
+        // Notified just after the read found it: not lost.
+        l.found("c", 1);
+        assert_eq!(l.end_of_read(), 0, "judged one read later");
+        l.notified("c", 1);
+        assert_eq!(l.end_of_read(), 1, "b is lost, c arrived late");
+        assert_eq!(l.end_of_read(), 0, "each loss counts once");
+    }
+
+    #[test]
+    fn a_notification_before_its_event_is_visible_still_counts() {
+        let mut l = Losses::default();
+        l.notified("a", 1);
+        assert_eq!(l.end_of_read(), 0);
+        l.found("a", 1);
+        assert_eq!(l.end_of_read(), 0);
+        assert_eq!(l.end_of_read(), 0);
     }
 }

@@ -32,6 +32,7 @@ use chrono::Utc;
 pub use connect::PgConnector;
 pub use error::StoreError;
 pub use hub::{BuildWaiter, Hub, QueueWaiter};
+pub use queries::QueueStats;
 pub use rebuild::{Difference, RebuildReport};
 
 /// The time recorded with an event (the writer's clock; the claim uses the database's).
@@ -332,6 +333,12 @@ impl Store {
     pub async fn next_available(&self) -> Result<Option<chrono::DateTime<Utc>>, StoreError> {
         let client = self.client().await?;
         queries::next_available(&client).await
+    }
+
+    /// Builds queued and running, and the longest wait of a claimable build (metrics).
+    pub async fn queue_stats(&self) -> Result<QueueStats, StoreError> {
+        let client = self.client().await?;
+        queries::queue_stats(&client).await
     }
 
     /// How many of `client`'s builds are queued or running (the api's per-client cap).

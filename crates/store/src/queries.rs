@@ -810,6 +810,36 @@ pub(crate) async fn next_available(
     Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
 }
 
+/// The queue as the metrics show it: builds queued, builds running, and how long the
+/// longest-waiting claimable build has waited (seconds, by the database's clock). Reads the
+/// two partial indexes, which hold only the queue: the cost follows the queue's length,
+/// not the table's.
+pub(crate) async fn queue_stats(c: &impl GenericClient) -> Result<QueueStats, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT (SELECT count(*) FROM builds WHERE status = 'queued') AS queued,
+                    (SELECT count(*) FROM builds WHERE status = 'running') AS running,
+                    (SELECT extract(epoch FROM now() - min(available_at))::float8
+                       FROM builds WHERE status = 'queued' AND available_at <= now()) AS oldest",
+        )
+        .await?;
+    let row = c.query_one(&stmt, &[]).await?;
+    Ok(QueueStats {
+        queued: row.try_get("queued")?,
+        running: row.try_get("running")?,
+        oldest_wait_seconds: row.try_get("oldest")?,
+    })
+}
+
+/// See [`queue_stats`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueStats {
+    pub queued: i64,
+    pub running: i64,
+    /// `None` when nothing is claimable now.
+    pub oldest_wait_seconds: Option<f64>,
+}
+
 /// Where the janitor's duty `name` has read the global log to (`0-0` before its first read).
 pub(crate) async fn janitor_cursor(
     c: &impl GenericClient,

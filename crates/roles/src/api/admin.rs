@@ -16,7 +16,7 @@ use super::error::ApiError;
 use super::ApiState;
 
 /// Builds listed at most.
-const LIST_LIMIT: u32 = 1000;
+pub(super) const LIST_LIMIT: u32 = 1000;
 
 /// `POST /api/build/{key}/cancel`: cancels a queued or running build (a `cancelled` event;
 /// the worker running it stops its container). 409 for a build that has ended.
@@ -31,6 +31,7 @@ pub async fn cancel(
     let event = Event::Cancelled(Cancelled { reason });
     match state.app.store.append_latest(&key, event).await {
         Ok(b) => {
+            cbs_metrics::metrics().builds_cancelled.inc();
             tracing::info!(build.key = %key, token = caller.name().unwrap_or_default(), "build cancelled");
             Ok(Json(super::wire::build_envelope(&b)).into_response())
         }

@@ -62,6 +62,7 @@ pub fn rate_limit(
         return Ok(());
     };
     limiter.check(client.0).map_err(|wait| {
+        cbs_metrics::metrics().refused("submissions");
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -115,6 +116,7 @@ async fn queue_cap(
     };
     let active = state.app.store.client_active_builds(requester).await?;
     if usize::try_from(active).unwrap_or(usize::MAX) >= cap {
+        cbs_metrics::metrics().refused("queue");
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -193,15 +195,26 @@ pub async fn submit(
     };
     // A build that exists is joined as read (one round trip); only a new key is recorded
     // (a concurrent identical request may record it first: then that one is joined).
+    let metrics = cbs_metrics::metrics();
     let mut build = match existing {
-        Some(b) => b,
+        Some(b) => {
+            if !reopens(parsed.force, b.status) {
+                metrics.builds_joined.inc();
+            }
+            b
+        }
         None => {
-            state
+            let outcome = state
                 .app
                 .store
                 .request_build_for(&key, &request, requester.as_deref())
-                .await?
-                .build
+                .await?;
+            if outcome.created {
+                metrics.builds_requested.inc();
+            } else {
+                metrics.builds_joined.inc();
+            }
+            outcome.build
         }
     };
     if reopens(parsed.force, build.status) {
@@ -314,7 +327,7 @@ pub async fn get_build(
     let _wait = if p.wait.is_zero() {
         None
     } else {
-        Some(super::open_wait(&state, client.as_deref())?)
+        Some(super::open_wait(&state, client.as_deref(), "long_poll")?)
     };
     // Subscribe before reading: a commit between the read and the wait still wakes us.
     let mut waiter = state.app.hub.watch_build(&key);
@@ -430,6 +443,9 @@ pub async fn history(
     .into_response())
 }
 
+/// Events a feed page holds at most.
+pub const FEED_PAGE: u32 = 1000;
+
 /// `GET /api/events?after=<cursor>&limit=N&type=a,b`: the global audit feed, paged without
 /// skipping transactions that commit late.
 pub async fn feed(
@@ -446,7 +462,7 @@ pub async fn feed(
                     .parse()
                     .map_err(|e: cbs_events::BadCursor| ApiError::bad_request(e.to_string()))?
             }
-            "limit" => limit = parse_limit(&v, 1000)?,
+            "limit" => limit = parse_limit(&v, FEED_PAGE)?,
             "type" => {
                 for t in v.split(',').filter(|t| !t.is_empty()) {
                     types.push(t.parse().map_err(|e: cbs_events::UnknownEventType| {

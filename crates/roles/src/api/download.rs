@@ -398,7 +398,7 @@ pub async fn compat(
             return answer(&state, &build, &method, &headers).await;
         }
         if wait.is_none() {
-            wait = Some(super::open_wait(&state, client.as_deref())?);
+            wait = Some(super::open_wait(&state, client.as_deref(), "download")?);
         }
         if tokio::time::Instant::now() >= deadline {
             // Caddy's CLI writes any answer below 400 to disk as the new executable: a wait

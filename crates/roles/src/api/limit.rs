@@ -137,6 +137,16 @@ pub enum WaitRefused {
 pub struct WaitGuard {
     waits: Arc<Waits>,
     client: Option<IpAddr>,
+    /// The `cbs_waiters` gauge of its kind, while open.
+    gauge: Option<cbs_metrics::WaitGauge>,
+}
+
+impl WaitGuard {
+    /// Counts this wait in the `cbs_waiters` gauge of `kind` while it is open.
+    pub fn counted(mut self, kind: &'static str) -> WaitGuard {
+        self.gauge = Some(cbs_metrics::metrics().wait(kind));
+        self
+    }
 }
 
 impl Drop for WaitGuard {
@@ -186,6 +196,7 @@ impl Waits {
         Ok(WaitGuard {
             waits: self.clone(),
             client,
+            gauge: None,
         })
     }
 

@@ -12,6 +12,7 @@
 //!   binary);
 //! - admin.rs (admin scope): `POST /api/build/{key}/cancel`, `GET /api/admin/queue`,
 //!   `GET /api/admin/workers`;
+//! - openapi.rs: `GET /api/openapi.json` (the OpenAPI 3.1 document of every route);
 //! - this file: `/healthz`, `/readyz`, the middleware (request ids, error shape, body
 //!   deadline, connection limits) and serving.
 //!
@@ -26,6 +27,8 @@ mod download;
 mod error;
 mod fresh;
 pub mod limit;
+pub mod metrics;
+mod openapi;
 mod params;
 mod sse;
 pub mod wire;
@@ -170,6 +173,9 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/compat", get(download::compat))
         .route("/api/events", get(builds::feed))
         .route("/api/packages", get(builds::packages))
+        .route("/api/openapi.json", get(openapi::serve))
+        .route("/metrics", get(metrics::serve))
+        .route_layer(axum::middleware::from_fn(metrics::matched))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn_with_state(
@@ -185,6 +191,7 @@ pub fn router(state: ApiState) -> Router {
             access::real_client,
         ))
         .layer(axum::middleware::from_fn(request_id))
+        .layer(axum::middleware::from_fn(metrics::track))
         .with_state(state)
 }
 
@@ -194,6 +201,11 @@ async fn not_found() -> ApiError {
 
 /// Gives every request an id (`x-request-id`), and every error answer the JSON error shape
 /// with that id, including errors made by the framework (unknown method, too large a body).
+///
+/// Everything logged while the request is handled is in its span, `http` with `request.id`
+/// (the id the error JSON shows), method and path: an error a user reports is found in the
+/// logs by its id. The request's end is logged too: at info for client errors, warn for
+/// server errors, debug otherwise.
 async fn request_id(req: axum::extract::Request, next: Next) -> Response {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let id = format!(
@@ -201,8 +213,27 @@ async fn request_id(req: axum::extract::Request, next: Next) -> Response {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
-    let mut resp = next.run(req).await;
+    // The path only (a query string may hold anything); at most 200 bytes of it.
+    let path = req.uri().path();
+    let mut end = path.len().min(200);
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    let path = &path[..end];
+    let span = tracing::info_span!("http", request.id = %id, method = %req.method(), path);
+    let start = std::time::Instant::now();
+    let mut resp = tracing::Instrument::instrument(next.run(req), span.clone()).await;
     let status = resp.status();
+    let took_ms = start.elapsed().as_millis() as u64;
+    span.in_scope(|| {
+        if status.is_server_error() {
+            warn!(status = status.as_u16(), took_ms, "request failed");
+        } else if status.is_client_error() {
+            info!(status = status.as_u16(), took_ms, "request refused");
+        } else {
+            tracing::debug!(status = status.as_u16(), took_ms, "request answered");
+        }
+    });
     if status.is_client_error() || status.is_server_error() {
         let is_json = resp
             .headers()
@@ -231,6 +262,8 @@ async fn request_id(req: axum::extract::Request, next: Next) -> Response {
                 shaped.headers_mut().insert(name.clone(), value.clone());
             }
         }
+        // What the layers outside learn from the answer (the metrics' route template).
+        *shaped.extensions_mut() = parts.extensions;
         resp = shaped;
     }
     if let Ok(v) = HeaderValue::from_str(&id) {
@@ -359,6 +392,7 @@ pub async fn run(
         // A trusted proxy carries many clients: it is counted only in the total.
         let per_client = (!trusted.iter().any(|c| c.contains(peer.ip()))).then_some(peer.ip());
         let Ok(held) = connections.open(per_client) else {
+            cbs_metrics::metrics().refused("connections");
             drop(stream);
             continue;
         };
@@ -396,21 +430,29 @@ pub async fn run(
 pub fn open_wait(
     state: &ApiState,
     client: Option<&limit::ClientAddr>,
+    kind: &'static str,
 ) -> Result<limit::WaitGuard, ApiError> {
     let ip = client.map(|c| c.0);
-    state.waits.open(ip).map_err(|refused| match refused {
-        limit::WaitRefused::Client(n) => ApiError::new(
+    let metrics = cbs_metrics::metrics();
+    state.waits.open(ip).map(|w| w.counted(kind)).map_err(|refused| match refused {
+        limit::WaitRefused::Client(n) => {
+            metrics.refused("waits_client");
+            ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
                 "too many open waits from {}: at most {n} long-polls, event streams and download waits at once",
                 ip.map(limit::client_key).map(|i| i.to_string()).unwrap_or_default()
             ),
-        ),
-        limit::WaitRefused::Server(_) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the server holds as many waiting requests as it can; try again in 5 s",
         )
-        .retry_after(5),
+        }
+        limit::WaitRefused::Server(_) => {
+            metrics.refused("waits_server");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server holds as many waiting requests as it can; try again in 5 s",
+            )
+            .retry_after(5)
+        }
     })
 }
 

@@ -203,7 +203,7 @@ pub async fn events(
     if seen.0 > build.last_seq {
         seen = (build.last_seq, Some(usize::MAX));
     }
-    let wait = super::open_wait(&state, client.as_deref())?;
+    let wait = super::open_wait(&state, client.as_deref(), "sse")?;
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
     let store = state.app.store.clone();
     tokio::spawn(async move {

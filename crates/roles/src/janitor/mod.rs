@@ -160,8 +160,22 @@ async fn record(app: &App, b: &cbs_projections::BuildState, event: Event) {
         Event::GaveUp(g) => g.message.clone(),
         _ => String::new(),
     };
+    let metrics = cbs_metrics::metrics();
+    let counter = match &event {
+        Event::Requeued(r) if r.reason == cbs_events::RequeueReason::LeaseExpired => {
+            Some(&metrics.builds_rescued)
+        }
+        Event::Requeued(r) if r.reason == cbs_events::RequeueReason::Retry => {
+            Some(&metrics.builds_retried)
+        }
+        Event::GaveUp(_) => Some(&metrics.builds_given_up),
+        _ => None,
+    };
     match app.store.append(b, event).await {
         Ok(_) => {
+            if let Some(c) = counter {
+                c.inc();
+            }
             info!(build.key = %b.key, attempt = b.attempt, event = %what, %detail, "janitor acted")
         }
         Err(StoreError::Conflict { .. }) => {

@@ -57,21 +57,25 @@ pub(super) async fn run_build(
     let span = tracing::info_span!("build", build.key = %key, attempt, worker.id = %worker);
     async move {
         info!(request = %build.request.canonical().replace('\n', "; "), "build claimed");
+        let metrics = cbs_metrics::metrics();
+        metrics.builds_claimed.inc();
+        // Claimed just now; it was claimable from `available_at` on.
+        if let Ok(waited) = (chrono::Utc::now() - build.available_at).to_std() {
+            metrics.dispatch_latency.observe(waited.as_secs_f64());
+        }
+        let claimed_at = std::time::Instant::now();
         let fenced = CancellationToken::new();
         // Aborted when this attempt ends or is dropped (a worker that is torn down must not
         // keep renewing a lease it no longer works under).
-        let renewer = AbortOnDrop(tokio::spawn(renew_lease(
-            app.clone(),
-            build.clone(),
-            fenced.clone(),
-        )));
+        // Spawned tasks log in the build's span too (build.key, attempt, worker.id).
+        let renewer = AbortOnDrop(tokio::spawn(
+            renew_lease(app.clone(), build.clone(), fenced.clone()).in_current_span(),
+        ));
         // An admin may cancel the build: stop at once (the container is removed when the
         // plan's future is dropped).
-        let canceller = AbortOnDrop(tokio::spawn(watch_cancel(
-            app.clone(),
-            key.clone(),
-            fenced.clone(),
-        )));
+        let canceller = AbortOnDrop(tokio::spawn(
+            watch_cancel(app.clone(), key.clone(), fenced.clone()).in_current_span(),
+        ));
         let outcome = tokio::select! {
             r = attempt_build(&app, &exec, &publisher, &probe, &worker, &build, &fenced) => Some(r),
             _ = stop.cancelled() => None,
@@ -88,7 +92,11 @@ pub(super) async fn run_build(
                 not_before: build.available_at.min(chrono::Utc::now()),
             }),
             Some(Ok(Some(artifact))) => Event::Succeeded(Succeeded { attempt, artifact }),
-            Some(Ok(None)) => return, // fenced: another attempt owns the build now
+            Some(Ok(None)) => {
+                // Fenced: another attempt owns the build now.
+                metrics.builds_fenced.inc();
+                return;
+            }
             Some(Err(f)) => Event::Failed(Failed {
                 attempt,
                 kind: f.kind,
@@ -98,9 +106,44 @@ pub(super) async fn run_build(
         };
         let name = event.event_type();
         let published = matches!(event, Event::Succeeded(_));
+        let outcome = match &event {
+            Event::Succeeded(_) => Some("succeeded"),
+            Event::Failed(_) => Some("failed"),
+            _ => None,
+        };
+        let failure_kind = match &event {
+            Event::Failed(f) => Some(match f.kind {
+                FailureKind::Retryable => "retryable",
+                FailureKind::Permanent => "permanent",
+            }),
+            _ => None,
+        };
         match app.store.append_latest(&key, event).await {
-            Ok(_) => info!(result = %name, "build finished"),
+            Ok(_) => {
+                info!(result = %name, "build finished");
+                match (outcome, failure_kind) {
+                    (Some("succeeded"), _) => {
+                        metrics.builds_succeeded.inc();
+                    }
+                    (_, Some(kind)) => metrics.failed(kind),
+                    _ => {
+                        metrics.builds_released.inc();
+                    }
+                }
+                if let Some(outcome) = outcome {
+                    let platform = build.request.platform();
+                    metrics
+                        .build_duration
+                        .get_or_create(&cbs_metrics::BuildLabels {
+                            os: platform.os(),
+                            arch: platform.arch(),
+                            outcome,
+                        })
+                        .observe(claimed_at.elapsed().as_secs_f64());
+                }
+            }
             Err(e) if e.is_fenced() => {
+                metrics.builds_fenced.inc();
                 warn!(error = %e, "lease lost; result discarded");
                 if published {
                     // Files no event will ever name: remove them now (the janitor's
@@ -150,7 +193,8 @@ async fn attempt_build(
         .or_else(|_| make())
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    let recorder = tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()));
+    let recorder =
+        tokio::spawn(record(app.clone(), build.clone(), rx, fenced.clone()).in_current_span());
     // The whole attempt's deadline; dropping the plan's future removes its container.
     let build_timeout = app.config.worker.build_timeout;
     let outcome = tokio::select! {

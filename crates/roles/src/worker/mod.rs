@@ -142,6 +142,9 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
         Some(n) => {
             // The VM goes away soon: release everything now, claim nothing more.
             warn!(worker.id = %id, notice = %n.detail, running = builds.len(), "preemption notice: releasing every build");
+            cbs_metrics::metrics()
+                .builds_preempted
+                .inc_by(builds.len() as u64);
             stop.cancel();
         }
         None if !builds.is_empty() => {

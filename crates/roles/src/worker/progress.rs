@@ -85,12 +85,23 @@ pub(super) async fn record(
                 step,
                 duration,
                 exit_code,
-            } => Event::StepFinished(StepFinished {
-                attempt,
-                step: step.to_owned(),
-                duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-                exit_code,
-            }),
+            } => {
+                let platform = build.request.platform();
+                cbs_metrics::metrics()
+                    .step_duration
+                    .get_or_create(&cbs_metrics::StepLabels {
+                        step,
+                        os: platform.os(),
+                        arch: platform.arch(),
+                    })
+                    .observe(duration.as_secs_f64());
+                Event::StepFinished(StepFinished {
+                    attempt,
+                    step: step.to_owned(),
+                    duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+                    exit_code,
+                })
+            }
             Progress::Line { step, line } => {
                 pending_step = step.to_owned();
                 pending.push(line);
