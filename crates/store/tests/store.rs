@@ -740,6 +740,17 @@ async fn the_backstop_poll_finds_an_event_whose_notification_was_lost() {
     })
     .await
     .expect("the backstop read found the event");
+    // ...and counted it as a lost notification, one backstop read later (other tests of
+    // this process share the counter: it only grows).
+    let lost = || cbs_metrics::metrics().lost_notifications.get();
+    let before_judgement = lost();
+    tokio::time::timeout(DEADLINE, async {
+        while lost() == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("lost notifications still {before_judgement}"));
     shutdown.cancel();
 }
 
