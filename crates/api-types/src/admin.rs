@@ -9,6 +9,7 @@ use crate::request::BuildRequest;
 /// `result` of `GET /api/admin/queue[?limit=N]`: running builds, then queued ones in the
 /// order workers take them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueList {
     pub builds: Vec<QueueEntry>,
 }
@@ -18,6 +19,7 @@ pub struct QueueList {
 /// (as the api writes it), hence not a flattened [`Build`]. See [`QueueEntry::new`] and
 /// [`QueueEntry::build`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct QueueEntry {
     /// As [`Build::artifact`]: left out when none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -33,9 +35,11 @@ pub struct QueueEntry {
     pub key: String,
     pub last_seq: u32,
     /// When the running attempt's lease ends; `null` (not left out) when none.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub lease_expires_at: Option<DateTime<Utc>>,
     pub links: Links,
     /// The worker holding the lease; `null` (not left out) when none.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub owner: Option<String>,
     pub request: BuildRequest,
     pub status: BuildStatus,
@@ -107,12 +111,14 @@ impl QueueEntry {
 
 /// `result` of `GET /api/admin/workers`: the workers that hold running builds now, by name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerList {
     pub workers: Vec<Worker>,
 }
 
 /// A worker and its running builds (`GET /api/admin/workers`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Worker {
     pub builds: Vec<WorkerBuild>,
     /// The worker's name (the lease owner).
@@ -121,12 +127,15 @@ pub struct Worker {
 
 /// A running build of a [`Worker`] (`GET /api/admin/workers`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkerBuild {
     pub attempt: u32,
     pub key: String,
     /// `null` (not left out) when none.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub lease_expires_at: Option<DateTime<Utc>>,
     /// The step it is in; `null` (not left out) when none, unlike [`Build::step`].
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub step: Option<String>,
     /// The build's last event, lease renewals included.
     pub updated_at: DateTime<Utc>,

@@ -14,6 +14,7 @@ use crate::request::BuildRequest;
 /// Used in [`Build::status`] (every build-status route, the admin queue) and
 /// [`crate::StateData`] (`GET /api/build/{key}/events`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum BuildStatus {
     /// Waiting for a worker.
@@ -90,6 +91,7 @@ impl FromStr for BuildStatus {
 /// request's fault; the same request fails again). In [`LastError`] and the `failed` event's
 /// data.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum FailureKind {
     Retryable,
@@ -101,6 +103,7 @@ pub enum FailureKind {
 /// answers of `GET /api/build/{key}/download` and `GET /api/download/{key}` for a build that
 /// is not done yet. Always wrapped: see [`crate::BuildResponse`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Build {
     /// The binary of a succeeded build; left out otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -129,6 +132,7 @@ pub struct Build {
 
 /// The `artifact` of a [`Build`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactInfo {
     /// Lower-case hex SHA-256 of the binary.
     pub sha256: String,
@@ -138,17 +142,20 @@ pub struct ArtifactInfo {
 
 /// The `error` of a [`Build`]: its last failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LastError {
     /// The attempt that failed.
     pub attempt: u32,
     pub kind: FailureKind,
     pub message: String,
     /// The step that failed; `null` (not left out) when no step did.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub step: Option<String>,
 }
 
 /// The `links` of a [`Build`]: its routes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Links {
     /// `/api/build/{key}/download`.
     pub download: String,

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 ///
 /// Keys are in that (alphabetical) order, as the api writes them today.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub error: ErrorDetail,
     /// The HTTP status code, repeated.
@@ -16,6 +17,7 @@ pub struct ErrorBody {
 
 /// The `error` object of an [`ErrorBody`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// The request id (also in the `x-request-id` header). Left out only when the body is
     /// made where the id is unknown; every answer that leaves the server has it.

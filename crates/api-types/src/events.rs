@@ -19,6 +19,7 @@ use crate::request::BuildRequest;
 /// The `type` of an event (the names of the log's `event_type` column); also the values of
 /// the feed's `type=a,b` filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum EventType {
     Requested,
@@ -178,6 +179,7 @@ impl Serialize for EventData {
 
 /// `requested`: the build was requested for the first time.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Requested {
     /// Who asked: `token:<name>`, or `addr:<16 hex>` (a keyed hash of the address). Left out
     /// when unknown.
@@ -195,6 +197,7 @@ fn is_zero(v: &i64) -> bool {
 
 /// `claimed`: a worker took the build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Claimed {
     pub attempt: u32,
     pub lease_expires_at: DateTime<Utc>,
@@ -203,6 +206,7 @@ pub struct Claimed {
 
 /// `lease_renewed`: the worker running an attempt is alive.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LeaseRenewed {
     pub attempt: u32,
     pub lease_expires_at: DateTime<Utc>,
@@ -210,6 +214,7 @@ pub struct LeaseRenewed {
 
 /// `step_started`: a build step began.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepStarted {
     pub attempt: u32,
     pub step: String,
@@ -217,16 +222,19 @@ pub struct StepStarted {
 
 /// `step_finished`: a build step ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepFinished {
     pub attempt: u32,
     pub duration_ms: u64,
     /// `null` (not left out) when the step never exited on its own.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub exit_code: Option<i64>,
     pub step: String,
 }
 
 /// `output`: lines a step printed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Output {
     pub attempt: u32,
     pub lines: Vec<String>,
@@ -235,6 +243,7 @@ pub struct Output {
 
 /// `succeeded`: the build is done and its files are stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Succeeded {
     pub artifact: StoredArtifact,
     pub attempt: u32,
@@ -242,6 +251,7 @@ pub struct Succeeded {
 
 /// The `artifact` of a [`Succeeded`] event.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StoredArtifact {
     /// Every file stored under `location`, the binary first; left out when empty (events
     /// written before artifacts were signed).
@@ -256,6 +266,7 @@ pub struct StoredArtifact {
 
 /// `failed`: an attempt failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Failed {
     pub attempt: u32,
     pub kind: FailureKind,
@@ -268,6 +279,7 @@ pub struct Failed {
 /// Why a build went back to the queue: in [`Requeued`] and the SSE `state` of a requeued
 /// build ([`crate::StateData::Requeued`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum RequeueReason {
     LeaseExpired,
@@ -296,6 +308,7 @@ impl RequeueReason {
 
 /// `requeued`: the build is claimable again from `not_before` on.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Requeued {
     /// The attempt that ended (0 when a build that never ran is forced).
     pub attempt: u32,
@@ -305,12 +318,14 @@ pub struct Requeued {
 
 /// `cancelled`: the build was cancelled.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Cancelled {
     pub reason: String,
 }
 
 /// `gave_up`: retryable failures used up every attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GaveUp {
     pub attempt: u32,
     pub failures: u32,
@@ -319,6 +334,7 @@ pub struct GaveUp {
 
 /// `artifact_deleted`: the files of a succeeded build were deleted (retention).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactDeleted {
     pub attempt: u32,
     pub reason: String,
@@ -426,18 +442,21 @@ impl<'de> Deserialize<'de> for FeedEvent {
 /// `result` of `GET /api/build/{key}/history[?after=<seq>&limit=<n>]`: a page of a build's
 /// events.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct HistoryPage {
     pub events: Vec<HistoryEvent>,
     /// The build key.
     pub key: String,
     /// The `after` of the next page; `null` (not left out) on the last page. A full page
     /// always has a `next`, so the page after it may be empty.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub next: Option<u32>,
 }
 
 /// `result` of `GET /api/events[?after=<cursor>&limit=N&type=a,b]`: a page of the global
 /// audit feed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct FeedPage {
     pub events: Vec<FeedEvent>,
     /// The `after` of the next page, `<transaction>-<position>`; always present (the feed

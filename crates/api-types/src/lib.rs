@@ -17,12 +17,17 @@
 //! Successful answers are wrapped in [`Envelope`] (`{"result": ...}`); errors are
 //! [`ErrorBody`]. Server-Sent Events (`GET /api/build/{key}/events`) carry the data types of
 //! [`stream`].
+//!
+//! With the `openapi` feature every type also has a JSON Schema (utoipa's `ToSchema`), from
+//! which the server builds its OpenAPI document; clients need not turn it on.
 
 pub mod admin;
 pub mod build;
 pub mod envelope;
 pub mod error;
 pub mod events;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod packages;
 pub mod request;
 pub mod stream;

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 /// One plugin module of the catalog: an element of `result` of `GET /api/packages`
 /// (caddyserver.com's shape, with build counts). See [`crate::PackagesResponse`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Package {
     /// `""` when the catalog has none.
     pub description: String,
@@ -20,6 +21,7 @@ pub struct Package {
 
 /// A Caddy module of a [`Package`] (`GET /api/packages`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PackageModule {
     /// Link to its documentation; `""` when the catalog has none.
     pub docs: String,

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 /// Versions may be `latest` (or left out), an absolute version like `v1.2.3`, or a branch,
 /// tag or commit the module proxy resolves. Optional fields are left out when serialized.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct BuildSubmission {
     /// `GOARCH`, like `amd64`.
@@ -39,6 +40,7 @@ fn is_false(b: &bool) -> bool {
 
 /// `GOARM` in a [`BuildSubmission`]: a number (`7`) or a string (`"7"`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum ArmValue {
     Number(u64),
@@ -47,6 +49,7 @@ pub enum ArmValue {
 
 /// A plugin of a [`BuildSubmission`] (`POST /api/build`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct PluginSubmission {
     /// The Go module path.
@@ -60,6 +63,7 @@ pub struct PluginSubmission {
 /// `new` at `version`. Replacing needs an admin token unless the server's
 /// `packages.replaceable` allows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ReplacementSubmission {
     pub new: String,
@@ -79,6 +83,7 @@ pub struct ReplacementSubmission {
 /// `requested` event's data (`GET /api/build/{key}/history`, `GET /api/events`). Plugins are
 /// sorted by module, replacements by old module.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct BuildRequest {
     pub arch: String,
     /// Left out unless `arch` is `arm`.
@@ -88,15 +93,18 @@ pub struct BuildRequest {
     pub caddy_version: String,
     pub os: String,
     /// Always written, `[]` when there are none.
+    #[cfg_attr(feature = "openapi", schema(required))]
     #[serde(default)]
     pub plugins: Vec<Plugin>,
     /// Always written, `[]` when there are none.
+    #[cfg_attr(feature = "openapi", schema(required))]
     #[serde(default)]
     pub replacements: Vec<Replacement>,
 }
 
 /// A plugin of a resolved [`BuildRequest`], at an absolute version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Plugin {
     pub module: String,
     pub version: String,
@@ -105,6 +113,7 @@ pub struct Plugin {
 /// A replacement of a resolved [`BuildRequest`]: `old` is served by `new` at `version`
 /// (absolute).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Replacement {
     pub new: String,
     pub old: String,

@@ -62,6 +62,7 @@ impl StreamEvent {
 
 /// `event: step`: a build step began. `{"step": "compile"}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepData {
     pub step: String,
 }
@@ -69,6 +70,7 @@ pub struct StepData {
 /// `event: log`: one line of output, or the summary of a finished step
 /// (`step compile finished in 12.3s (exit status 0)`). `{"line": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogData {
     pub line: String,
 }
@@ -78,8 +80,10 @@ pub struct LogData {
 /// Success: `{"error":null,"sha256":"...","size":N,"success":true}`; failure (a permanent
 /// failure, giving up, a cancellation): `{"error":"...","success":false}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ResultData {
     /// What went wrong; `null` (not left out) on success.
+    #[cfg_attr(feature = "openapi", schema(required))]
     pub error: Option<String>,
     /// The binary's lower-case hex SHA-256; only on success (left out otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
