@@ -36,6 +36,13 @@ pub enum Command {
     },
     /// Every role in one process (a single machine).
     All,
+    /// Exit 0 if this host's server answers GET /healthz (for a container's HEALTHCHECK):
+    /// the metrics listener's when metrics.listen is set (worker, janitor), else the api's.
+    Healthcheck {
+        /// Ask this URL instead.
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

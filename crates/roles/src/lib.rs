@@ -144,7 +144,49 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
             .await
         }
         Command::All => Box::pin(run_all(config, shutdown)).await,
+        Command::Healthcheck { url } => healthcheck(&config, url).await,
     }
+}
+
+/// `healthcheck`: GET /healthz of this host's server, within 3 s.
+async fn healthcheck(config: &Config, url: Option<String>) -> anyhow::Result<()> {
+    let local = |addr: std::net::SocketAddr| {
+        // A wildcard address is served on loopback too.
+        let ip = match addr.ip() {
+            std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+            ip => ip,
+        };
+        format!(
+            "http://{}/healthz",
+            std::net::SocketAddr::new(ip, addr.port())
+        )
+    };
+    let url = match url {
+        Some(u) => u,
+        None => match config
+            .metrics
+            .listen_addr()
+            .map_err(|e| anyhow::anyhow!(e))?
+        {
+            Some(addr) => local(addr),
+            None => local(config.api.listen),
+        },
+    };
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?;
+    let resp = client
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("GET {url}"))?;
+    anyhow::ensure!(
+        resp.status().is_success(),
+        "GET {url} answered {}",
+        resp.status()
+    );
+    Ok(())
 }
 
 /// Runs `role` beside the metrics listener of `metrics.listen` (worker and janitor: the

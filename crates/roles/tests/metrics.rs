@@ -235,6 +235,24 @@ log:
     let _api = spawn(&config, "api", "", &log("api"));
     up(&http, &format!("{base}/readyz")).await;
 
+    // The containers' HEALTHCHECK: the metrics listener's /healthz when metrics.listen is
+    // set (janitor, worker), else the api's; a server that does not answer fails it.
+    let healthcheck = |metrics: &str, url: Option<&str>| {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("healthcheck")
+            .env("CONFIG_PATH", &config)
+            .env("METRICS_LISTEN", metrics)
+            .stderr(Stdio::null());
+        if let Some(u) = url {
+            cmd.args(["--url", u]);
+        }
+        cmd.status().unwrap().success()
+    };
+    assert!(healthcheck(&addr(&janitor_metrics), None));
+    assert!(healthcheck("", None), "the api's /healthz");
+    let closed = format!("http://127.0.0.1:{}/healthz", free_port());
+    assert!(!healthcheck("", Some(&closed)));
+
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let app = App::new(c, &shutdown).unwrap();

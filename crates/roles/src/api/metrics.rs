@@ -1,5 +1,5 @@
 //! `GET /metrics` (Prometheus), the HTTP metrics middleware, and the metrics listener of
-//! the roles without an HTTP port (worker, janitor).
+//! the roles without an HTTP port (worker, janitor), which also answers `GET /healthz`.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -142,6 +142,8 @@ pub async fn serve_on(
             "/metrics",
             get(|State(app): State<App>| async move { exposition(&app).await }),
         )
+        // The container's HEALTHCHECK (`caddy-build-server healthcheck`): the process runs.
+        .route("/healthz", get(|| async { "ok\n" }))
         .with_state(app);
     info!(%addr, "metrics listening");
     axum::serve(listener, router)
