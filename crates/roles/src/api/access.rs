@@ -172,9 +172,12 @@ pub fn challenge(mut resp: Response) -> Response {
     resp
 }
 
-/// Routes that are always public (health, the public key).
+/// Routes that are always public (health, the public key, the API's description).
 fn always_public(path: &str) -> bool {
-    matches!(path, "/healthz" | "/readyz" | "/api/public-key")
+    matches!(
+        path,
+        "/healthz" | "/readyz" | "/api/public-key" | "/api/openapi.json"
+    )
 }
 
 /// Middleware: reads need a token when the server says so (submissions and admin routes

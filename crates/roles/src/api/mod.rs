@@ -58,6 +58,10 @@ pub use error::ApiError;
 /// Largest request body accepted.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Largest request head (request line and headers) read; beyond, hyper answers 431 itself
+/// (no body, no request id) and closes the connection.
+pub const MAX_HEAD: usize = 64 * 1024;
+
 /// Middleware: a request body must arrive whole within `api.body_timeout` (408 and the
 /// connection closed otherwise), so a client that trickles bodies holds no handler.
 async fn body_deadline(
@@ -408,7 +412,7 @@ pub async fn run(
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(hyper_util::rt::TokioTimer::new())
             .header_read_timeout(header_timeout)
-            .max_buf_size(64 * 1024);
+            .max_buf_size(MAX_HEAD);
         let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
