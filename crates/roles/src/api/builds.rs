@@ -363,7 +363,8 @@ pub async fn get_build(
             _ = tokio::time::sleep_until(deadline) => {}
         }
         // Woken: many waiters of this build read it once between them.
-        let min_seq = waiter.latest_seq().max(after + 1);
+        // `after` is the client's: u32::MAX must not overflow.
+        let min_seq = waiter.latest_seq().max(after.saturating_add(1));
         // The database may be away (a restart, a failover): the client asked to wait, so
         // reads are retried until the deadline.
         let fresh = loop {
