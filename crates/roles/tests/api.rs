@@ -1081,6 +1081,25 @@ async fn open_waits_are_capped_per_client_and_in_total() {
         .as_str()
         .unwrap()
         .contains("too many open waits"));
+    // A download wait is a wait: refused before anything is recorded (no build queued).
+    let builds = || async {
+        let n: i64 =
+            s.db.client()
+                .await
+                .query_one("SELECT count(*) FROM builds", &[])
+                .await
+                .unwrap()
+                .get(0);
+        n
+    };
+    let before = builds().await;
+    let refused = c
+        .get(format!("{}/api/download?os=linux&arch=arm64", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status().as_u16(), 429);
+    assert_eq!(builds().await, before, "a refused download queued a build");
     // A status read without wait is not a wait.
     let status = c.get(format!("{}/api/build/{key}", s.base)).send().await;
     assert_eq!(status.unwrap().status().as_u16(), 200);

@@ -385,20 +385,19 @@ pub async fn compat(
 ) -> Result<Response, ApiError> {
     let caller = state.tokens.submitter(&headers)?;
     let parsed = params::from_query(query.as_deref())?;
+    // The request is a download wait: its place is taken before anything is recorded, so
+    // that a client refused for holding too many waits (429) has queued no build.
+    let _wait = super::open_wait(&state, client.as_deref(), "download")?;
     let build = submit(&state, parsed, &caller, client.as_deref()).await?;
     let key = build.key.clone();
     let mut waiter = state.app.hub.watch_build(&key);
     let deadline = tokio::time::Instant::now() + state.app.config.api.download_wait;
     let mut build = build;
-    let mut wait = None;
     loop {
         let waiting = matches!(build.status, Status::Queued | Status::Running)
             || (build.status == Status::Failed && !build.is_terminal());
         if !waiting {
             return answer(&state, &build, &method, &headers).await;
-        }
-        if wait.is_none() {
-            wait = Some(super::open_wait(&state, client.as_deref(), "download")?);
         }
         if tokio::time::Instant::now() >= deadline {
             // Caddy's CLI writes any answer below 400 to disk as the new executable: a wait
