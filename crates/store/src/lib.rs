@@ -35,11 +35,6 @@ pub use hub::{BuildWaiter, Hub, QueueWaiter};
 pub use queries::QueueStats;
 pub use rebuild::{Difference, RebuildReport};
 
-/// The time recorded with an event (the writer's clock; the claim uses the database's).
-fn now() -> chrono::DateTime<Utc> {
-    Utc::now()
-}
-
 /// The result of asking for a build.
 #[derive(Debug, Clone)]
 pub struct RequestOutcome {
@@ -104,8 +99,8 @@ impl Store {
             client: requester.map(str::to_owned),
             rank: 0,
         });
-        let mut state = apply(None, key, 1, now(), &event)?;
         let client = self.client().await?;
+        let mut state = apply(None, key, 1, queries::db_now(&client).await?, &event)?;
         // The rank is computed by the insert itself (and written into the event).
         if let Some(rank) = queries::insert_build(&client, &state, &event).await? {
             state.queue_rank = rank;
@@ -132,8 +127,9 @@ impl Store {
     /// writer therefore gets [`StoreError::Conflict`], never a duplicate or a gap.
     pub async fn append(&self, prev: &BuildState, event: Event) -> Result<BuildState, StoreError> {
         let seq = prev.last_seq + 1;
-        let next = apply(Some(prev), &prev.key, seq, now(), &event)?;
         let client = self.client().await?;
+        let time = queries::db_now(&client).await?.max(prev.updated_at);
+        let next = apply(Some(prev), &prev.key, seq, time, &event)?;
         if !queries::append_event(&client, prev.last_seq, &next, &event).await? {
             return Err(StoreError::Conflict {
                 key: prev.key.clone(),
@@ -155,14 +151,41 @@ impl Store {
         key: &BuildKey,
         event: Event,
     ) -> Result<BuildState, StoreError> {
+        self.append_latest_with(key, |_| event).await
+    }
+
+    /// Renews the lease of `attempt` until `lease` from now by the database's clock (a
+    /// worker's own clock may be off: the janitor's rescue compares with the database's).
+    pub async fn renew_lease(
+        &self,
+        key: &BuildKey,
+        attempt: u32,
+        lease: Duration,
+    ) -> Result<BuildState, StoreError> {
+        self.append_latest_with(key, |now| {
+            Event::LeaseRenewed(cbs_events::LeaseRenewed {
+                attempt,
+                lease_expires_at: now + chrono::Duration::from_std(lease).unwrap_or_default(),
+            })
+        })
+        .await
+    }
+
+    /// [`Store::append_latest`] of the event `make` gives for the database's time.
+    async fn append_latest_with(
+        &self,
+        key: &BuildKey,
+        make: impl FnOnce(chrono::DateTime<Utc>) -> Event,
+    ) -> Result<BuildState, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let prev = queries::lock_build(&tx, key)
+        let (prev, time) = queries::lock_build_at(&tx, key)
             .await?
             .ok_or_else(|| StoreError::NotFound(key.clone()))?;
+        let event = make(time);
         let seq = prev.last_seq + 1;
         // On a refusal the transaction is dropped, which rolls it back.
-        let next = apply(Some(&prev), key, seq, now(), &event)?;
+        let next = apply(Some(&prev), key, seq, time, &event)?;
         if !queries::append_event(&tx, prev.last_seq, &next, &event).await? {
             return Err(StoreError::Corrupt(format!(
                 "build {key}: event {seq} exists although the row was locked at {}",

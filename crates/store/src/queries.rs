@@ -310,18 +310,36 @@ pub(crate) async fn get_build(
     row.as_ref().map(build_from_row).transpose()
 }
 
-/// One build's projection row, locked until the end of the transaction `c` is in.
-pub(crate) async fn lock_build(
+/// One build's projection row, locked until the end of the transaction `c` is in, and the
+/// database's clock: the time the event about to be appended happens at. Not before the
+/// build's last change, so that a build's event times never go back (`now()` is when the
+/// transaction began, which may be before a lock wait).
+pub(crate) async fn lock_build_at(
     c: &impl GenericClient,
     key: &BuildKey,
-) -> Result<Option<BuildState>, StoreError> {
+) -> Result<Option<(BuildState, chrono::DateTime<chrono::Utc>)>, StoreError> {
     let stmt = c
         .prepare_cached(&format!(
-            "SELECT {BUILD_COLUMNS} FROM builds WHERE key = $1 FOR UPDATE"
+            "SELECT {BUILD_COLUMNS}, now() AS db_now FROM builds WHERE key = $1 FOR UPDATE"
         ))
         .await?;
-    let row = c.query_opt(&stmt, &[&key.as_str()]).await?;
-    row.as_ref().map(build_from_row).transpose()
+    let Some(row) = c.query_opt(&stmt, &[&key.as_str()]).await? else {
+        return Ok(None);
+    };
+    let build = build_from_row(&row)?;
+    let now: chrono::DateTime<chrono::Utc> = row.try_get("db_now")?;
+    let now = now.max(build.updated_at);
+    Ok(Some((build, now)))
+}
+
+/// The database's clock. Every time the store records comes from it, so that a process
+/// whose clock is off (a worker's lease, an api's `available_at`) cannot make another
+/// process's decisions wrong: claims and rescues compare with the same clock.
+pub(crate) async fn db_now(
+    c: &impl GenericClient,
+) -> Result<chrono::DateTime<chrono::Utc>, StoreError> {
+    let stmt = c.prepare_cached("SELECT now() AS db_now").await?;
+    Ok(c.query_one(&stmt, &[]).await?.try_get("db_now")?)
 }
 
 /// A build's events after `after`, in sequence order. Per-build reads need no snapshot

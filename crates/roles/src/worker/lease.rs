@@ -1,6 +1,5 @@
 //! While an attempt runs: its lease is renewed, and a cancellation stops it.
 
-use cbs_events::{Event, LeaseRenewed};
 use cbs_projections::BuildState;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -17,12 +16,12 @@ pub(super) async fn renew_lease(app: App, build: BuildState, fenced: Cancellatio
     tick.tick().await; // the claim itself set the first lease
     loop {
         tick.tick().await;
-        let until = chrono::Utc::now() + chrono::Duration::from_std(lease).unwrap_or_default();
-        let event = Event::LeaseRenewed(LeaseRenewed {
-            attempt: build.attempt,
-            lease_expires_at: until,
-        });
-        match app.store.append_latest(&build.key, event).await {
+        // Until `lease` from now by the database's clock, not this host's.
+        match app
+            .store
+            .renew_lease(&build.key, build.attempt, lease)
+            .await
+        {
             Ok(_) => {}
             Err(e) if e.is_fenced() => {
                 warn!(error = %e, "lease lost: stopping the attempt");
