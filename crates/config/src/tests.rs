@@ -278,3 +278,25 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn metrics_listen_is_an_address_or_nothing() {
+    let m = |s: &str| crate::MetricsConfig { listen: s.into() }.listen_addr();
+    assert_eq!(m("").unwrap(), None);
+    assert_eq!(m("  ").unwrap(), None);
+    assert_eq!(
+        m("0.0.0.0:9235").unwrap(),
+        Some("0.0.0.0:9235".parse().unwrap())
+    );
+    for bad in [
+        "9235",
+        "localhost:9235",
+        "0.0.0.0:99999",
+        "http://x:1",
+        "[::1]",
+        "a\nb",
+    ] {
+        let e = m(bad).unwrap_err();
+        assert!(e.starts_with("metrics.listen "), "{bad}: {e}");
+    }
+}

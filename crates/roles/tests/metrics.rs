@@ -27,15 +27,16 @@ impl Drop for Role {
     fn drop(&mut self) {
         let pid = self.0.id().to_string();
         let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let until = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
+        // Its exit, within 20 s; SIGKILL after.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            if rx.recv_timeout(Duration::from_secs(20)).is_err() {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
+        });
         let _ = self.0.wait();
+        let _ = tx.send(());
+        let _ = waiter.join();
     }
 }
 
