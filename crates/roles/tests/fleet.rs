@@ -360,6 +360,82 @@ fn leading_janitor(fleet: &Fleet) -> String {
     panic!("no janitor holds the leader lock (lock held from {addr:?})");
 }
 
+impl Feed {
+    /// A compile step that starts from now on: the feed's length before it, its build,
+    /// attempt and worker.
+    async fn next_compile(&self) -> (usize, String, u64, String) {
+        let from = self.len();
+        let e = self
+            .wait_from(from, "a compile step starts", |e| {
+                e["type"] == "step_started" && e["data"]["step"] == "compile"
+            })
+            .await;
+        let key = e["key"].as_str().unwrap().to_owned();
+        let attempt = e["data"]["attempt"].as_u64().unwrap();
+        let worker = self.owner(&key, attempt).unwrap();
+        (from, key, attempt, worker)
+    }
+
+    /// After `key`'s `attempt` was rescued: when, the claim by a later attempt, the success.
+    async fn recovery(&self, key: &str, attempt: u64) -> Vec<(String, Instant)> {
+        let mut steps = Vec::new();
+        self.wait("rescue", |e| {
+            e["key"] == key && e["type"] == "requeued" && e["data"]["attempt"] == attempt
+        })
+        .await;
+        steps.push(("rescued".to_owned(), Instant::now()));
+        let claim = self
+            .wait("claim by another attempt", |e| {
+                e["key"] == key
+                    && e["type"] == "claimed"
+                    && e["data"]["attempt"].as_u64() > Some(attempt)
+            })
+            .await;
+        let by = claim["data"]["worker"].as_str().unwrap_or("?");
+        steps.push((format!("claimed by {by}"), Instant::now()));
+        self.wait("success", |e| e["key"] == key && e["type"] == "succeeded")
+            .await;
+        steps.push(("succeeded".to_owned(), Instant::now()));
+        steps
+    }
+}
+
+/// Applies `fault` to the worker (service name, container) of a compile that starts from
+/// now on, and `heal` once its attempt was rescued or ended. Fixture builds compile in
+/// seconds: a fault that lands after the attempt ended is tried again on the next compile,
+/// at most `tries` times. Returns the recovery and the fenced attempt.
+async fn fault_a_compile<A, H>(
+    feed: &Feed,
+    fleet: &Fleet,
+    fault: &'static str,
+    tries: usize,
+    apply: impl Fn(&str, &str) -> A,
+    heal: impl Fn(&str, &str) -> H,
+) -> (Recovery, (String, u64)) {
+    for _ in 0..tries {
+        let (from, key, attempt, worker) = feed.next_compile().await;
+        let victim = fleet.container(&worker);
+        let at = Instant::now();
+        apply(&worker, &victim);
+        let hit = rescued_or_ended(feed, from, &key, attempt).await;
+        heal(&worker, &victim);
+        if hit {
+            let steps = feed.recovery(&key, attempt).await;
+            let fenced = (key.clone(), attempt);
+            return (
+                Recovery {
+                    fault,
+                    key,
+                    at,
+                    steps,
+                },
+                fenced,
+            );
+        }
+    }
+    panic!("{fault}: no compile was caught in {tries} tries");
+}
+
 /// What became of `key`'s `attempt` after a fault: `true` when it was rescued (requeued),
 /// `false` when it ended on its own first (the fault came too late).
 async fn rescued_or_ended(feed: &Feed, from: usize, key: &str, attempt: u64) -> bool {
@@ -527,86 +603,23 @@ async fn a_fleet_loses_nothing_and_doubles_nothing_under_faults() {
         }
     }
 
-    // A compile step that starts from now on: its build, attempt and worker.
-    let compiling = || {
-        let feed = feed.clone();
-        let from = feed.len();
-        async move {
-            let e = feed
-                .wait_from(from, "a compile step starts", |e| {
-                    e["type"] == "step_started" && e["data"]["step"] == "compile"
-                })
-                .await;
-            let key = e["key"].as_str().unwrap().to_owned();
-            let attempt = e["data"]["attempt"].as_u64().unwrap();
-            let worker = feed.owner(&key, attempt).unwrap();
-            (from, key, attempt, worker)
-        }
-    };
-    let rescued_and_done = |key: String, attempt: u64| {
-        let feed = feed.clone();
-        async move {
-            let mut steps = Vec::new();
-            feed.wait("rescue", |e| {
-                e["key"] == key.as_str()
-                    && e["type"] == "requeued"
-                    && e["data"]["attempt"] == attempt
-            })
-            .await;
-            steps.push(("rescued".to_owned(), Instant::now()));
-            let claim = feed
-                .wait("claim by another attempt", |e| {
-                    e["key"] == key.as_str()
-                        && e["type"] == "claimed"
-                        && e["data"]["attempt"].as_u64() > Some(attempt)
-                })
-                .await;
-            steps.push((
-                format!(
-                    "claimed by {}",
-                    claim["data"]["worker"].as_str().unwrap_or("?")
-                ),
-                Instant::now(),
-            ));
-            feed.wait("success", |e| {
-                e["key"] == key.as_str() && e["type"] == "succeeded"
-            })
-            .await;
-            steps.push(("succeeded".to_owned(), Instant::now()));
-            steps
-        }
-    };
     let mut report: Vec<Recovery> = Vec::new();
     let mut fenced: Vec<(String, u64)> = Vec::new();
     let db_net = format!("{}_db", fleet.project);
     let storage_net = format!("{}_storage", fleet.project);
 
-    // 1. A compiling worker cut off from Postgres past its lease, then healed. Fixture
-    // builds compile in seconds: a fault that comes after the attempt ended is tried again
-    // on the next compile.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(tries <= 5, "no compile could be partitioned");
-        let (from, key, attempt, worker) = compiling().await;
-        let victim = fleet.container(&worker);
-        let at = Instant::now();
-        docker(&["network", "disconnect", &db_net, &victim]);
-        let hit = rescued_or_ended(&feed, from, &key, attempt).await;
-        docker(&["network", "connect", "--alias", &worker, &db_net, &victim]);
-        if !hit {
-            continue;
-        }
-        let steps = rescued_and_done(key.clone(), attempt).await;
-        fenced.push((key.clone(), attempt));
-        report.push(Recovery {
-            fault: "partition worker from Postgres",
-            key,
-            at,
-            steps,
-        });
-        break;
-    }
+    // 1. A compiling worker cut off from Postgres past its lease, then healed.
+    let (r, f) = fault_a_compile(
+        &feed,
+        &fleet,
+        "partition worker from Postgres",
+        5,
+        |_, victim| docker(&["network", "disconnect", &db_net, victim]),
+        |worker, victim| docker(&["network", "connect", "--alias", worker, &db_net, victim]),
+    )
+    .await;
+    report.push(r);
+    fenced.push(f);
 
     // 2. The S3 server cut off while builds publish, then reconnected.
     let s3 = fleet.container("s3");
@@ -649,58 +662,38 @@ async fn a_fleet_loses_nothing_and_doubles_nothing_under_faults() {
     });
 
     // 3. A compiling worker paused past its lease, then resumed (the zombie).
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(tries <= 5, "no compile could be paused");
-        let (from, key, attempt, worker) = compiling().await;
-        let victim = fleet.container(&worker);
-        let at = Instant::now();
-        docker(&["pause", &victim]);
-        let hit = rescued_or_ended(&feed, from, &key, attempt).await;
-        docker(&["unpause", &victim]);
-        if !hit {
-            continue;
-        }
-        let steps = rescued_and_done(key.clone(), attempt).await;
-        fenced.push((key.clone(), attempt));
-        report.push(Recovery {
-            fault: "pause worker past its lease",
-            key,
-            at,
-            steps,
-        });
-        break;
-    }
+    let (r, f) = fault_a_compile(
+        &feed,
+        &fleet,
+        "pause worker past its lease",
+        5,
+        |_, victim| docker(&["pause", victim]),
+        |_, victim| docker(&["unpause", victim]),
+    )
+    .await;
+    report.push(r);
+    fenced.push(f);
 
-    // 4. A compiling worker and the leading janitor killed; Postgres restarted.
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        assert!(tries <= 3, "no compile could be killed");
-        let janitor = leading_janitor(&fleet);
-        let pg = fleet.container("postgres");
-        let (from, key, attempt, worker) = compiling().await;
-        let victim = fleet.container(&worker);
-        let at = Instant::now();
-        docker(&["kill", &victim]);
-        docker(&["kill", &janitor]);
-        docker(&["restart", "-t", "2", &pg]);
-        docker(&["start", &victim]);
-        docker(&["start", &janitor]);
-        if !rescued_or_ended(&feed, from, &key, attempt).await {
-            continue;
-        }
-        let steps = rescued_and_done(key.clone(), attempt).await;
-        fenced.push((key.clone(), attempt));
-        report.push(Recovery {
-            fault: "kill worker and leading janitor, restart Postgres",
-            key,
-            at,
-            steps,
-        });
-        break;
-    }
+    // 4. A compiling worker and the leading janitor killed; Postgres restarted. (Every try
+    // restarts Postgres: at most three.)
+    let (r, f) = fault_a_compile(
+        &feed,
+        &fleet,
+        "kill worker and leading janitor, restart Postgres",
+        3,
+        |_, victim| {
+            docker(&["kill", victim]);
+            let janitor = leading_janitor(&fleet);
+            docker(&["kill", &janitor]);
+            docker(&["restart", "-t", "2", &fleet.container("postgres")]);
+            docker(&["start", victim]);
+            docker(&["start", &janitor]);
+        },
+        |_, _| {},
+    )
+    .await;
+    report.push(r);
+    fenced.push(f);
 
     // 5. An api replica killed while clients wait on it.
     let api = fleet.container("api1");
