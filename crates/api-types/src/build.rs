@@ -121,6 +121,10 @@ pub struct Build {
     /// Sequence number of the build's last event (the `after` of a long-poll).
     pub last_seq: u32,
     pub links: Links,
+    /// While queued, how many queued builds a worker takes before this one (0: next);
+    /// left out otherwise, and on answers other than `GET /api/build/{key}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_position: Option<u32>,
     pub request: BuildRequest,
     pub status: BuildStatus,
     /// The step the running attempt is in; left out when there is none.
@@ -178,4 +182,18 @@ impl Links {
             self_: format!("/api/build/{key}"),
         }
     }
+}
+
+/// `result` of `GET /api/resolve`: what a build request resolves to (every `latest` and
+/// query made absolute), its build key, and the build of that key if there is one. Nothing
+/// is recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Resolution {
+    /// The build of this key; `null` when it was never requested.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub build: Option<Build>,
+    /// The build key the request would have.
+    pub key: String,
+    pub request: BuildRequest,
 }

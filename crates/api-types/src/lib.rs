@@ -33,14 +33,14 @@ pub mod request;
 pub mod stream;
 
 pub use admin::{QueueEntry, QueueList, Worker, WorkerBuild, WorkerList};
-pub use build::{ArtifactInfo, Build, BuildStatus, FailureKind, LastError, Links};
+pub use build::{ArtifactInfo, Build, BuildStatus, FailureKind, LastError, Links, Resolution};
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{
     EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, RequeueReason,
     UnknownEventType,
 };
-pub use packages::{Package, PackageModule};
+pub use packages::{Package, PackageModule, PlatformOption, ServerOptions};
 pub use request::{
     ArmValue, BuildRequest, BuildSubmission, Plugin, PluginSubmission, Replacement,
     ReplacementSubmission,
@@ -56,6 +56,8 @@ pub type HistoryResponse = Envelope<HistoryPage>;
 pub type FeedResponse = Envelope<FeedPage>;
 /// `GET /api/packages`.
 pub type PackagesResponse = Envelope<Vec<Package>>;
+pub type ResolutionResponse = Envelope<Resolution>;
+pub type OptionsResponse = Envelope<ServerOptions>;
 /// `GET /api/admin/queue`.
 pub type QueueResponse = Envelope<QueueList>;
 /// `GET /api/admin/workers`.

@@ -412,6 +412,22 @@ impl Resolver {
         Ok(version)
     }
 
+    /// Every version the proxies list for `module` (its `@v/list`), newest first, releases
+    /// before pre-releases; versions that do not fit the module's major version are left
+    /// out. Not cached: the caller keeps the answer as long as it likes.
+    pub async fn list_versions(
+        &self,
+        module: &ModulePath,
+    ) -> Result<Vec<ModuleVersion>, ResolveError> {
+        match self
+            .fetch(&format!("{}/@v/list", module.escaped()))
+            .await?
+        {
+            Fetch::Body(list) => Ok(sorted_versions(module, &list)),
+            Fetch::Missing(_) => Ok(Vec::new()),
+        }
+    }
+
     /// Asks the proxies, uncached, for every module version of `request` (Caddy, plugins,
     /// replacements): `Err(Unavailable)` if one could not be asked (unreachable, timed out,
     /// a server error), `Ok(())` if the proxies answered every request, found or not. The
@@ -484,6 +500,22 @@ async fn read_capped(mut resp: reqwest::Response) -> Result<String, String> {
 
 /// The version `latest` means in a `@v/list` answer: the highest release, else the highest
 /// pre-release; only versions valid for the module count.
+/// The valid versions of a `@v/list` answer: releases newest first, then pre-releases
+/// newest first, without duplicates.
+fn sorted_versions(module: &ModulePath, list: &str) -> Vec<ModuleVersion> {
+    let mut valid: Vec<ModuleVersion> = list
+        .lines()
+        .filter_map(|l| l.trim().parse::<ModuleVersion>().ok())
+        .filter(|v| v.check_fits(module).is_ok())
+        .collect();
+    valid.sort_by(|a, b| {
+        let pre = |v: &ModuleVersion| v.as_str().contains('-');
+        pre(a).cmp(&pre(b)).then_with(|| b.cmp(a))
+    });
+    valid.dedup();
+    valid
+}
+
 fn highest(module: &ModulePath, list: &str) -> Option<ModuleVersion> {
     let valid: Vec<ModuleVersion> = list
         .lines()
@@ -502,6 +534,21 @@ fn highest(module: &ModulePath, list: &str) -> Option<ModuleVersion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listed_versions_are_releases_newest_first_then_prereleases() {
+        let caddy: ModulePath = "github.com/caddyserver/caddy/v2".parse().unwrap();
+        let list = "v2.7.6\nv2.9.0-beta.1\nnot-a-version\nv2.8.4\nv1.0.0\nv2.8.4\nv2.10.0-rc.1\n";
+        let got: Vec<String> = sorted_versions(&caddy, list)
+            .iter()
+            .map(|v| v.as_str().to_owned())
+            .collect();
+        assert_eq!(
+            got,
+            ["v2.8.4", "v2.7.6", "v2.10.0-rc.1", "v2.9.0-beta.1"],
+            "v1.0.0 does not fit a /v2 module; duplicates and junk are dropped"
+        );
+    }
 
     #[test]
     fn a_proxy_ca_file_without_certificates_is_refused() {

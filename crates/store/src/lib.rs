@@ -219,6 +219,12 @@ impl Store {
         queries::get_build(&client, key).await
     }
 
+    /// How many queued builds a worker takes before `key` (0: next); `None` unless queued.
+    pub async fn queue_position(&self, key: &BuildKey) -> Result<Option<u32>, StoreError> {
+        let client = self.client().await?;
+        queries::queue_position(&client, key).await
+    }
+
     /// A build's events with `seq > after`, oldest first, at most `limit`.
     pub async fn events(
         &self,
@@ -245,6 +251,26 @@ impl Store {
         types: &[cbs_events::EventType],
     ) -> Result<(Vec<RecordedEvent>, GlobalCursor), StoreError> {
         self.feed_scan(after, limit, types, FEED_SCAN).await
+    }
+
+    /// The last `limit` events of the global log (of `types`, among the last
+    /// [`FEED_SCAN`]), oldest first, and the cursor to follow the feed from.
+    pub async fn feed_tail(
+        &self,
+        limit: u32,
+        types: &[cbs_events::EventType],
+    ) -> Result<(Vec<RecordedEvent>, GlobalCursor), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let (events, end) = queries::feed_tail(&tx, limit, types, FEED_SCAN).await?;
+        tx.commit().await?;
+        let last = events.last().map(RecordedEvent::cursor).unwrap_or_default();
+        Ok((events, end.map_or(last, |e| e.max(last))))
     }
 
     /// [`Store::feed`] looking at `scan` events at most.

@@ -296,6 +296,29 @@ pub(crate) async fn claim(
     row.as_ref().map(build_from_row).transpose()
 }
 
+/// How many queued builds come before `key` in the claim's order (0: it is next); `None`
+/// unless `key` is queued. Reads the queued builds' partial index only.
+pub(crate) async fn queue_position(
+    c: &impl GenericClient,
+    key: &BuildKey,
+) -> Result<Option<u32>, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT count(q.key) AS ahead FROM builds b
+             LEFT JOIN builds q ON q.status = 'queued'
+                 AND (q.queue_rank, q.available_at, q.key) < (b.queue_rank, b.available_at, b.key)
+             WHERE b.key = $1 AND b.status = 'queued'
+             GROUP BY b.key",
+        )
+        .await?;
+    let row = c.query_opt(&stmt, &[&key.as_str()]).await?;
+    row.map(|r| {
+        let ahead: i64 = r.try_get("ahead")?;
+        Ok(u32::try_from(ahead).unwrap_or(u32::MAX))
+    })
+    .transpose()
+}
+
 /// One build's projection row.
 pub(crate) async fn get_build(
     c: &impl GenericClient,
@@ -410,6 +433,55 @@ pub(crate) async fn feed(
     rows.iter().map(event_from_row).collect()
 }
 
+/// The last `limit` events of the global log below the oldest running transaction (of
+/// `types`, among the last `scan` events), oldest first, and the cursor of the last visible
+/// event: a feed read from there on misses nothing.
+pub(crate) async fn feed_tail(
+    c: &impl GenericClient,
+    limit: u32,
+    types: &[EventType],
+    scan: i64,
+) -> Result<(Vec<RecordedEvent>, Option<GlobalCursor>), StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {EVENT_COLUMNS} FROM (
+                 SELECT * FROM (
+                     SELECT * FROM build_events
+                     WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+                     ORDER BY tx_id DESC, position DESC
+                     LIMIT $3
+                 ) w
+                 WHERE cardinality($1::text[]) = 0 OR event_type = ANY($1)
+                 ORDER BY tx_id DESC, position DESC
+                 LIMIT $2
+             ) t
+             ORDER BY tx_id, position"
+        ))
+        .await?;
+    let type_names: Vec<&str> = types.iter().map(|t| t.as_str()).collect();
+    let rows = c
+        .query(&stmt, &[&type_names, &i64::from(limit), &scan])
+        .await?;
+    let events: Vec<RecordedEvent> = rows.iter().map(event_from_row).collect::<Result<_, _>>()?;
+    // The end of the visible log (a filtered tail may end before it).
+    let end = feed_scan_end_desc(c).await?;
+    Ok((events, end))
+}
+
+/// The cursor of the last event below the oldest running transaction, if any.
+async fn feed_scan_end_desc(c: &impl GenericClient) -> Result<Option<GlobalCursor>, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "SELECT tx_id::text AS tx_id, position FROM build_events
+             WHERE tx_id < pg_snapshot_xmin(pg_current_snapshot())
+             ORDER BY tx_id DESC, position DESC
+             LIMIT 1",
+        )
+        .await?;
+    let row = c.query_opt(&stmt, &[]).await?;
+    row.map(|r| cursor_from_row(&r)).transpose()
+}
+
 /// The cursor of the last of the next `scan` visible events after `after`, if any.
 pub(crate) async fn feed_scan_end(
     c: &impl GenericClient,
@@ -432,17 +504,19 @@ pub(crate) async fn feed_scan_end(
     let row = c
         .query_opt(&stmt, &[&after.tx_id.to_string(), &after.position, &scan])
         .await?;
-    row.map(|r| {
-        let tx: String = r.try_get("tx_id")?;
-        let position: i64 = r.try_get("position")?;
-        Ok(GlobalCursor {
-            tx_id: tx
-                .parse()
-                .map_err(|_| StoreError::Corrupt(format!("tx_id {tx}")))?,
-            position,
-        })
+    row.map(|r| cursor_from_row(&r)).transpose()
+}
+
+/// A `(tx_id as text, position)` row as a cursor.
+fn cursor_from_row(r: &tokio_postgres::Row) -> Result<GlobalCursor, StoreError> {
+    let tx: String = r.try_get("tx_id")?;
+    let position: i64 = r.try_get("position")?;
+    Ok(GlobalCursor {
+        tx_id: tx
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("tx_id {tx}")))?,
+        position,
     })
-    .transpose()
 }
 
 /// One entry of the log's tail as the listener needs it.

@@ -128,14 +128,14 @@ async fn queue_cap(
     Ok(())
 }
 
-/// Resolves, keys and records a request (once per key, however many ask at once);
-/// reopens a failed build when forced.
-pub async fn submit(
+/// Refuses a request the server's rules forbid (denied or uncatalogued modules,
+/// replacements without the right, force without the admin scope): before anything is
+/// resolved or recorded.
+fn check_allowed(
     state: &ApiState,
-    parsed: Parsed,
+    parsed: &Parsed,
     caller: &super::access::Caller,
-    client: Option<&super::limit::ClientAddr>,
-) -> Result<BuildState, ApiError> {
+) -> Result<(), ApiError> {
     let packages = &state.app.config.packages;
     let spec = &parsed.spec;
     // Every module the build would contain or replace, under the deny and catalog rules;
@@ -170,6 +170,18 @@ pub async fn submit(
             "force needs an API token with the admin scope on this server",
         ));
     }
+    Ok(())
+}
+
+/// Resolves, keys and records a request (once per key, however many ask at once);
+/// reopens a failed build when forced.
+pub async fn submit(
+    state: &ApiState,
+    parsed: Parsed,
+    caller: &super::access::Caller,
+    client: Option<&super::limit::ClientAddr>,
+) -> Result<BuildState, ApiError> {
+    check_allowed(state, &parsed, caller)?;
     let request = state
         .resolver
         .resolve_spec(&parsed.spec)
@@ -269,6 +281,92 @@ pub async fn post_build(
     Ok((code, Json(super::wire::build_envelope(&build))).into_response())
 }
 
+/// `GET /api/resolve?<the parameters of POST /api/build>`: what the request resolves to and
+/// its build key, and that build if it exists; under the same rules as a submission, but
+/// nothing is recorded and no limit is charged.
+pub async fn resolve(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.tokens.submitter(&headers)?;
+    let parsed = params::from_query(query.as_deref())?;
+    if parsed.force {
+        return Err(ApiError::bad_request(
+            "force is a parameter of POST /api/build, not of a resolution",
+        ));
+    }
+    check_allowed(&state, &parsed, &caller)?;
+    let request = state
+        .resolver
+        .resolve_spec(&parsed.spec)
+        .await
+        .map_err(resolve_error)?;
+    let key = request.key();
+    let build = state.app.store.build(&key).await?;
+    Ok(Json(wire::Envelope::new(wire::Resolution {
+        build: build.as_ref().map(super::wire::build),
+        key: key.as_str().to_owned(),
+        request: super::wire::request(&request),
+    }))
+    .into_response())
+}
+
+/// How long the Caddy versions of `/api/options` are reused.
+const CADDY_VERSIONS_TTL: Duration = Duration::from_secs(300);
+
+/// The Caddy versions the module proxy lists, asked at most once per
+/// [`CADDY_VERSIONS_TTL`] (a failed ask is not kept).
+#[derive(Debug, Default)]
+pub struct CaddyVersions {
+    cached: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<String>>)>>,
+}
+
+impl CaddyVersions {
+    async fn get(&self, resolver: &cbs_goproxy::Resolver) -> std::sync::Arc<Vec<String>> {
+        let mut cached = self.cached.lock().await;
+        if let Some((at, v)) = cached.as_ref() {
+            if at.elapsed() < CADDY_VERSIONS_TTL {
+                return v.clone();
+            }
+        }
+        match resolver.list_versions(&cbs_domain::caddy_module()).await {
+            Ok(list) => {
+                let v = std::sync::Arc::new(list.iter().map(|v| v.as_str().to_owned()).collect());
+                *cached = Some((std::time::Instant::now(), std::sync::Arc::clone(&v)));
+                v
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list Caddy's versions");
+                std::sync::Arc::new(Vec::new())
+            }
+        }
+    }
+}
+
+/// `GET /api/options`: what a build request can choose on this server.
+pub async fn options(
+    State(state): State<ApiState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state.tokens.caller(&headers)?;
+    let packages = &state.app.config.packages;
+    let versions = state.caddy_versions.get(&state.resolver).await;
+    Ok(Json(wire::Envelope::new(wire::ServerOptions {
+        caddy_versions: versions.as_ref().clone(),
+        platforms: cbs_domain::platform::PLATFORMS
+            .iter()
+            .map(|(os, arch)| wire::PlatformOption {
+                arch: (*arch).to_owned(),
+                os: (*os).to_owned(),
+            })
+            .collect(),
+        replaceable: packages.replaceable.clone(),
+        replacements_allowed: caller.is_admin() || !packages.replaceable.is_empty(),
+    }))
+    .into_response())
+}
+
 /// After a failed read, a waiting request tries again this soon (or at the next wake-up).
 pub const READ_RETRY_PAUSE: Duration = Duration::from_millis(500);
 
@@ -354,6 +452,12 @@ pub async fn get_build(
     }
     .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
     let after = p.after.unwrap_or(build.last_seq);
+    if p.wait.is_zero() && build.status == Status::Queued {
+        // A plain read of a queued build says where it stands in the queue.
+        let mut body = super::wire::build_envelope(&build);
+        body.result.queue_position = state.app.store.queue_position(&key).await?;
+        return Ok(Json(body).into_response());
+    }
     if build.last_seq > after || p.wait.is_zero() {
         return Ok(answer(render(&build)));
     }
@@ -448,22 +552,31 @@ pub async fn history(
 pub const FEED_PAGE: u32 = 1000;
 
 /// `GET /api/events?after=<cursor>&limit=N&type=a,b`: the global audit feed, paged without
-/// skipping transactions that commit late.
+/// skipping transactions that commit late; `?last=N` instead gives the newest N events and
+/// the cursor to read on from (what a live view starts with).
 pub async fn feed(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let mut after = GlobalCursor::default();
+    let mut after = None;
     let mut limit: u32 = 100;
+    let mut last = None;
     let mut types: Vec<EventType> = Vec::new();
     for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
         match k.as_ref() {
             "after" => {
-                after = v
-                    .parse()
-                    .map_err(|e: cbs_events::BadCursor| ApiError::bad_request(e.to_string()))?
+                after = Some(
+                    v.parse::<GlobalCursor>().map_err(|e: cbs_events::BadCursor| {
+                        ApiError::bad_request(e.to_string())
+                    })?,
+                )
             }
             "limit" => limit = parse_limit(&v, FEED_PAGE)?,
+            "last" => {
+                last = Some(v.parse::<u32>().ok().filter(|l| (1..=FEED_PAGE).contains(l)).ok_or_else(
+                    || ApiError::bad_request(format!("last must be a number from 1 to {FEED_PAGE}")),
+                )?)
+            }
             "type" => {
                 for t in v.split(',').filter(|t| !t.is_empty()) {
                     types.push(t.parse().map_err(|e: cbs_events::UnknownEventType| {
@@ -473,7 +586,7 @@ pub async fn feed(
             }
             other => {
                 return Err(ApiError::bad_request(format!(
-                    "unknown parameter {:?}; known: after, limit, type",
+                    "unknown parameter {:?}; known: after, limit, last, type",
                     other.chars().take(40).collect::<String>()
                 )))
             }
@@ -481,7 +594,21 @@ pub async fn feed(
     }
     // With a type filter, one request scans a bounded stretch of the log; `next` moves past
     // what was scanned, so a type never written costs a bounded read per page.
-    let (events, next) = state.app.store.feed(after, limit, &types).await?;
+    let (events, next) = match (after, last) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request(
+                "give either after (read on from a cursor) or last (the newest events), not both",
+            ))
+        }
+        (None, Some(n)) => state.app.store.feed_tail(n, &types).await?,
+        (after, None) => {
+            state
+                .app
+                .store
+                .feed(after.unwrap_or_default(), limit, &types)
+                .await?
+        }
+    };
     let events = events
         .iter()
         .map(super::wire::feed_event)

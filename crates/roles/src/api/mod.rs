@@ -3,7 +3,10 @@
 //!
 //! - builds.rs: `POST /api/build` (JSON body or query parameters), `GET /api/build/{key}`
 //!   (status, long-poll with `wait` and `after`), `GET /api/build/{key}/history`,
-//!   `GET /api/events` (global audit feed), `GET /api/packages`;
+//!   `GET /api/events` (global audit feed), `GET /api/packages`, `GET /api/resolve` (what a
+//!   request resolves to, recording nothing), `GET /api/options` (the choices a request has);
+//! - web.rs: the web pages `/`, `/build/{key}`, `/build/{key}/history`, `/recent` and their
+//!   `/assets/{name}` (embedded; strict Content-Security-Policy);
 //! - sse.rs: `GET /api/build/{key}/events` (progress as Server-Sent Events);
 //! - download.rs: `GET|HEAD /api/build/{key}/download`, `/api/download/{key}` (the binary);
 //!   `/api/build/{key}/download.minisig`, `download.sha256`, `provenance`,
@@ -31,6 +34,7 @@ pub mod metrics;
 mod openapi;
 mod params;
 mod sse;
+mod web;
 pub mod wire;
 
 use std::net::SocketAddr;
@@ -116,6 +120,7 @@ pub struct ApiState {
     pub tokens: Arc<access::Tokens>,
     pub waits: Arc<limit::Waits>,
     pub package_counts: Arc<builds::PackageCounts>,
+    pub caddy_versions: Arc<builds::CaddyVersions>,
     pub trusted_proxies: Arc<Vec<access::Cidr>>,
     /// Key of the hash that turns client addresses into the ids builds record (the
     /// deployment's id: the same in every api process, and not public). Read from the
@@ -177,6 +182,13 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/compat", get(download::compat))
         .route("/api/events", get(builds::feed))
         .route("/api/packages", get(builds::packages))
+        .route("/api/resolve", get(builds::resolve))
+        .route("/api/options", get(builds::options))
+        .route("/", get(web::index))
+        .route("/recent", get(web::recent))
+        .route("/build/{key}", get(web::build))
+        .route("/build/{key}/history", get(web::history))
+        .route("/assets/{name}", get(web::assets))
         .route("/api/openapi.json", get(openapi::serve))
         .route("/metrics", get(metrics::serve))
         .route_layer(axum::middleware::from_fn(metrics::matched))
@@ -359,6 +371,7 @@ pub async fn run(
         client_salt: Arc::default(),
         tokens,
         package_counts: Arc::new(builds::PackageCounts::default()),
+        caddy_versions: Arc::new(builds::CaddyVersions::default()),
         waits: Arc::new(limit::Waits::new(
             app.config.api.max_waits_per_client,
             app.config.api.max_waits,

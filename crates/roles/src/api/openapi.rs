@@ -66,6 +66,7 @@ pub fn document(config: &Config) -> Value {
     doc.builds();
     doc.downloads();
     doc.admin();
+    doc.web();
     doc.meta();
     doc.metrics();
     doc.finish()
@@ -669,6 +670,11 @@ impl Doc {
                     "A cursor, `<transaction>-<position>` (`next` of the previous page, `0-0` at the start, the default)",
                 ))
                 .parameter(limit_param(super::builds::FEED_PAGE, &format!("Events per page, 1 to {} (default 100)", super::builds::FEED_PAGE)))
+                .parameter(query(
+                    "last",
+                    integer(1, u64::from(super::builds::FEED_PAGE)),
+                    "Instead of `after`: the newest N events (of the given types, among the last 10,000), oldest first; `next` is where to read on from",
+                ))
                 .parameter(
                     Parameter::builder()
                         .name("type")
@@ -687,6 +693,45 @@ impl Doc {
                 error(400, "A cursor, limit or type that is not valid, or an unknown parameter."),
                 self.read_401(),
                 unavailable("The database is unavailable"),
+            ],
+        );
+
+        self.op(
+            HttpMethod::Get,
+            "/api/resolve",
+            OperationBuilder::new()
+                .operation_id(Some("resolveBuild"))
+                .tag("builds")
+                .summary(Some("What a build request resolves to, and its build key"))
+                .description(Some("The parameters of `POST /api/build` (but not `force`), under the same rules; every `latest` and query is made absolute. Nothing is recorded, and no limit is charged. `build` is the build of that key if it exists (a `complete` one can be downloaded at once)."))
+                .parameters(Some(
+                    Self::request_params(true)
+                        .into_iter()
+                        .filter(|p| p.name != "force"),
+                ))
+                .securities(Some(self.submit_security())),
+            vec![
+                Answer::new(200, "The resolved request, its key, and its build (or null).")
+                    .json(named("ResolutionResponse")),
+                error(400, "The request is not valid, or the module proxy does not know a module or version. The message says what."),
+                self.submit_401(),
+                error(403, "A plugin is not allowed here, or a replacement needs the admin scope."),
+                unavailable("The module proxy or the database is unavailable"),
+            ],
+        );
+
+        self.op(
+            HttpMethod::Get,
+            "/api/options",
+            OperationBuilder::new()
+                .operation_id(Some("getOptions"))
+                .tag("builds")
+                .summary(Some("The choices a build request has on this server"))
+                .description(Some("Caddy versions the module proxy lists (asked at most every five minutes; `[]` when it cannot be asked), the target platforms, and what may be replaced. Query parameters are ignored."))
+                .securities(Some(self.read_security())),
+            vec![
+                Answer::new(200, "The options.").json(named("OptionsResponse")),
+                self.read_401(),
             ],
         );
 
@@ -1100,6 +1145,87 @@ impl Doc {
         );
     }
 
+    /// The web pages and their assets.
+    fn web(&mut self) {
+        let html = |what: &str| {
+            Answer::new(200, what)
+                .content("text/html; charset=utf-8", string())
+                .header(
+                    "Content-Security-Policy",
+                    string(),
+                    "Scripts, styles and requests from this origin only; no framing",
+                    true,
+                )
+                .header("ETag", string(), "A hash of the page", true)
+        };
+        let not_modified = || Answer::new(304, "The client's copy (`If-None-Match`) is current.");
+        for (path, id, summary) in [
+            ("/", "getDownloadPage", "The download page"),
+            ("/recent", "getRecentPage", "Recent builds, live"),
+        ] {
+            self.op(
+                HttpMethod::Get,
+                path,
+                OperationBuilder::new()
+                    .operation_id(Some(id))
+                    .tag("web")
+                    .summary(Some(summary))
+                    .description(Some("An HTML page; its scripts read the JSON API. Query parameters are read by the page's script, not the server."))
+                    .securities(Some(self.read_security())),
+                vec![html("The page."), not_modified(), self.read_401()],
+            );
+        }
+        for (path, id, summary) in [
+            ("/build/{key}", "getBuildPage", "A build's page: live progress, then the download"),
+            ("/build/{key}/history", "getBuildHistoryPage", "A build's history page"),
+        ] {
+            self.op(
+                HttpMethod::Get,
+                path,
+                OperationBuilder::new()
+                    .operation_id(Some(id))
+                    .tag("web")
+                    .summary(Some(summary))
+                    .description(Some("An HTML page for any well-formed key (the page says when no build has it)."))
+                    .parameter(key_param())
+                    .securities(Some(self.read_security())),
+                vec![
+                    html("The page."),
+                    not_modified(),
+                    bad_key_or_params(""),
+                    self.read_401(),
+                ],
+            );
+        }
+        self.op(
+            HttpMethod::Get,
+            "/assets/{name}",
+            OperationBuilder::new()
+                .operation_id(Some("getAsset"))
+                .tag("web")
+                .summary(Some("A script or the stylesheet of the pages"))
+                .parameter(
+                    Parameter::builder()
+                        .name("name")
+                        .parameter_in(ParameterIn::Path)
+                        .required(Required::True)
+                        .schema(Some(string()))
+                        .description(Some(format!("One of {}", super::web::ASSETS.join(", "))))
+                        .build(),
+                )
+                .securities(Some(self.read_security())),
+            vec![
+                Answer::new(200, "The file (`text/javascript` or `text/css`).")
+                    .content("text/javascript; charset=utf-8", string())
+                    .content("text/css; charset=utf-8", string())
+                    .header("ETag", string(), "A hash of the file", true),
+                not_modified(),
+                self.read_401(),
+                error(404, "No such asset."),
+            ],
+        );
+    }
+
     fn finish(self) -> Value {
         let mut schemas: Vec<(String, RefOr<Schema>)> = Vec::new();
         fn add<T: ToSchema>(schemas: &mut Vec<(String, RefOr<Schema>)>) {
@@ -1118,6 +1244,8 @@ impl Doc {
         add::<wire::StepData>(&mut schemas);
         add::<wire::LogData>(&mut schemas);
         add::<wire::ResultData>(&mut schemas);
+        add::<wire::Resolution>(&mut schemas);
+        add::<wire::ServerOptions>(&mut schemas);
         for (name, result, description) in [
             (
                 "BuildResponse",
@@ -1140,6 +1268,16 @@ impl Doc {
                     .items(schema_ref::<wire::Package>())
                     .into(),
                 "The plugin catalog.",
+            ),
+            (
+                "ResolutionResponse",
+                schema_ref::<wire::Resolution>(),
+                "A resolved request.",
+            ),
+            (
+                "OptionsResponse",
+                schema_ref::<wire::ServerOptions>(),
+                "The choices a build request has.",
             ),
             (
                 "QueueResponse",

@@ -83,6 +83,7 @@ pub fn build(b: &BuildState) -> wire::Build {
         key: key.to_owned(),
         last_seq: b.last_seq,
         links: wire::Links::for_key(key),
+        queue_position: None,
         request: request(&b.request),
         status: status(b.status),
         step: b.current_step.clone(),
