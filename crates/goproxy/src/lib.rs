@@ -419,10 +419,7 @@ impl Resolver {
         &self,
         module: &ModulePath,
     ) -> Result<Vec<ModuleVersion>, ResolveError> {
-        match self
-            .fetch(&format!("{}/@v/list", module.escaped()))
-            .await?
-        {
+        match self.fetch(&format!("{}/@v/list", module.escaped())).await? {
             Fetch::Body(list) => Ok(sorted_versions(module, &list)),
             Fetch::Missing(_) => Ok(Vec::new()),
         }

@@ -146,8 +146,11 @@ function onState(d) {
 function onLog(d) {
   const m = d.line.match(/^step (\S+) finished in ([0-9.]+)s/);
   if (m && steps.has(m[1])) {
+    // The step's summary: its duration, and the last line of its output.
     finishStep(m[1], parseFloat(m[2]));
+    appendLine(m[1], d.line);
     if (current === m[1]) current = null;
+    return;
   }
   appendLine(current, d.line);
 }

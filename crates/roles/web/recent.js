@@ -19,13 +19,13 @@ function show(e) {
   const status = STATUS_OF[e.type];
   // A failed attempt that will be retried is followed by `requeued`; the last word wins.
   if (status) row.status = status;
-  const r = row.request;
-  row.tr.replaceChildren(
-    el('td', {}, el('a', { href: `/build/${e.key}`, class: 'mono', text: e.key.slice(0, 12) })),
-    el('td', { text: r ? `${platformName(r)}, Caddy ${r.caddy_version}` : '' }),
-    el('td', { text: r ? (r.plugins.map((p) => p.module).join(', ') || '(none)') : '' }),
-    el('td', { text: STATUS_LABELS[row.status] || row.status }),
-    el('td', {}, el('time', { datetime: e.time, text: new Date(e.time).toLocaleTimeString() })));
+  row.time = e.time;
+  render(e.key, row);
+  if (!row.request && !row.asked) {
+    // Its `requested` event is older than what was read: the status has the request.
+    row.asked = true;
+    api(`/api/build/${e.key}`).then((b) => { row.request = b.request; render(e.key, row); }, () => {});
+  }
   $('builds').prepend(row.tr);
   while ($('builds').children.length > 100) {
     const last = $('builds').lastElementChild;
@@ -34,13 +34,23 @@ function show(e) {
   }
 }
 
+function render(key, row) {
+  const r = row.request;
+  row.tr.replaceChildren(
+    el('td', {}, el('a', { href: `/build/${key}`, class: 'mono', text: key.slice(0, 12) })),
+    el('td', { text: r ? `${platformName(r)}, Caddy ${r.caddy_version}` : '' }),
+    el('td', { text: r ? (r.plugins.map((p) => p.module).join(', ') || '(none)') : '' }),
+    el('td', { text: STATUS_LABELS[row.status] || row.status }),
+    el('td', {}, el('time', { datetime: row.time, text: new Date(row.time).toLocaleTimeString() })));
+}
+
 async function main() {
   let after = null;
   try {
-    // The last page of the feed first: `before` the end, newest last.
-    const page = await api('/api/events?limit=200&order=desc');
-    for (const e of [...page.events].reverse()) if (e.type !== 'output' && e.type !== 'lease_renewed') show(e);
-    after = page.events.length ? page.events[0].cursor : '0-0';
+    // The newest events first (oldest of them first), then the feed from there on.
+    const page = await api('/api/events?last=300');
+    for (const e of page.events) if (e.type !== 'output' && e.type !== 'lease_renewed') show(e);
+    after = page.next;
   } catch (e) {
     $('live').textContent = `Cannot read the feed: ${e.message}`;
     return;

@@ -12,6 +12,7 @@
 
 #![allow(unsafe_code)] // setuid and prctl between fork and exec, see `spawn_postgres`.
 
+pub mod browser;
 mod cluster;
 pub mod fixtures;
 mod image;

@@ -566,16 +566,22 @@ pub async fn feed(
         match k.as_ref() {
             "after" => {
                 after = Some(
-                    v.parse::<GlobalCursor>().map_err(|e: cbs_events::BadCursor| {
-                        ApiError::bad_request(e.to_string())
-                    })?,
+                    v.parse::<GlobalCursor>()
+                        .map_err(|e: cbs_events::BadCursor| ApiError::bad_request(e.to_string()))?,
                 )
             }
             "limit" => limit = parse_limit(&v, FEED_PAGE)?,
             "last" => {
-                last = Some(v.parse::<u32>().ok().filter(|l| (1..=FEED_PAGE).contains(l)).ok_or_else(
-                    || ApiError::bad_request(format!("last must be a number from 1 to {FEED_PAGE}")),
-                )?)
+                last = Some(
+                    v.parse::<u32>()
+                        .ok()
+                        .filter(|l| (1..=FEED_PAGE).contains(l))
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!(
+                                "last must be a number from 1 to {FEED_PAGE}"
+                            ))
+                        })?,
+                )
             }
             "type" => {
                 for t in v.split(',').filter(|t| !t.is_empty()) {
@@ -594,21 +600,20 @@ pub async fn feed(
     }
     // With a type filter, one request scans a bounded stretch of the log; `next` moves past
     // what was scanned, so a type never written costs a bounded read per page.
-    let (events, next) = match (after, last) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request(
+    let (events, next) =
+        match (after, last) {
+            (Some(_), Some(_)) => return Err(ApiError::bad_request(
                 "give either after (read on from a cursor) or last (the newest events), not both",
-            ))
-        }
-        (None, Some(n)) => state.app.store.feed_tail(n, &types).await?,
-        (after, None) => {
-            state
-                .app
-                .store
-                .feed(after.unwrap_or_default(), limit, &types)
-                .await?
-        }
-    };
+            )),
+            (None, Some(n)) => state.app.store.feed_tail(n, &types).await?,
+            (after, None) => {
+                state
+                    .app
+                    .store
+                    .feed(after.unwrap_or_default(), limit, &types)
+                    .await?
+            }
+        };
     let events = events
         .iter()
         .map(super::wire::feed_event)

@@ -1176,8 +1176,16 @@ impl Doc {
             );
         }
         for (path, id, summary) in [
-            ("/build/{key}", "getBuildPage", "A build's page: live progress, then the download"),
-            ("/build/{key}/history", "getBuildHistoryPage", "A build's history page"),
+            (
+                "/build/{key}",
+                "getBuildPage",
+                "A build's page: live progress, then the download",
+            ),
+            (
+                "/build/{key}/history",
+                "getBuildHistoryPage",
+                "A build's history page",
+            ),
         ] {
             self.op(
                 HttpMethod::Get,
@@ -1215,10 +1223,14 @@ impl Doc {
                 )
                 .securities(Some(self.read_security())),
             vec![
-                Answer::new(200, "The file (`text/javascript` or `text/css`).")
-                    .content("text/javascript; charset=utf-8", string())
-                    .content("text/css; charset=utf-8", string())
-                    .header("ETag", string(), "A hash of the file", true),
+                Answer::new(
+                    200,
+                    "The file (`text/javascript`, `text/css` or `image/svg+xml`).",
+                )
+                .content("text/javascript; charset=utf-8", string())
+                .content("text/css; charset=utf-8", string())
+                .content("image/svg+xml", string())
+                .header("ETag", string(), "A hash of the file", true),
                 not_modified(),
                 self.read_401(),
                 error(404, "No such asset."),

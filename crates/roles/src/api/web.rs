@@ -28,6 +28,7 @@ struct Asset {
 const HTML: &str = "text/html; charset=utf-8";
 const JS: &str = "text/javascript; charset=utf-8";
 const CSS: &str = "text/css; charset=utf-8";
+const SVG: &str = "image/svg+xml";
 
 macro_rules! asset {
     ($file:literal, $type:expr) => {
@@ -52,18 +53,20 @@ fn asset(name: &str) -> Option<Asset> {
         "build.js" => asset!("build.js", JS),
         "history.js" => asset!("history.js", JS),
         "recent.js" => asset!("recent.js", JS),
+        "icon.svg" => asset!("icon.svg", SVG),
         _ => return None,
     })
 }
 
 /// The names `/assets/{name}` serves (for tests and the OpenAPI document).
-pub const ASSETS: [&str; 6] = [
+pub const ASSETS: [&str; 7] = [
     "style.css",
     "common.js",
     "download.js",
     "build.js",
     "history.js",
     "recent.js",
+    "icon.svg",
 ];
 
 /// Serves an embedded file with the security headers; 304 when the client has it.
