@@ -512,6 +512,7 @@ async fn pick_two_plugins_build_watch_the_steps_and_download() {
     );
     assert!(verify.contains(status["result"]["artifact"]["sha256"].as_str().unwrap()));
     b.screenshot(&screenshots().join("build-desktop.png")).await;
+    accessible(&b).await;
     b.resize(390, 844).await;
     b.screenshot(&screenshots().join("build-phone.png")).await;
     // At a phone's width nothing is wider than the screen.
@@ -549,7 +550,80 @@ async fn pick_two_plugins_build_watch_the_steps_and_download() {
     fits_the_width(&b).await;
     b.screenshot(&screenshots().join("download-phone.png"))
         .await;
+    accessible(&b).await;
+    // Dark mode follows the system setting, still readable.
+    b.cmd(
+        "POST",
+        "/goog/cdp/execute",
+        serde_json::json!({"cmd": "Emulation.setEmulatedMedia", "params": {"features": [{"name": "prefers-color-scheme", "value": "dark"}]}}),
+    )
+    .await
+    .unwrap();
+    let background = b
+        .eval("getComputedStyle(document.body).backgroundColor")
+        .await;
+    assert_eq!(background, "rgb(15, 18, 22)");
+    accessible(&b).await;
+    b.screenshot(&screenshots().join("download-phone-dark.png"))
+        .await;
+    // A build that is done downloads at once, from the download page itself.
+    b.resize(1280, 900).await;
+    b.goto(&format!(
+        "{base}/?package=github.com/acme/alpha&package=github.com/Acme/Beta&os=linux&arch=amd64"
+    ))
+    .await;
+    b.wait_for(
+        "the deep link",
+        "document.getElementById('selected-count').textContent === '2 plugins selected'",
+        DEADLINE,
+    )
+    .await;
+    b.click("#check").await;
+    b.wait_for(
+        "the offer to download at once",
+        "document.getElementById('download-now') !== null",
+        DEADLINE,
+    )
+    .await;
+    // (The browser saves a file of the same name over the first: make room for it.)
+    let first = sha256_file(&file);
+    std::fs::remove_file(&file).unwrap();
+    b.click("#download").await;
+    let again = b.downloaded(DEADLINE).await;
+    assert_eq!(sha256_file(&again), first);
+    assert_eq!(b.eval("location.pathname").await, "/");
     same_origin_only(&b, base, false).await;
+}
+
+/// Every control has a name a screen reader can say, and text has at least WCAG AA
+/// contrast (4.5:1) against the background it is drawn on.
+async fn accessible(b: &Browser) {
+    let unnamed = b
+        .eval(
+            "[...document.querySelectorAll('input, select, textarea, button, a')].filter(e => e.offsetParent !== null).filter(e => !(e.getAttribute('aria-label') || (e.id && document.querySelector(`label[for='${e.id}']`)) || e.closest('label') || e.textContent.trim())).map(e => e.outerHTML.slice(0, 80))",
+        )
+        .await;
+    assert_eq!(unnamed, serde_json::json!([]), "controls without a name");
+    let low = b
+        .eval(
+            r#"(() => {
+  const rgb = (c) => { const m = c.match(/[\d.]+/g); return m ? m.map(Number) : [0, 0, 0, 0]; };
+  const lum = ([r, g, b]) => { const f = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : Math.pow((v + 0.055) / 1.055, 2.4); }; return 0.2126 * f(r) + 0.7152 * f(g) + 0.0722 * f(b); };
+  const bg = (e) => { for (; e; e = e.parentElement) { const c = rgb(getComputedStyle(e).backgroundColor); if (c.length < 4 || c[3] > 0) return c; } return [255, 255, 255]; };
+  const out = [];
+  for (const e of document.querySelectorAll('body *')) {
+    if (e.offsetParent === null || ![...e.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim())) continue;
+    if (e.closest('option')) continue;
+    const s = getComputedStyle(e);
+    const a = lum(rgb(s.color)), b = lum(bg(e));
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    if (ratio < 4.5) out.push(`${e.tagName}#${e.id}.${e.className} ${ratio.toFixed(2)}`);
+  }
+  return out;
+})()"#,
+        )
+        .await;
+    assert_eq!(low, serde_json::json!([]), "text below 4.5:1 contrast");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -90,12 +90,16 @@ impl Browser {
                     "--window-size=1280,900", "--no-first-run", "--no-default-browser-check",
                     "--disable-background-networking", "--disable-component-update",
                     "--disable-sync", "--metrics-recording-only", "--disable-default-apps",
+                    // No network here for Safe Browsing's scan of a downloaded program.
+                    "--safebrowsing-disable-download-protection",
                     format!("--user-data-dir={}", profile.path().display()),
                 ],
                 "prefs": {
                     "download.default_directory": downloads.path(),
                     "download.prompt_for_download": false,
-                    "safebrowsing.enabled": false,
+                    "safebrowsing": {"enabled": false, "disable_download_protection": true},
+                    // A second download from one site asks first; a user says yes once.
+                    "profile": {"default_content_setting_values": {"automatic_downloads": 1}},
                 },
             },
             "goog:loggingPrefs": {"performance": "ALL", "browser": "ALL"},
@@ -393,24 +397,30 @@ timer = setTimeout(() => finish(check()), {ms});"#
     /// Waits for a finished download in the download directory (a poll: the browser tells
     /// nothing when it is done); returns its path.
     pub async fn downloaded(&self, timeout: Duration) -> PathBuf {
+        self.downloads_done(1, timeout).await.remove(0)
+    }
+
+    /// Waits until `n` downloads have finished; returns them, oldest first.
+    pub async fn downloads_done(&self, n: usize, timeout: Duration) -> Vec<PathBuf> {
         let until = Instant::now() + timeout;
         loop {
-            let files: Vec<PathBuf> = std::fs::read_dir(self.downloads.path())
-                .unwrap()
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            let partial = files.iter().any(|p| {
+            let mut files: Vec<(std::time::SystemTime, PathBuf)> =
+                std::fs::read_dir(self.downloads.path())
+                    .unwrap()
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
+                    .collect();
+            let partial = files.iter().any(|(_, p)| {
                 p.extension()
                     .is_some_and(|x| x == "crdownload" || x == "tmp")
             });
-            if !partial {
-                if let Some(f) = files.into_iter().next() {
-                    return f;
-                }
+            if !partial && files.len() >= n {
+                files.sort();
+                return files.into_iter().map(|(_, p)| p).collect();
             }
             assert!(
                 Instant::now() < until,
-                "no download finished in {timeout:?}"
+                "{n} download(s) did not finish in {timeout:?}"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
