@@ -541,7 +541,7 @@ def flatmap_case(context, case):
     let operations = documented(&doc);
     let matches = |template: &str, path: &str| {
         let (t, p): (Vec<_>, Vec<_>) = (template.split('/').collect(), path.split('/').collect());
-        t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| t == p || *t == "{key}")
+        t.len() == p.len() && t.iter().zip(&p).all(|(t, p)| t == p || t.starts_with('{'))
     };
     let mut per_operation: BTreeMap<String, usize> = BTreeMap::new();
     for e in &exchanges {

@@ -1217,8 +1217,8 @@ impl Doc {
                         .name("name")
                         .parameter_in(ParameterIn::Path)
                         .required(Required::True)
-                        .schema(Some(string()))
-                        .description(Some(format!("One of {}", super::web::ASSETS.join(", "))))
+                        .schema(Some(string().enum_values(Some(super::web::ASSETS))))
+                        .description(Some("The file's name"))
                         .build(),
                 )
                 .securities(Some(self.read_security())),
