@@ -173,6 +173,18 @@ signing:
         r.json().await.unwrap()
     }
 
+    /// Asks for a build (`POST /api/build?{query}`); returns its key.
+    async fn submit(&self, query: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(format!("{}/api/build?{query}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{query}: {}", r.status());
+        let v: Value = r.json().await.unwrap();
+        v["result"]["key"].as_str().unwrap().to_owned()
+    }
+
     async fn wait_ended(&self, key: &str) -> Value {
         let until = Instant::now() + DEADLINE;
         let mut after = 0;
@@ -333,28 +345,12 @@ async fn pages_carry_a_strict_policy_and_the_new_endpoints_answer() {
         feed["result"]["events"].as_array().unwrap().is_empty(),
         "a resolution recorded something: {feed}"
     );
-    let posted: Value = http
-        .post(format!("{base}/api/build?{q}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(posted["result"]["key"], key.as_str());
+    assert_eq!(site.submit(q).await, key);
     let r = site.get(&format!("/api/resolve?{q}")).await;
     assert_eq!(r["result"]["build"]["status"], "queued");
 
     // Queue positions (no worker runs): the first is next, the second has one ahead.
-    let second: Value = http
-        .post(format!("{base}/api/build?os=linux&arch=arm64"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let second = second["result"]["key"].as_str().unwrap().to_owned();
+    let second = site.submit("os=linux&arch=arm64").await;
     assert_eq!(
         site.get(&format!("/api/build/{key}")).await["result"]["queue_position"],
         0
@@ -693,18 +689,9 @@ async fn the_build_page_resumes_after_an_api_restart_without_duplicates() {
     let mut site = Site::start().await;
     let b = Browser::start().await;
     let base = site.base.clone();
-    let http = reqwest::Client::new();
-    let posted: Value = http
-        .post(format!(
-            "{base}/api/build?os=windows&arch=amd64&p=example.com/gamma/v2"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let key = posted["result"]["key"].as_str().unwrap().to_owned();
+    let key = site
+        .submit("os=windows&arch=amd64&p=example.com/gamma/v2")
+        .await;
     b.goto(&format!("{base}/build/{key}")).await;
     b.wait_for(
         "the queue position",
@@ -845,16 +832,7 @@ async fn recent_builds_follow_the_feed_live() {
     let site = Site::start().await;
     let b = Browser::start().await;
     let base = &site.base;
-    let http = reqwest::Client::new();
-    let first: Value = http
-        .post(format!("{base}/api/build?os=linux&arch=amd64"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let first = first["result"]["key"].as_str().unwrap().to_owned();
+    let first = site.submit("os=linux&arch=amd64").await;
     b.goto(&format!("{base}/recent")).await;
     b.wait_for(
         "the build already asked for",
@@ -862,15 +840,7 @@ async fn recent_builds_follow_the_feed_live() {
         DEADLINE,
     )
     .await;
-    let second: Value = http
-        .post(format!("{base}/api/build?os=freebsd&arch=amd64"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let second = second["result"]["key"].as_str().unwrap().to_owned();
+    let second = site.submit("os=freebsd&arch=amd64").await;
     b.wait_for(
         "a new build, live",
         &format!("document.querySelector('#builds tr:first-child')?.dataset.key === '{second}'"),
