@@ -58,6 +58,7 @@ pub type FeedResponse = Envelope<FeedPage>;
 pub type PackagesResponse = Envelope<Vec<Package>>;
 pub type ResolutionResponse = Envelope<Resolution>;
 pub type OptionsResponse = Envelope<ServerOptions>;
+pub type BuildsResponse = Envelope<Vec<Build>>;
 /// `GET /api/admin/queue`.
 pub type QueueResponse = Envelope<QueueList>;
 /// `GET /api/admin/workers`.

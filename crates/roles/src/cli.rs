@@ -43,6 +43,42 @@ pub enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// A client of a build server: status, history, the signing key, and whether this
+    /// server built and signed a file. Exit codes: 0 ok, 1 the build failed, 2 bad input,
+    /// 3 verification failed, 4 the server cannot be reached.
+    Client {
+        /// The server's URL.
+        #[arg(
+            long,
+            global = true,
+            env = "CBS_SERVER",
+            default_value = "http://127.0.0.1:8234"
+        )]
+        server: String,
+        #[command(subcommand)]
+        command: ClientCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Print the server's signing public key (pinned on first use; a changed key is an error).
+    PublicKey {
+        /// Trust this public key file instead of the pinned one.
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
+    },
+    /// A build's status (exit 1 when it failed, gave up or was cancelled).
+    Status { key: String },
+    /// A build's events, oldest first.
+    History { key: String },
+    /// Whether this server built and signed exactly this file, and from what request.
+    Verify {
+        file: std::path::PathBuf,
+        /// Trust this public key file instead of the pinned one.
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod cli;
+pub mod client;
 pub mod janitor;
 pub mod shutdown;
 pub mod worker;
@@ -145,6 +146,10 @@ pub async fn main(cli: cli::Cli) -> anyhow::Result<()> {
         }
         Command::All => Box::pin(run_all(config, shutdown)).await,
         Command::Healthcheck { url } => healthcheck(&config, url).await,
+        Command::Client { server, command } => match client::run(server, command).await {
+            c if c == std::process::ExitCode::SUCCESS => Ok(()),
+            _ => anyhow::bail!("the client command failed"),
+        },
     }
 }
 

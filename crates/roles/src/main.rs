@@ -22,6 +22,10 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    if let cbs_roles::cli::Command::Client { server, command } = cli.command {
+        // The client needs no config file and logs nothing: it prints its answers.
+        return runtime.block_on(cbs_roles::client::run(server, command));
+    }
     match runtime.block_on(cbs_roles::main(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

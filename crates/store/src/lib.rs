@@ -219,6 +219,12 @@ impl Store {
         queries::get_build(&client, key).await
     }
 
+    /// The builds whose binary has this SHA-256 (lower-case hex), newest first (at most 10).
+    pub async fn builds_by_artifact(&self, sha256: &str) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::builds_by_artifact(&client, sha256).await
+    }
+
     /// How many queued builds a worker takes before `key` (0: next); `None` unless queued.
     pub async fn queue_position(&self, key: &BuildKey) -> Result<Option<u32>, StoreError> {
         let client = self.client().await?;

@@ -319,6 +319,22 @@ pub(crate) async fn queue_position(
     .transpose()
 }
 
+/// The builds whose stored artifact has this SHA-256 (lower-case hex), newest first.
+pub(crate) async fn builds_by_artifact(
+    c: &impl GenericClient,
+    sha256: &str,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE artifact IS NOT NULL AND artifact->>'sha256' = $1
+             ORDER BY updated_at DESC LIMIT 10"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&sha256]).await?;
+    rows.iter().map(build_from_row).collect()
+}
+
 /// One build's projection row.
 pub(crate) async fn get_build(
     c: &impl GenericClient,

@@ -312,6 +312,28 @@ pub async fn resolve(
     .into_response())
 }
 
+/// `GET /api/artifacts/{sha256}`: the builds whose binary has these bytes (what a client
+/// that holds a binary asks: did this server build it?); 404 when none.
+pub async fn by_artifact(
+    State(state): State<ApiState>,
+    Path(sha256): Path<String>,
+) -> Result<Response, ApiError> {
+    let sha256 = sha256.to_ascii_lowercase();
+    if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(
+            "a binary's SHA-256 is 64 hex digits (as sha256sum prints it)",
+        ));
+    }
+    let builds = state.app.store.builds_by_artifact(&sha256).await?;
+    if builds.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no build of this server has a binary with SHA-256 {sha256}"
+        )));
+    }
+    let builds: Vec<wire::Build> = builds.iter().map(super::wire::build).collect();
+    Ok(Json(wire::Envelope::new(builds)).into_response())
+}
+
 /// How long the Caddy versions of `/api/options` are reused.
 const CADDY_VERSIONS_TTL: Duration = Duration::from_secs(300);
 

@@ -184,6 +184,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/packages", get(builds::packages))
         .route("/api/resolve", get(builds::resolve))
         .route("/api/options", get(builds::options))
+        .route("/api/artifacts/{sha256}", get(builds::by_artifact))
         .route("/", get(web::index))
         .route("/recent", get(web::recent))
         .route("/build/{key}", get(web::build))

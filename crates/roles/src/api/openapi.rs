@@ -722,6 +722,34 @@ impl Doc {
 
         self.op(
             HttpMethod::Get,
+            "/api/artifacts/{sha256}",
+            OperationBuilder::new()
+                .operation_id(Some("getBuildsByArtifact"))
+                .tag("downloads")
+                .summary(Some("The builds whose binary has this SHA-256"))
+                .description(Some("Did this server build these bytes? `caddy-build-server client verify FILE` asks this, then checks the signature and the binary's build information against the build's request."))
+                .parameter(
+                    Parameter::builder()
+                        .name("sha256")
+                        .parameter_in(ParameterIn::Path)
+                        .required(Required::True)
+                        .schema(Some(string().pattern(Some("^[0-9a-fA-F]{64}$"))))
+                        .description(Some("The binary's SHA-256, 64 hex digits"))
+                        .build(),
+                )
+                .securities(Some(self.read_security())),
+            vec![
+                Answer::new(200, "The builds (newest first; at most 10).")
+                    .json(named("BuildsResponse")),
+                error(400, "Not 64 hex digits."),
+                self.read_401(),
+                error(404, "No build of this server has a binary with these bytes."),
+                unavailable("The database is unavailable"),
+            ],
+        );
+
+        self.op(
+            HttpMethod::Get,
             "/api/options",
             OperationBuilder::new()
                 .operation_id(Some("getOptions"))
@@ -1285,6 +1313,13 @@ impl Doc {
                 "ResolutionResponse",
                 schema_ref::<wire::Resolution>(),
                 "A resolved request.",
+            ),
+            (
+                "BuildsResponse",
+                ArrayBuilder::new()
+                    .items(schema_ref::<wire::Build>())
+                    .into(),
+                "Builds.",
             ),
             (
                 "OptionsResponse",

@@ -1,0 +1,446 @@
+//! `caddy-build-server client ...`: a client of a build server, for people and scripts,
+//! speaking the wire formats of `cbs-api-types`. A subcommand group of the one binary (not a
+//! second binary): one download, one version, and it shares the server's own readers of
+//! build information and signatures, so the client checks exactly what the server signs.
+//!
+//! The server comes from `--server` or `CBS_SERVER`. Its signing key is pinned on first use
+//! in the user's config directory (`$CBS_CLIENT_DIR`, else `$XDG_CONFIG_HOME` or
+//! `~/.config`, then `caddy-build-server/keys/`); a key that changed later is an error that
+//! says so, unless `--public-key` names the key to trust.
+//!
+//! Exit codes: 0 ok; 1 the build failed; 2 bad input (arguments, a file, a request the
+//! server refused); 3 verification failed (unknown binary, bad signature, mismatching build
+//! information, a changed key); 4 the server cannot be reached or failed.
+
+// Printing is this module's interface: answers on stdout, failures and notes on stderr.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use cbs_api_types as wire;
+use sha2::Digest;
+
+use crate::cli::ClientCommand;
+
+/// Why the client stopped; each kind has its exit code.
+#[derive(Debug)]
+pub enum Failure {
+    BuildFailed(String),
+    BadInput(String),
+    /// The server has no such thing (a bad input, unless the caller knows better).
+    NotFound(String),
+    Verification(String),
+    Unreachable(String),
+}
+
+impl Failure {
+    pub fn code(&self) -> u8 {
+        match self {
+            Failure::BuildFailed(_) => 1,
+            Failure::BadInput(_) | Failure::NotFound(_) => 2,
+            Failure::Verification(_) => 3,
+            Failure::Unreachable(_) => 4,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Failure::BuildFailed(m)
+            | Failure::BadInput(m)
+            | Failure::NotFound(m)
+            | Failure::Verification(m)
+            | Failure::Unreachable(m) => m,
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, Failure>;
+
+/// Runs a client command; prints its failure and returns the exit code.
+pub async fn run(server: String, command: ClientCommand) -> ExitCode {
+    let client = match Client::new(&server) {
+        Ok(c) => c,
+        Err(f) => return fail(&f),
+    };
+    let result = match command {
+        ClientCommand::PublicKey { public_key } => client
+            .public_key(public_key.as_deref())
+            .await
+            .map(|k| print!("{k}")),
+        ClientCommand::Status { key } => client.status(&key).await,
+        ClientCommand::History { key } => client.history(&key).await,
+        ClientCommand::Verify { file, public_key } => {
+            client.verify(&file, public_key.as_deref()).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => fail(&f),
+    }
+}
+
+fn fail(f: &Failure) -> ExitCode {
+    eprintln!("error: {}", f.message());
+    ExitCode::from(f.code())
+}
+
+struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(server: &str) -> Result<Client> {
+        let base = server.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&base).map_err(|e| {
+            Failure::BadInput(format!(
+                "--server {server:?} is not a URL ({e}); give one like https://builds.example.com"
+            ))
+        })?;
+        if !["http", "https"].contains(&url.scheme()) {
+            return Err(Failure::BadInput(format!(
+                "--server {server:?}: only http and https servers"
+            )));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .user_agent(concat!(
+                "caddy-build-server-client/",
+                env!("CARGO_PKG_VERSION")
+            ))
+            .build()
+            .map_err(|e| Failure::Unreachable(format!("cannot make an HTTP client: {e}")))?;
+        Ok(Client { base, http })
+    }
+
+    /// GETs `path`; the body of a 2xx answer, or the failure the status means.
+    async fn get(&self, path: &str) -> Result<reqwest::Response> {
+        let url = format!("{}{path}", self.base);
+        let resp = self.http.get(&url).send().await.map_err(|e| {
+            Failure::Unreachable(format!(
+                "cannot reach {}: {e}; check the address (--server or CBS_SERVER) and your network",
+                self.base
+            ))
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let body = resp.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<wire::ErrorBody>(&body)
+            .map(|e| e.error.message)
+            .unwrap_or_else(|_| body.chars().take(200).collect());
+        let said = format!("{} answered {status} to {path}: {message}", self.base);
+        Err(if status.is_server_error() {
+            Failure::Unreachable(said)
+        } else if status == reqwest::StatusCode::NOT_FOUND {
+            Failure::NotFound(said)
+        } else {
+            Failure::BadInput(said)
+        })
+    }
+
+    async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let resp = self.get(path).await?;
+        resp.json::<wire::Envelope<T>>()
+            .await
+            .map(|e| e.result)
+            .map_err(|e| {
+                Failure::Unreachable(format!(
+                    "{} answered {path} with something that is not this API's JSON: {e}",
+                    self.base
+                ))
+            })
+    }
+
+    /// The server's public key file: the one given, else the pinned one (checked against
+    /// what the server serves now), else the server's, pinned from now on.
+    async fn public_key(&self, given: Option<&Path>) -> Result<String> {
+        if let Some(p) = given {
+            let text = std::fs::read_to_string(p)
+                .map_err(|e| Failure::BadInput(format!("--public-key {}: {e}", p.display())))?;
+            cbs_signing::parse_public_key(&text)
+                .map_err(|e| Failure::BadInput(format!("--public-key {}: {e}", p.display())))?;
+            return Ok(text);
+        }
+        let served = self
+            .get("/api/public-key")
+            .await?
+            .text()
+            .await
+            .map_err(|e| Failure::Unreachable(format!("reading the public key: {e}")))?;
+        let served_key = cbs_signing::parse_public_key(&served).map_err(|e| {
+            Failure::Verification(format!("the server's public key is not valid: {e}"))
+        })?;
+        let pin = pin_file(&self.base)?;
+        match std::fs::read_to_string(&pin) {
+            Ok(pinned) => {
+                let pinned_key = cbs_signing::parse_public_key(&pinned).map_err(|e| {
+                    Failure::Verification(format!(
+                        "the pinned key {} is not valid: {e}",
+                        pin.display()
+                    ))
+                })?;
+                if pinned_key != served_key {
+                    return Err(Failure::Verification(format!(
+                        "the signing key of {} changed: pinned {pinned_key} (in {}), now served {served_key}. If the operator rotated the key, check the new one with them, then delete the pinned file or pass --public-key",
+                        self.base,
+                        pin.display()
+                    )));
+                }
+                Ok(pinned)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = pin.parent() {
+                    std::fs::create_dir_all(dir).map_err(|e| {
+                        Failure::BadInput(format!("creating {}: {e}", dir.display()))
+                    })?;
+                }
+                std::fs::write(&pin, &served).map_err(|e| {
+                    Failure::BadInput(format!("pinning the key in {}: {e}", pin.display()))
+                })?;
+                eprintln!(
+                    "pinned the signing key of {} ({served_key}) in {}",
+                    self.base,
+                    pin.display()
+                );
+                Ok(served)
+            }
+            Err(e) => Err(Failure::BadInput(format!("reading {}: {e}", pin.display()))),
+        }
+    }
+
+    async fn status(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        let b: wire::Build = self.json(&format!("/api/build/{key}")).await?;
+        let r = &b.request;
+        println!("build {}", b.key);
+        println!("status   {}", status_word(b.status));
+        println!("caddy    {} for {}", r.caddy_version, platform(r));
+        for p in &r.plugins {
+            println!("plugin   {}@{}", p.module, p.version);
+        }
+        for x in &r.replacements {
+            println!("replace  {} => {}@{}", x.old, x.new, x.version);
+        }
+        if let Some(a) = &b.artifact {
+            println!("binary   {} bytes, sha256 {}", a.size, a.sha256);
+        }
+        if let Some(p) = b.queue_position {
+            println!("queue    {p} ahead");
+        }
+        if let Some(e) = &b.error {
+            println!("error    {}", e.message);
+        }
+        match b.status {
+            wire::BuildStatus::Failed
+            | wire::BuildStatus::GaveUp
+            | wire::BuildStatus::Cancelled => Err(Failure::BuildFailed(format!(
+                "build {key} {}",
+                status_word(b.status)
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    async fn history(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        let mut after = 0;
+        loop {
+            let page: wire::HistoryPage = self
+                .json(&format!("/api/build/{key}/history?after={after}"))
+                .await?;
+            for e in &page.events {
+                // `{"data", "seq", "time", "type"}` as the api writes it.
+                let data = serde_json::to_value(e).unwrap_or_default();
+                println!(
+                    "{:>4} {} {:<14} {}",
+                    e.seq,
+                    e.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    data["type"].as_str().unwrap_or(""),
+                    data["data"]
+                );
+            }
+            match page.next {
+                Some(n) => after = n,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Did this server build and sign exactly this file?
+    async fn verify(&self, file: &Path, public_key: Option<&Path>) -> Result<()> {
+        let bytes = std::fs::read(file)
+            .map_err(|e| Failure::BadInput(format!("{}: {e}", file.display())))?;
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let info = cbs_domain::buildinfo::BuildInfo::from_binary(&bytes).map_err(|e| {
+            Failure::Verification(format!(
+                "{} is not a Caddy binary this server could have built: {e}",
+                file.display()
+            ))
+        })?;
+        let says = describe_info(&info);
+        let key_text = self.public_key(public_key).await?;
+        let builds: Vec<wire::Build> = match self.json(&format!("/api/artifacts/{sha}")).await {
+            Ok(b) => b,
+            Err(Failure::NotFound(_)) => {
+                return Err(Failure::Verification(format!(
+                    "unknown binary: {} never built a file with these bytes (sha256 {sha}). The file says it is {says}; a rebuild of that request elsewhere, or a changed file, gives other bytes",
+                    self.base
+                )))
+            }
+            Err(f) => return Err(f),
+        };
+        let mut why = Vec::new();
+        for b in builds {
+            let sig = self
+                .get(&format!("/api/build/{}/download.minisig", b.key))
+                .await?
+                .text()
+                .await
+                .map_err(|e| Failure::Unreachable(format!("reading the signature: {e}")))?;
+            let trusted = match cbs_signing::verify(&key_text, &sig, std::io::Cursor::new(&bytes)) {
+                Ok(t) => t,
+                Err(e) => {
+                    why.push(format!(
+                        "build {}: the signature does not verify: {e}",
+                        b.key
+                    ));
+                    continue;
+                }
+            };
+            let request: cbs_domain::BuildRequest =
+                match serde_json::to_value(&b.request).and_then(serde_json::from_value) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        why.push(format!("build {}: its request cannot be read: {e}", b.key));
+                        continue;
+                    }
+                };
+            if request.key().as_str() != b.key {
+                why.push(format!(
+                    "build {}: its request does not have this key",
+                    b.key
+                ));
+                continue;
+            }
+            if let Err(mismatches) = info.check_matches(&request) {
+                why.push(format!(
+                    "build {}: the file's build information differs from the request: {}",
+                    b.key,
+                    mismatches.join("; ")
+                ));
+                continue;
+            }
+            let r = &b.request;
+            println!("OK: {} built and signed this file", self.base);
+            println!("build    {}", b.key);
+            println!("caddy    {} for {}", r.caddy_version, platform(r));
+            for p in &r.plugins {
+                println!("plugin   {}@{}", p.module, p.version);
+            }
+            for x in &r.replacements {
+                println!("replace  {} => {}@{}", x.old, x.new, x.version);
+            }
+            println!("sha256   {sha}");
+            println!(
+                "built    {}",
+                b.updated_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            );
+            println!("signed   {trusted}");
+            return Ok(());
+        }
+        Err(Failure::Verification(format!(
+            "{} has a build with these bytes, but: {}",
+            self.base,
+            why.join("; ")
+        )))
+    }
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.len() == 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(Failure::BadInput(format!(
+            "{:?} is not a build key (64 lower-case hex digits)",
+            key.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+fn platform(r: &wire::BuildRequest) -> String {
+    match r.arm {
+        Some(v) => format!("{}/{}v{v}", r.os, r.arch),
+        None => format!("{}/{}", r.os, r.arch),
+    }
+}
+
+fn status_word(s: wire::BuildStatus) -> &'static str {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| {
+            v.as_str().map(|s| match s {
+                "queued" => "queued",
+                "running" => "running",
+                "complete" => "complete",
+                "failed" => "failed",
+                "gave_up" => "gave up",
+                "cancelled" => "cancelled",
+                "expired" => "expired",
+                _ => "unknown",
+            })
+        })
+        .unwrap_or("unknown")
+}
+
+/// What a binary's build information says, in a line.
+fn describe_info(info: &cbs_domain::buildinfo::BuildInfo) -> String {
+    let caddy = info
+        .dep(cbs_domain::caddy_module().as_str())
+        .map_or("no Caddy module".to_owned(), |m| {
+            format!("Caddy {}", m.version)
+        });
+    let os = info.settings.get("GOOS").map_or("?", String::as_str);
+    let arch = info.settings.get("GOARCH").map_or("?", String::as_str);
+    format!(
+        "{caddy} for {os}/{arch} with {} modules, built by {}",
+        info.deps.len(),
+        info.go_version
+    )
+}
+
+/// Where the key of `server` is pinned.
+fn pin_file(server: &str) -> Result<PathBuf> {
+    let dir = std::env::var_os("CBS_CLIENT_DIR")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("XDG_CONFIG_HOME")
+                .map(|d| PathBuf::from(d).join("caddy-build-server"))
+        })
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config/caddy-build-server"))
+        })
+        .ok_or_else(|| {
+            Failure::BadInput(
+                "no config directory to pin the server's key in (set CBS_CLIENT_DIR or HOME), or pass --public-key".into(),
+            )
+        })?;
+    let name: String = server
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Ok(dir.join("keys").join(format!("{name}.pub")))
+}

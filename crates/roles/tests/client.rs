@@ -1,0 +1,182 @@
+//! `caddy-build-server client`, the real binary against a live server (api and worker
+//! in-process, fixture modules built in Docker): `verify` says who built a file and from
+//! what, or exactly why not (a flipped byte, a file that is not a Go binary, a changed
+//! signing key); `status`, `history` and `public-key`; and the exit codes.
+
+use std::path::Path;
+use std::process::Command;
+
+mod common;
+use common::{client, server};
+
+const BIN: &str = env!("CARGO_BIN_EXE_caddy-build-server");
+
+/// Runs the client with its own config directory; returns (exit code, stdout, stderr).
+fn cli(base: &str, dir: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .arg("client")
+        .args(["--server", base])
+        .args(args)
+        .env("CBS_CLIENT_DIR", dir)
+        .env_remove("CBS_SERVER")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_says_who_built_a_file_or_exactly_why_not() {
+    let s = server(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("client");
+    let query = "os=linux&arch=arm&arm=7&p=github.com/acme/alpha@v1.0.0&p=example.com/gamma/v2";
+    let r = client()
+        .get(format!("{}/api/download?{query}", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let key = r.headers()["x-caddy-build-key"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let binary = r.bytes().await.unwrap().to_vec();
+    let file = dir.path().join("caddy");
+    std::fs::write(&file, &binary).unwrap();
+    let file = file.to_str().unwrap();
+
+    // The server's own binary: who, what, when; the key is pinned on first use.
+    let (code, out, err) = cli(&s.base, &home, &["verify", file]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("build    {key}")), "{out}");
+    assert!(out.contains("caddy    v2.8.4 for linux/armv7"), "{out}");
+    assert!(
+        out.contains("plugin   github.com/acme/alpha@v1.0.0"),
+        "{out}"
+    );
+    assert!(
+        out.contains("plugin   example.com/gamma/v2@v2.1.0"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("build:{key}")) || out.contains(&key),
+        "{out}"
+    );
+    assert!(err.contains("pinned the signing key"), "{err}");
+    let pinned = std::fs::read_dir(home.join("keys")).unwrap().count();
+    assert_eq!(pinned, 1);
+
+    // One flipped byte: other bytes, which this server never built.
+    let mut flipped = binary.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x01;
+    let other = dir.path().join("flipped");
+    std::fs::write(&other, &flipped).unwrap();
+    let (code, out, err) = cli(&s.base, &home, &["verify", other.to_str().unwrap()]);
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("unknown binary"), "{err}");
+    assert!(err.contains("Caddy v2.8.4 for linux/arm"), "{err}");
+
+    // Not a Go binary at all.
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, b"just text").unwrap();
+    let (code, _, err) = cli(&s.base, &home, &["verify", text.to_str().unwrap()]);
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("not a Caddy binary"), "{err}");
+
+    // A file that is not there: bad input.
+    let (code, _, err) = cli(&s.base, &home, &["verify", "/nonexistent/caddy"]);
+    assert_eq!(code, 2, "{err}");
+
+    // The pinned key changed (here: someone else's key was pinned): refused, saying so;
+    // a key given on the command line is trusted instead.
+    let wrong = dir.path().join("wrong");
+    std::fs::create_dir_all(&wrong).unwrap();
+    cbs_signing::keygen(&wrong.join("k.key"), None).unwrap();
+    let pin = std::fs::read_dir(home.join("keys"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::copy(wrong.join("k.key.pub"), &pin).unwrap();
+    let (code, _, err) = cli(&s.base, &home, &["verify", file]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("signing key") && err.contains("changed"),
+        "{err}"
+    );
+    let right = cbs_signing::public_key_path(&s.app.config.signing.key_file);
+    let (code, out, err) = cli(
+        &s.base,
+        &home,
+        &["verify", file, "--public-key", right.to_str().unwrap()],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // The wrong key given: the signature does not verify.
+    let (code, _, err) = cli(
+        &s.base,
+        &home,
+        &[
+            "verify",
+            file,
+            "--public-key",
+            wrong.join("k.key.pub").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.contains("signature does not verify"), "{err}");
+
+    // status and history of the build; public-key.
+    let (code, out, err) = cli(&s.base, &home, &["status", &key, "--server", &s.base]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("status   complete"), "{out}");
+    let (code, out, _) = cli(&s.base, &home, &["history", &key]);
+    assert_eq!(code, 0);
+    assert!(out.lines().next().unwrap().contains("requested"), "{out}");
+    assert!(out.contains("succeeded"), "{out}");
+    let (code, out, _) = cli(
+        &s.base,
+        &home,
+        &["public-key", "--public-key", right.to_str().unwrap()],
+    );
+    assert_eq!(code, 0);
+    assert_eq!(out, std::fs::read_to_string(&right).unwrap());
+
+    // Exit codes of bad input and of an unreachable server.
+    let (code, _, err) = cli(&s.base, &home, &["status", "nope"]);
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = cli(&s.base, &home, &["status", &"0".repeat(64)]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("404"), "{err}");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, _, err) = cli(
+        &format!("http://127.0.0.1:{port}"),
+        &home,
+        &["status", &key],
+    );
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("cannot reach"), "{err}");
+    let (code, _, err) = cli("ftp://example", &home, &["status", &key]);
+    assert_eq!(code, 2, "{err}");
+
+    // The lookup itself: bad input and unknown bytes.
+    let r = client()
+        .get(format!("{}/api/artifacts/xyz", s.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = client()
+        .get(format!("{}/api/artifacts/{}", s.base, "ab".repeat(32)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}
