@@ -68,6 +68,38 @@ pub enum ClientCommand {
         #[arg(long)]
         public_key: Option<std::path::PathBuf>,
     },
+    /// Build Caddy (or take the finished build), follow its progress, download it (resuming
+    /// after a dropped connection), check its checksum, signature and build information, and
+    /// write it atomically with mode 0755.
+    Build {
+        /// GOOS, like linux.
+        #[arg(long)]
+        os: String,
+        /// GOARCH, like amd64.
+        #[arg(long)]
+        arch: String,
+        /// GOARM (5, 6 or 7) for --arch arm.
+        #[arg(long)]
+        arm: Option<String>,
+        /// Caddy's version.
+        #[arg(long, default_value = "latest")]
+        caddy_version: String,
+        /// A plugin, module[@version]; repeat for each.
+        #[arg(short = 'p', long = "plugin")]
+        plugins: Vec<String>,
+        /// A replacement, old=new[@version]; repeat for each.
+        #[arg(long = "replace")]
+        replacements: Vec<String>,
+        /// Where to write the binary.
+        #[arg(short = 'o', long, default_value = "caddy")]
+        output: std::path::PathBuf,
+        /// Trust this public key file instead of the pinned one.
+        #[arg(long)]
+        public_key: Option<std::path::PathBuf>,
+        /// Print only the result.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// A build's status (exit 1 when it failed, gave up or was cancelled).
     Status { key: String },
     /// A build's events, oldest first.

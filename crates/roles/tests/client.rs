@@ -180,3 +180,95 @@ async fn verify_says_who_built_a_file_or_exactly_why_not() {
         .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+/// The stored binary of a build (the fs backend's files), found by its size.
+fn stored_binary(root: &Path, size: u64) -> std::path::PathBuf {
+    let mut stack = vec![root.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if std::fs::metadata(&p).unwrap().len() == size {
+                return p;
+            }
+        }
+    }
+    panic!("no stored file of {size} bytes under {}", root.display());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn build_follows_downloads_checks_and_writes_the_binary() {
+    let s = server(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("client");
+    let out = dir.path().join("bin/caddy");
+    std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+    let args = [
+        "build",
+        "--os",
+        "linux",
+        "--arch",
+        "amd64",
+        "-p",
+        "github.com/Acme/Beta",
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    let (code, stdout, stderr) = cli(&s.base, &home, &args);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    // It followed the build: the steps and the compiler's command line went by.
+    assert!(stderr.contains("==> compile"), "{stderr}");
+    assert!(stderr.contains("go build"), "{stderr}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&out).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o755);
+    let binary = std::fs::read(&out).unwrap();
+    let sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&binary))
+    };
+    assert!(stdout.contains(&sha), "{stdout}");
+    assert!(!out.with_extension("part").exists());
+
+    // The stored file tampered with (one flipped byte): refused, nothing written.
+    let stored = stored_binary(&s.app.config.storage.dir, binary.len() as u64);
+    let mut bytes = std::fs::read(&stored).unwrap();
+    bytes[100] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    let tampered = dir.path().join("tampered");
+    let mut args2 = args;
+    args2[8] = tampered.to_str().unwrap();
+    let (code, stdout, stderr) = cli(&s.base, &home, &args2);
+    assert_eq!(code, 3, "{stdout}{stderr}");
+    assert!(stderr.contains("sha256"), "{stderr}");
+    assert!(!tampered.exists() && !tampered.with_extension("part").exists());
+
+    // A plugin that does not compile: exit 1 with the compiler's words.
+    let (code, _, stderr) = cli(
+        &s.base,
+        &home,
+        &[
+            "build",
+            "--os",
+            "linux",
+            "--arch",
+            "amd64",
+            "-p",
+            "example.com/broken",
+            "-o",
+            dir.path().join("broken").to_str().unwrap(),
+            "--quiet",
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("undefinedFunction"), "{stderr}");
+    // A platform the server refuses: exit 2 with its message.
+    let (code, _, stderr) = cli(
+        &s.base,
+        &home,
+        &["build", "--os", "linux", "--arch", "nope"],
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("nope"), "{stderr}");
+}

@@ -68,6 +68,33 @@ pub async fn run(server: String, command: ClientCommand) -> ExitCode {
             .public_key(public_key.as_deref())
             .await
             .map(|k| print!("{k}")),
+        ClientCommand::Build {
+            os,
+            arch,
+            arm,
+            caddy_version,
+            plugins,
+            replacements,
+            output,
+            public_key,
+            quiet,
+        } => {
+            let mut q = form_urlencoded::Serializer::new(String::new());
+            q.append_pair("os", &os).append_pair("arch", &arch);
+            if let Some(a) = &arm {
+                q.append_pair("arm", a);
+            }
+            q.append_pair("version", &caddy_version);
+            for p in &plugins {
+                q.append_pair("p", p);
+            }
+            for r in &replacements {
+                q.append_pair("r", r);
+            }
+            client
+                .build(&q.finish(), &output, public_key.as_deref(), quiet)
+                .await
+        }
         ClientCommand::Status { key } => client.status(&key).await,
         ClientCommand::History { key } => client.history(&key).await,
         ClientCommand::Verify { file, public_key } => {
@@ -116,8 +143,12 @@ impl Client {
 
     /// GETs `path`; the body of a 2xx answer, or the failure the status means.
     async fn get(&self, path: &str) -> Result<reqwest::Response> {
-        let url = format!("{}{path}", self.base);
-        let resp = self.http.get(&url).send().await.map_err(|e| {
+        self.send(self.http.get(format!("{}{path}", self.base)), path)
+            .await
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder, path: &str) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| {
             Failure::Unreachable(format!(
                 "cannot reach {}: {e}; check the address (--server or CBS_SERVER) and your network",
                 self.base
@@ -143,6 +174,14 @@ impl Client {
 
     async fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
         let resp = self.get(path).await?;
+        self.read_json(resp, path).await
+    }
+
+    async fn read_json<T: serde::de::DeserializeOwned>(
+        &self,
+        resp: reqwest::Response,
+        path: &str,
+    ) -> Result<T> {
         resp.json::<wire::Envelope<T>>()
             .await
             .map(|e| e.result)
@@ -269,6 +308,260 @@ impl Client {
         }
     }
 
+    /// `client build`: ask, follow, download, check, write.
+    async fn build(
+        &self,
+        query: &str,
+        output: &Path,
+        public_key: Option<&Path>,
+        quiet: bool,
+    ) -> Result<()> {
+        let key_text = self.public_key(public_key).await?;
+        let path = format!("/api/build?{query}");
+        let resp = self
+            .send(self.http.post(format!("{}{path}", self.base)), "/api/build")
+            .await?;
+        let b: wire::Build = self.read_json(resp, "/api/build").await?;
+        let key = b.key.clone();
+        if !quiet {
+            eprintln!(
+                "build {key}: Caddy {} for {}{}",
+                b.request.caddy_version,
+                platform(&b.request),
+                if b.request.plugins.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        " with {}",
+                        b.request
+                            .plugins
+                            .iter()
+                            .map(|p| format!("{}@{}", p.module, p.version))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }
+            );
+        }
+        if b.status != wire::BuildStatus::Succeeded {
+            self.follow(&key, quiet).await?;
+        }
+        let b: wire::Build = self.json(&format!("/api/build/{key}")).await?;
+        let Some(artifact) = b.artifact.clone() else {
+            return Err(Failure::BuildFailed(format!(
+                "build {key} is {} and has no binary",
+                status_word(b.status)
+            )));
+        };
+        let part = output.with_extension("part");
+        let bytes = self.download(&key, &part, artifact.size, quiet).await?;
+        let sha = hex::encode(sha2::Sha256::digest(&bytes));
+        let discard = |why: String| {
+            let _ = std::fs::remove_file(&part);
+            Failure::Verification(why)
+        };
+        if sha != artifact.sha256 {
+            return Err(discard(format!(
+                "the download's sha256 is {sha}, the server recorded {}: not written",
+                artifact.sha256
+            )));
+        }
+        let info = cbs_domain::buildinfo::BuildInfo::from_binary(&bytes)
+            .map_err(|e| discard(format!("the download is not a Go binary: {e}")))?;
+        if let Err(f) = self.check(&b, &bytes, &info, &key_text).await {
+            let _ = std::fs::remove_file(&part);
+            return Err(f);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))
+            .and_then(|()| std::fs::rename(&part, output))
+            .map_err(|e| Failure::BadInput(format!("writing {}: {e}", output.display())))?;
+        println!(
+            "{}: Caddy {} for {}, sha256 {sha}, signature and build information checked",
+            output.display(),
+            b.request.caddy_version,
+            platform(&b.request)
+        );
+        Ok(())
+    }
+
+    /// Follows the build's event stream to its result, reconnecting with Last-Event-ID.
+    async fn follow(&self, key: &str, quiet: bool) -> Result<()> {
+        let mut last_id: Option<String> = None;
+        let mut failures = 0;
+        loop {
+            let mut req = self
+                .http
+                .get(format!("{}/api/build/{key}/events", self.base));
+            if let Some(id) = &last_id {
+                req = req.header("last-event-id", id);
+            }
+            let mut resp = match self.send(req, "/api/build/{key}/events").await {
+                Ok(r) => r,
+                Err(Failure::Unreachable(m)) if failures < 30 => {
+                    failures += 1;
+                    if !quiet {
+                        eprintln!("({m}; trying again)");
+                    }
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    continue;
+                }
+                Err(f) => return Err(f),
+            };
+            let (mut buf, mut event, mut data, mut id) =
+                (String::new(), String::new(), String::new(), None::<String>);
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                failures = 0;
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(nl) = buf.find('\n') {
+                    let line: String = buf.drain(..=nl).collect();
+                    let line = line.trim_end_matches(['\r', '\n']);
+                    if line.is_empty() {
+                        if let Some(i) = id.take() {
+                            last_id = Some(i);
+                        }
+                        let done = self.on_event(&event, &data, quiet)?;
+                        event.clear();
+                        data.clear();
+                        if done {
+                            return Ok(());
+                        }
+                    } else if let Some(v) = line.strip_prefix("id:") {
+                        id = Some(v.trim().to_owned());
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
+                    }
+                }
+            }
+            // The stream dropped before the result: resume where it was.
+            failures += 1;
+            if failures > 30 {
+                return Err(Failure::Unreachable(format!(
+                    "the progress of build {key} kept breaking off"
+                )));
+            }
+        }
+    }
+
+    /// One stream message; `true` when the build succeeded (the stream's end).
+    fn on_event(&self, event: &str, data: &str, quiet: bool) -> Result<bool> {
+        let Ok(e) = wire::StreamEvent::parse(event, data) else {
+            return Ok(false);
+        };
+        match e {
+            wire::StreamEvent::Step(s) if !quiet => eprintln!("==> {}", s.step),
+            wire::StreamEvent::Log(l) if !quiet => eprintln!("    {}", l.line),
+            wire::StreamEvent::State(s) if !quiet => {
+                eprintln!("[{}]", status_word(s.status()));
+            }
+            wire::StreamEvent::Result(r) => {
+                return if r.success {
+                    Ok(true)
+                } else {
+                    Err(Failure::BuildFailed(format!(
+                        "the build failed: {}",
+                        r.error.unwrap_or_default()
+                    )))
+                };
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Downloads the binary into `part`, resuming with Range after a dropped connection;
+    /// returns its bytes.
+    async fn download(&self, key: &str, part: &Path, size: u64, quiet: bool) -> Result<Vec<u8>> {
+        use std::io::Write;
+        let _ = std::fs::remove_file(part);
+        let mut out = std::fs::File::create(part)
+            .map_err(|e| Failure::BadInput(format!("creating {}: {e}", part.display())))?;
+        let mut have: u64 = 0;
+        let mut tries = 0;
+        while have < size {
+            tries += 1;
+            if tries > 10 {
+                return Err(Failure::Unreachable(format!(
+                    "the download of build {key} kept breaking off at {have} of {size} bytes"
+                )));
+            }
+            let mut req = self
+                .http
+                .get(format!("{}/api/build/{key}/download", self.base));
+            if have > 0 {
+                req = req.header("range", format!("bytes={have}-"));
+            }
+            let mut resp = match self.send(req, "/api/build/{key}/download").await {
+                Ok(r) => r,
+                Err(Failure::Unreachable(_)) => continue,
+                Err(f) => return Err(f),
+            };
+            if have > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
+                // The server sent the whole file again: start over.
+                have = 0;
+                out = std::fs::File::create(part)
+                    .map_err(|e| Failure::BadInput(format!("{}: {e}", part.display())))?;
+            }
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                out.write_all(&chunk)
+                    .map_err(|e| Failure::BadInput(format!("writing {}: {e}", part.display())))?;
+                have += chunk.len() as u64;
+            }
+            if !quiet {
+                eprintln!("downloaded {have} of {size} bytes");
+            }
+        }
+        out.flush()
+            .and_then(|()| out.sync_all())
+            .map_err(|e| Failure::BadInput(format!("writing {}: {e}", part.display())))?;
+        std::fs::read(part).map_err(|e| Failure::BadInput(format!("{}: {e}", part.display())))
+    }
+
+    /// Checks `bytes` as the binary of build `b`: its signature with `key_text`, and its
+    /// build information against the build's request. Returns the trusted comment.
+    async fn check(
+        &self,
+        b: &wire::Build,
+        bytes: &[u8],
+        info: &cbs_domain::buildinfo::BuildInfo,
+        key_text: &str,
+    ) -> Result<String> {
+        let sig = self
+            .get(&format!("/api/build/{}/download.minisig", b.key))
+            .await?
+            .text()
+            .await
+            .map_err(|e| Failure::Unreachable(format!("reading the signature: {e}")))?;
+        let trusted =
+            cbs_signing::verify(key_text, &sig, std::io::Cursor::new(bytes)).map_err(|e| {
+                Failure::Verification(format!(
+                    "build {}: the signature does not verify: {e}",
+                    b.key
+                ))
+            })?;
+        let request: cbs_domain::BuildRequest = serde_json::to_value(&b.request)
+            .and_then(serde_json::from_value)
+            .map_err(|e| {
+                Failure::Verification(format!("build {}: its request cannot be read: {e}", b.key))
+            })?;
+        if request.key().as_str() != b.key {
+            return Err(Failure::Verification(format!(
+                "build {}: its request does not have this key",
+                b.key
+            )));
+        }
+        info.check_matches(&request).map_err(|mismatches| {
+            Failure::Verification(format!(
+                "build {}: the file's build information differs from the request: {}",
+                b.key,
+                mismatches.join("; ")
+            ))
+        })?;
+        Ok(trusted)
+    }
+
     /// Did this server build and sign exactly this file?
     async fn verify(&self, file: &Path, public_key: Option<&Path>) -> Result<()> {
         let bytes = std::fs::read(file)
@@ -294,45 +587,14 @@ impl Client {
         };
         let mut why = Vec::new();
         for b in builds {
-            let sig = self
-                .get(&format!("/api/build/{}/download.minisig", b.key))
-                .await?
-                .text()
-                .await
-                .map_err(|e| Failure::Unreachable(format!("reading the signature: {e}")))?;
-            let trusted = match cbs_signing::verify(&key_text, &sig, std::io::Cursor::new(&bytes)) {
+            let trusted = match self.check(&b, &bytes, &info, &key_text).await {
                 Ok(t) => t,
-                Err(e) => {
-                    why.push(format!(
-                        "build {}: the signature does not verify: {e}",
-                        b.key
-                    ));
+                Err(Failure::Verification(why_not)) => {
+                    why.push(why_not);
                     continue;
                 }
+                Err(f) => return Err(f),
             };
-            let request: cbs_domain::BuildRequest =
-                match serde_json::to_value(&b.request).and_then(serde_json::from_value) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        why.push(format!("build {}: its request cannot be read: {e}", b.key));
-                        continue;
-                    }
-                };
-            if request.key().as_str() != b.key {
-                why.push(format!(
-                    "build {}: its request does not have this key",
-                    b.key
-                ));
-                continue;
-            }
-            if let Err(mismatches) = info.check_matches(&request) {
-                why.push(format!(
-                    "build {}: the file's build information differs from the request: {}",
-                    b.key,
-                    mismatches.join("; ")
-                ));
-                continue;
-            }
             let r = &b.request;
             println!("OK: {} built and signed this file", self.base);
             println!("build    {}", b.key);
