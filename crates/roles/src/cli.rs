@@ -104,6 +104,18 @@ pub enum ClientCommand {
     Status { key: String },
     /// A build's events, oldest first.
     History { key: String },
+    /// The live feed of every build's events (the newest first, then as they come).
+    Watch {
+        /// Only these event types, comma-separated (e.g. requested,succeeded,failed).
+        #[arg(long = "type")]
+        types: Option<String>,
+        /// How many recent events to show first.
+        #[arg(long, default_value_t = 20)]
+        last: u32,
+        /// Stop after this many events (0: never).
+        #[arg(long, default_value_t = 0)]
+        count: u64,
+    },
     /// Whether this server built and signed exactly this file, and from what request.
     Verify {
         file: std::path::PathBuf,

@@ -272,3 +272,56 @@ async fn build_follows_downloads_checks_and_writes_the_binary() {
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains("nope"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn watch_shows_the_recent_events_then_new_ones() {
+    let s = server(false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let submit = |q: &'static str| {
+        let base = s.base.clone();
+        async move {
+            let v: serde_json::Value = client()
+                .post(format!("{base}/api/build?{q}"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            v["result"]["key"].as_str().unwrap().to_owned()
+        }
+    };
+    let first = submit("os=linux&arch=amd64").await;
+    let child = Command::new(BIN)
+        .args([
+            "client",
+            "--server",
+            &s.base,
+            "watch",
+            "--type",
+            "requested",
+        ])
+        .args(["--last", "5", "--count", "2"])
+        .env("CBS_CLIENT_DIR", dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let second = submit("os=windows&arch=arm64").await;
+    let out = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || child.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("watch never saw the second build")
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(
+        lines[0].contains(&first[..12]) && lines[0].contains("requested"),
+        "{text}"
+    );
+    assert!(lines[1].contains(&second[..12]), "{text}");
+}

@@ -97,6 +97,9 @@ pub async fn run(server: String, command: ClientCommand) -> ExitCode {
         }
         ClientCommand::Status { key } => client.status(&key).await,
         ClientCommand::History { key } => client.history(&key).await,
+        ClientCommand::Watch { types, last, count } => {
+            client.watch(types.as_deref(), last, count).await
+        }
         ClientCommand::Verify { file, public_key } => {
             client.verify(&file, public_key.as_deref()).await
         }
@@ -305,6 +308,65 @@ impl Client {
                 Some(n) => after = n,
                 None => return Ok(()),
             }
+        }
+    }
+
+    /// `client watch`: the newest events, then the feed as it grows (read every 2 s: the
+    /// feed has no long-poll).
+    async fn watch(&self, types: Option<&str>, last: u32, count: u64) -> Result<()> {
+        let filter = types
+            .map(|t| {
+                let mut q = form_urlencoded::Serializer::new(String::new());
+                q.append_pair("type", t);
+                format!("&{}", q.finish())
+            })
+            .unwrap_or_default();
+        let mut shown = 0u64;
+        let mut page: wire::FeedPage = self
+            .json(&format!("/api/events?last={}{filter}", last.clamp(1, 1000)))
+            .await?;
+        let mut first = true;
+        loop {
+            // `last` shows at most what was asked for; later pages all of theirs.
+            let skip = if first && last == 0 {
+                page.events.len()
+            } else {
+                0
+            };
+            first = false;
+            for e in page.events.iter().skip(skip) {
+                let v = serde_json::to_value(e).unwrap_or_default();
+                let key = v["key"].as_str().unwrap_or("");
+                println!(
+                    "{} {} {:<14} {}",
+                    e.time.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    key.get(..12).unwrap_or(key),
+                    v["type"].as_str().unwrap_or(""),
+                    v["data"]
+                );
+                shown += 1;
+                if count > 0 && shown >= count {
+                    return Ok(());
+                }
+            }
+            if page.events.is_empty() {
+                tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            }
+            let next = page.next.clone();
+            page = loop {
+                match self
+                    .json(&format!("/api/events?after={next}&limit=1000{filter}"))
+                    .await
+                {
+                    Ok(p) => break p,
+                    // A server restarting: keep watching.
+                    Err(Failure::Unreachable(m)) => {
+                        eprintln!("({m}; trying again)");
+                        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    }
+                    Err(f) => return Err(f),
+                }
+            };
         }
     }
 
