@@ -325,3 +325,35 @@ async fn watch_shows_the_recent_events_then_new_ones() {
     );
     assert!(lines[1].contains(&second[..12]), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_a_terminal_the_build_shows_progress_bars() {
+    let s = server(true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("caddy");
+    // `script` gives the client a terminal (util-linux, in every Debian).
+    let command = format!(
+        "{BIN} client --server {} build --os linux --arch arm64 -p github.com/acme/alpha -o {}",
+        s.base,
+        out.display()
+    );
+    let r = tokio::task::spawn_blocking({
+        let home = dir.path().join("client");
+        move || {
+            Command::new("script")
+                .args(["-qec", &command, "/dev/null"])
+                .env("CBS_CLIENT_DIR", home)
+                .env("COLUMNS", "100")
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let text = String::from_utf8_lossy(&r.stdout);
+    assert!(r.status.success(), "{text}");
+    assert!(out.exists());
+    // The steps bar (position of four) and the download's byte bar were drawn.
+    assert!(text.contains("/4 "), "{text}");
+    assert!(text.contains("MiB") || text.contains("KiB"), "{text}");
+}

@@ -23,6 +23,9 @@ use sha2::Digest;
 
 use crate::cli::ClientCommand;
 
+mod progress;
+use progress::Progress;
+
 /// Why the client stopped; each kind has its exit code.
 #[derive(Debug)]
 pub enum Failure {
@@ -378,6 +381,7 @@ impl Client {
         public_key: Option<&Path>,
         quiet: bool,
     ) -> Result<()> {
+        let progress = Progress::new(quiet);
         let key_text = self.public_key(public_key).await?;
         let path = format!("/api/build?{query}");
         let resp = self
@@ -385,8 +389,8 @@ impl Client {
             .await?;
         let b: wire::Build = self.read_json(resp, "/api/build").await?;
         let key = b.key.clone();
-        if !quiet {
-            eprintln!(
+        {
+            progress.note(&format!(
                 "build {key}: Caddy {} for {}{}",
                 b.request.caddy_version,
                 platform(&b.request),
@@ -403,10 +407,13 @@ impl Client {
                             .join(", ")
                     )
                 }
-            );
+            ));
         }
         if b.status != wire::BuildStatus::Succeeded {
-            self.follow(&key, quiet).await?;
+            if let Err(f) = self.follow(&key, &progress).await {
+                progress.finish();
+                return Err(f);
+            }
         }
         let b: wire::Build = self.json(&format!("/api/build/{key}")).await?;
         let Some(artifact) = b.artifact.clone() else {
@@ -416,7 +423,9 @@ impl Client {
             )));
         };
         let part = output.with_extension("part");
-        let bytes = self.download(&key, &part, artifact.size, quiet).await?;
+        let bytes = self.download(&key, &part, artifact.size, &progress).await;
+        progress.finish();
+        let bytes = bytes?;
         let sha = hex::encode(sha2::Sha256::digest(&bytes));
         let discard = |why: String| {
             let _ = std::fs::remove_file(&part);
@@ -448,7 +457,7 @@ impl Client {
     }
 
     /// Follows the build's event stream to its result, reconnecting with Last-Event-ID.
-    async fn follow(&self, key: &str, quiet: bool) -> Result<()> {
+    async fn follow(&self, key: &str, progress: &Progress) -> Result<()> {
         let mut last_id: Option<String> = None;
         let mut failures = 0;
         loop {
@@ -462,9 +471,7 @@ impl Client {
                 Ok(r) => r,
                 Err(Failure::Unreachable(m)) if failures < 30 => {
                     failures += 1;
-                    if !quiet {
-                        eprintln!("({m}; trying again)");
-                    }
+                    progress.note(&format!("({m}; trying again)"));
                     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
                     continue;
                 }
@@ -482,7 +489,7 @@ impl Client {
                         if let Some(i) = id.take() {
                             last_id = Some(i);
                         }
-                        let done = self.on_event(&event, &data, quiet)?;
+                        let done = on_event(&event, &data, progress)?;
                         event.clear();
                         data.clear();
                         if done {
@@ -507,35 +514,16 @@ impl Client {
         }
     }
 
-    /// One stream message; `true` when the build succeeded (the stream's end).
-    fn on_event(&self, event: &str, data: &str, quiet: bool) -> Result<bool> {
-        let Ok(e) = wire::StreamEvent::parse(event, data) else {
-            return Ok(false);
-        };
-        match e {
-            wire::StreamEvent::Step(s) if !quiet => eprintln!("==> {}", s.step),
-            wire::StreamEvent::Log(l) if !quiet => eprintln!("    {}", l.line),
-            wire::StreamEvent::State(s) if !quiet => {
-                eprintln!("[{}]", status_word(s.status()));
-            }
-            wire::StreamEvent::Result(r) => {
-                return if r.success {
-                    Ok(true)
-                } else {
-                    Err(Failure::BuildFailed(format!(
-                        "the build failed: {}",
-                        r.error.unwrap_or_default()
-                    )))
-                };
-            }
-            _ => {}
-        }
-        Ok(false)
-    }
-
     /// Downloads the binary into `part`, resuming with Range after a dropped connection;
     /// returns its bytes.
-    async fn download(&self, key: &str, part: &Path, size: u64, quiet: bool) -> Result<Vec<u8>> {
+    async fn download(
+        &self,
+        key: &str,
+        part: &Path,
+        size: u64,
+        progress: &Progress,
+    ) -> Result<Vec<u8>> {
+        let bar = progress.download(size);
         use std::io::Write;
         let _ = std::fs::remove_file(part);
         let mut out = std::fs::File::create(part)
@@ -563,6 +551,9 @@ impl Client {
             if have > 0 && resp.status() != reqwest::StatusCode::PARTIAL_CONTENT {
                 // The server sent the whole file again: start over.
                 have = 0;
+                if let Some(b) = &bar {
+                    b.set_position(0);
+                }
                 out = std::fs::File::create(part)
                     .map_err(|e| Failure::BadInput(format!("{}: {e}", part.display())))?;
             }
@@ -570,9 +561,12 @@ impl Client {
                 out.write_all(&chunk)
                     .map_err(|e| Failure::BadInput(format!("writing {}: {e}", part.display())))?;
                 have += chunk.len() as u64;
+                if let Some(b) = &bar {
+                    b.set_position(have);
+                }
             }
-            if !quiet {
-                eprintln!("downloaded {have} of {size} bytes");
+            if bar.is_none() {
+                progress.note(&format!("downloaded {have} of {size} bytes"));
             }
         }
         out.flush()
@@ -767,4 +761,27 @@ fn pin_file(server: &str) -> Result<PathBuf> {
         })
         .collect();
     Ok(dir.join("keys").join(format!("{name}.pub")))
+}
+
+/// One stream message; `true` when the build succeeded (the stream's end).
+fn on_event(event: &str, data: &str, progress: &Progress) -> Result<bool> {
+    let Ok(e) = wire::StreamEvent::parse(event, data) else {
+        return Ok(false);
+    };
+    match e {
+        wire::StreamEvent::Step(s) => progress.step(&s.step),
+        wire::StreamEvent::Log(l) => progress.log(&l.line),
+        wire::StreamEvent::State(s) => progress.state(status_word(s.status())),
+        wire::StreamEvent::Result(r) => {
+            return if r.success {
+                Ok(true)
+            } else {
+                Err(Failure::BuildFailed(format!(
+                    "the build failed: {}",
+                    r.error.unwrap_or_default()
+                )))
+            };
+        }
+    }
+    Ok(false)
 }
