@@ -99,6 +99,10 @@ pub enum ClientCommand {
         /// Print only the result.
         #[arg(long)]
         quiet: bool,
+        /// Print the result as one JSON object on stdout (key, file, sha256, size, request,
+        /// signature's trusted comment), and no progress.
+        #[arg(long)]
+        json: bool,
     },
     /// A build's status (exit 1 when it failed, gave up or was cancelled).
     Status { key: String },

@@ -231,6 +231,36 @@ async fn build_follows_downloads_checks_and_writes_the_binary() {
     assert!(stdout.contains(&sha), "{stdout}");
     assert!(!out.with_extension("part").exists());
 
+    // The same build again, finished now, for a script: one JSON object, no progress.
+    let json_out = dir.path().join("again");
+    let (code, stdout, stderr) = cli(
+        &s.base,
+        &home,
+        &[
+            "build",
+            "--os",
+            "linux",
+            "--arch",
+            "amd64",
+            "-p",
+            "github.com/Acme/Beta",
+            "-o",
+            json_out.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(v["request"]["plugins"][0]["module"], "github.com/Acme/Beta");
+    assert!(
+        v["signature"]
+            .as_str()
+            .unwrap()
+            .contains(v["key"].as_str().unwrap()),
+        "{v}"
+    );
+
     // The stored file tampered with (one flipped byte): refused, nothing written.
     let stored = stored_binary(&s.app.config.storage.dir, binary.len() as u64);
     let mut bytes = std::fs::read(&stored).unwrap();

@@ -81,6 +81,7 @@ pub async fn run(server: String, command: ClientCommand) -> ExitCode {
             output,
             public_key,
             quiet,
+            json,
         } => {
             let mut q = form_urlencoded::Serializer::new(String::new());
             q.append_pair("os", &os).append_pair("arch", &arch);
@@ -95,7 +96,13 @@ pub async fn run(server: String, command: ClientCommand) -> ExitCode {
                 q.append_pair("r", r);
             }
             client
-                .build(&q.finish(), &output, public_key.as_deref(), quiet)
+                .build(
+                    &q.finish(),
+                    &output,
+                    public_key.as_deref(),
+                    quiet || json,
+                    json,
+                )
                 .await
         }
         ClientCommand::Status { key } => client.status(&key).await,
@@ -380,6 +387,7 @@ impl Client {
         output: &Path,
         public_key: Option<&Path>,
         quiet: bool,
+        json: bool,
     ) -> Result<()> {
         let progress = Progress::new(quiet);
         let key_text = self.public_key(public_key).await?;
@@ -439,14 +447,29 @@ impl Client {
         }
         let info = cbs_domain::buildinfo::BuildInfo::from_binary(&bytes)
             .map_err(|e| discard(format!("the download is not a Go binary: {e}")))?;
-        if let Err(f) = self.check(&b, &bytes, &info, &key_text).await {
-            let _ = std::fs::remove_file(&part);
-            return Err(f);
-        }
+        let trusted = match self.check(&b, &bytes, &info, &key_text).await {
+            Ok(t) => t,
+            Err(f) => {
+                let _ = std::fs::remove_file(&part);
+                return Err(f);
+            }
+        };
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o755))
             .and_then(|()| std::fs::rename(&part, output))
             .map_err(|e| Failure::BadInput(format!("writing {}: {e}", output.display())))?;
+        if json {
+            let answer = serde_json::json!({
+                "file": output,
+                "key": key,
+                "request": b.request,
+                "sha256": sha,
+                "signature": trusted,
+                "size": bytes.len(),
+            });
+            println!("{answer}");
+            return Ok(());
+        }
         println!(
             "{}: Caddy {} for {}, sha256 {sha}, signature and build information checked",
             output.display(),
