@@ -337,32 +337,44 @@ pub async fn by_artifact(
 /// How long the Caddy versions of `/api/options` are reused.
 const CADDY_VERSIONS_TTL: Duration = Duration::from_secs(300);
 
-/// The Caddy versions the module proxy lists, asked at most once per
-/// [`CADDY_VERSIONS_TTL`] (a failed ask is not kept).
-#[derive(Debug, Default)]
-pub struct CaddyVersions {
-    cached: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<Vec<String>>)>>,
+/// A value read at most once per `ttl` by one request while the others wait for its
+/// answer; a failed read is not kept (the next request tries again).
+#[derive(Debug)]
+pub struct Cached<T> {
+    ttl: Duration,
+    value: tokio::sync::Mutex<Option<(std::time::Instant, std::sync::Arc<T>)>>,
 }
 
-impl CaddyVersions {
-    async fn get(&self, resolver: &cbs_goproxy::Resolver) -> std::sync::Arc<Vec<String>> {
-        let mut cached = self.cached.lock().await;
-        if let Some((at, v)) = cached.as_ref() {
-            if at.elapsed() < CADDY_VERSIONS_TTL {
-                return v.clone();
+impl<T> Cached<T> {
+    pub fn new(ttl: Duration) -> Cached<T> {
+        Cached {
+            ttl,
+            value: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn get<E, F>(&self, load: impl FnOnce() -> F) -> Result<std::sync::Arc<T>, E>
+    where
+        F: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut value = self.value.lock().await;
+        if let Some((at, v)) = value.as_ref() {
+            if at.elapsed() < self.ttl {
+                return Ok(v.clone());
             }
         }
-        match resolver.list_versions(&cbs_domain::caddy_module()).await {
-            Ok(list) => {
-                let v = std::sync::Arc::new(list.iter().map(|v| v.as_str().to_owned()).collect());
-                *cached = Some((std::time::Instant::now(), std::sync::Arc::clone(&v)));
-                v
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot list Caddy's versions");
-                std::sync::Arc::new(Vec::new())
-            }
-        }
+        let v = std::sync::Arc::new(load().await?);
+        *value = Some((std::time::Instant::now(), v.clone()));
+        Ok(v)
+    }
+}
+
+/// The Caddy versions the module proxy lists.
+pub type CaddyVersions = Cached<Vec<String>>;
+
+impl Default for CaddyVersions {
+    fn default() -> Self {
+        Cached::new(CADDY_VERSIONS_TTL)
     }
 }
 
@@ -373,7 +385,20 @@ pub async fn options(
 ) -> Result<Response, ApiError> {
     let caller = state.tokens.caller(&headers)?;
     let packages = &state.app.config.packages;
-    let versions = state.caddy_versions.get(&state.resolver).await;
+    let versions = state
+        .caddy_versions
+        .get(|| async {
+            let list = state
+                .resolver
+                .list_versions(&cbs_domain::caddy_module())
+                .await?;
+            Ok::<_, cbs_goproxy::ResolveError>(list.iter().map(|v| v.as_str().to_owned()).collect())
+        })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot list Caddy's versions");
+            std::sync::Arc::new(Vec::new())
+        });
     Ok(Json(wire::Envelope::new(wire::ServerOptions {
         caddy_versions: versions.as_ref().clone(),
         platforms: cbs_domain::platform::PLATFORMS
@@ -650,33 +675,21 @@ pub async fn feed(
 /// How long the build counts of `/api/packages` are reused.
 const PACKAGE_COUNTS_TTL: Duration = Duration::from_secs(60);
 
-/// Build counts per plugin module.
-type Counts = std::sync::Arc<std::collections::HashMap<String, i64>>;
+/// The build counts per plugin module.
+pub type PackageCounts = Cached<std::collections::HashMap<String, i64>>;
 
-/// The build counts per plugin module, read at most once per [`PACKAGE_COUNTS_TTL`] by one
-/// request while the others wait for its answer.
-#[derive(Debug, Default)]
-pub struct PackageCounts {
-    cached: tokio::sync::Mutex<Option<(std::time::Instant, Counts)>>,
-}
-
-impl PackageCounts {
-    async fn get(&self, store: &cbs_store::Store) -> Result<Counts, ApiError> {
-        let mut cached = self.cached.lock().await;
-        if let Some((at, counts)) = cached.as_ref() {
-            if at.elapsed() < PACKAGE_COUNTS_TTL {
-                return Ok(counts.clone());
-            }
-        }
-        let counts = std::sync::Arc::new(store.plugin_counts().await?);
-        *cached = Some((std::time::Instant::now(), counts.clone()));
-        Ok(counts)
+impl Default for PackageCounts {
+    fn default() -> Self {
+        Cached::new(PACKAGE_COUNTS_TTL)
     }
 }
 
 /// `GET /api/packages`: the catalog, in caddyserver.com's shape, with build counts.
 pub async fn packages(State(state): State<ApiState>) -> Result<Response, ApiError> {
-    let counts = state.package_counts.get(&state.app.store).await?;
+    let counts = state
+        .package_counts
+        .get(|| async { Ok::<_, ApiError>(state.app.store.plugin_counts().await?) })
+        .await?;
     let result: Vec<wire::Package> = state
         .app
         .config
