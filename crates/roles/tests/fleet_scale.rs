@@ -131,14 +131,34 @@ async fn submit(http: &reqwest::Client, base: &str, q: &str) -> String {
     body["result"]["key"].as_str().unwrap().to_owned()
 }
 
-/// Waits until the worker's container reports healthy (its /healthz on metrics.listen).
+/// Waits until the worker's container reports healthy (its /healthz on metrics.listen), from
+/// the engine's own events.
 async fn healthy(fleet: &Fleet, service: &str) {
+    use tokio::io::AsyncBufReadExt;
     let c = fleet.container(service);
-    let until = Instant::now() + Duration::from_secs(120);
-    while docker(&["inspect", "-f", "{{.State.Health.Status}}", &c]) != "healthy" {
-        assert!(Instant::now() < until, "{service} never became healthy");
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    // Subscribe first, then look: a change in between is seen either way.
+    let mut events = tokio::process::Command::new("docker")
+        .args(["events", "--format", "{{.Status}}", "--filter"])
+        .arg(format!("container={c}"))
+        .args(["--filter", "event=health_status"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    if docker(&["inspect", "-f", "{{.State.Health.Status}}", &c]) == "healthy" {
+        return;
     }
+    let mut lines = tokio::io::BufReader::new(events.stdout.take().unwrap()).lines();
+    let became = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if line.trim() == "health_status: healthy" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(became, Ok(true), "{service} never became healthy");
 }
 
 /// Seconds between two RFC 3339 times.

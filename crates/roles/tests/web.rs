@@ -130,31 +130,40 @@ signing:
     }
 
     async fn start_api(&mut self) {
-        let log = std::fs::OpenOptions::new()
+        let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("api.log"))
             .unwrap();
-        self.api = Some(Api(Command::new(BIN)
+        let mut child = Command::new(BIN)
             .arg("api")
             .env("CONFIG_PATH", &self.config)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
-            .stderr(log)
+            .stderr(Stdio::piped())
             .spawn()
-            .unwrap()));
-        // A process's port coming up has no notification: ask until it answers.
-        let http = reqwest::Client::new();
-        let until = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(r) = http.get(format!("{}/readyz", self.base)).send().await {
-                if r.status() == 200 {
-                    return;
+            .unwrap();
+        // The api logs when it listens; its log goes on to api.log.
+        let (up, is_up) = tokio::sync::oneshot::channel();
+        let err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, Write};
+            let mut up = Some(up);
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = writeln!(log, "{line}");
+                if line.contains("api listening") {
+                    if let Some(up) = up.take() {
+                        let _ = up.send(());
+                    }
                 }
             }
-            assert!(Instant::now() < until, "the api never became ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        });
+        self.api = Some(Api(child));
+        tokio::time::timeout(Duration::from_secs(60), is_up)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .expect("the api never said it listens");
     }
 
     /// Kills the api process (a crash: no goodbye to open streams).

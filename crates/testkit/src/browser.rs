@@ -60,25 +60,33 @@ impl Browser {
             .local_addr()
             .unwrap()
             .port();
-        let driver = Command::new(CHROMEDRIVER)
+        let mut driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("starting chromedriver");
-        let url = format!("http://127.0.0.1:{port}");
-        let http = reqwest::Client::new();
-        // chromedriver tells nothing when it is up: ask its status until it answers.
-        let until = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = http.get(format!("{url}/status")).send().await {
-                if r.status().is_success() {
-                    break;
+        // chromedriver says when it listens; the rest of what it prints is read and dropped.
+        let (up, is_up) = tokio::sync::oneshot::channel();
+        let out = driver.stdout.take().expect("chromedriver's stdout");
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut up = Some(up);
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                if line.contains("started successfully") {
+                    if let Some(up) = up.take() {
+                        let _ = up.send(());
+                    }
                 }
             }
-            assert!(Instant::now() < until, "chromedriver never answered");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        });
+        tokio::time::timeout(Duration::from_secs(30), is_up)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .expect("chromedriver never said it started");
+        let url = format!("http://127.0.0.1:{port}");
+        let http = reqwest::Client::new();
         let profile = tempfile::tempdir().unwrap();
         let downloads = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {
@@ -233,8 +241,9 @@ timer = setTimeout(() => finish(check()), {ms});"#
             {
                 Ok(Value::Bool(true)) => return,
                 Ok(_) => {}
-                // The page navigated away under the script: wait on the new one.
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                // The page navigated away under the script: the next call waits for the new
+                // page to load, then watches it.
+                Err(_) => {}
             }
         }
     }
