@@ -23,7 +23,7 @@ mod compose;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use compose::{docker, run, up, wait_build, wait_ready, Fleet, DEADLINE};
+use compose::{docker, run, submit, up, wait_build, wait_ready, Fleet, DEADLINE};
 
 /// The builds: plugin sets on five platforms.
 fn queries(n: usize) -> Vec<String> {
@@ -386,15 +386,7 @@ async fn a_fleet_loses_nothing_and_doubles_nothing_under_faults() {
     let queries = queries(builds);
     let mut keys = Vec::new();
     for q in &queries {
-        let r = http
-            .post(format!("{base}/api/build?{q}"))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let body: serde_json::Value = r.json().await.unwrap();
-        assert!(status == 200 || status == 202, "{status} {body}");
-        keys.push(body["result"]["key"].as_str().unwrap().to_owned());
+        keys.push(submit(&http, &base, q).await);
     }
     let mut clients = tokio::task::JoinSet::new();
     for (i, key) in keys.iter().enumerate() {

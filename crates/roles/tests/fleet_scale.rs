@@ -20,7 +20,7 @@ mod compose;
 
 use std::time::{Duration, Instant};
 
-use compose::{docker, up, wait_build, wait_ready, Fleet};
+use compose::{docker, submit, up, wait_build, wait_ready, Fleet};
 
 const VERSIONS: [&str; 3] = ["v2.7.6", "v2.8.4", "v2.9.0-beta.1"];
 
@@ -117,18 +117,6 @@ fn top_containers(project: &str) -> String {
         .map(|(n, p)| format!("{n} {p:.0}%"))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-async fn submit(http: &reqwest::Client, base: &str, q: &str) -> String {
-    let r = http
-        .post(format!("{base}/api/build?{q}"))
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let body: serde_json::Value = r.json().await.unwrap();
-    assert!(status == 200 || status == 202, "{status} {body}");
-    body["result"]["key"].as_str().unwrap().to_owned()
 }
 
 /// Waits until the worker's container reports healthy (its /healthz on metrics.listen), from

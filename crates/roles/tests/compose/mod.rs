@@ -194,3 +194,16 @@ pub async fn wait_build(http: &reqwest::Client, base: &str, key: &str) -> serde_
 pub fn docker(args: &[&str]) -> String {
     run(Command::new("docker").args(args))
 }
+
+/// Asks for a build through the load balancer; returns its key.
+pub async fn submit(http: &reqwest::Client, base: &str, q: &str) -> String {
+    let r = http
+        .post(format!("{base}/api/build?{q}"))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert!(status == 200 || status == 202, "{status} {body}");
+    body["result"]["key"].as_str().unwrap().to_owned()
+}
