@@ -67,6 +67,8 @@ impl QueueEntry {
             last_seq,
             links,
             queue_position: _,
+            // Queued and running builds have none worth listing.
+            reproduction: _,
             request,
             status,
             step,
@@ -103,6 +105,7 @@ impl QueueEntry {
             last_seq: self.last_seq,
             links: self.links.clone(),
             queue_position: None,
+            reproduction: None,
             request: self.request.clone(),
             status: self.status,
             step: self.step.clone(),

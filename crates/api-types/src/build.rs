@@ -125,6 +125,10 @@ pub struct Build {
     /// left out otherwise, and on answers other than `GET /api/build/{key}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_position: Option<u32>,
+    /// The latest reproducibility check of the artifact (a second build by another worker,
+    /// compared byte for byte); left out when none was asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reproduction: Option<ReproductionInfo>,
     pub request: BuildRequest,
     pub status: BuildStatus,
     /// The step the running attempt is in; left out when there is none.
@@ -134,10 +138,61 @@ pub struct Build {
     pub updated_at: DateTime<Utc>,
 }
 
+/// Where a [`ReproductionInfo`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionStatus {
+    /// Waiting for a worker other than the one that built the artifact.
+    Queued,
+    Running,
+    /// The second build has the same SHA-256.
+    Matched,
+    /// The second build has other bytes: the build is marked.
+    Mismatched,
+    /// No binary to compare.
+    Failed,
+}
+
+/// The `reproduction` of a [`Build`]: its latest reproducibility check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReproductionInfo {
+    /// The second builder's image reference and id; left out until it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image_id: Option<String>,
+    /// When it ended; left out until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// What differs, or why it failed; left out when empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// `/api/build/{key}/reproduction`: the second builder's signed provenance statement
+    /// about the same binary; only when matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<String>,
+    pub reason: crate::events::ReproductionReason,
+    /// Claims so far (a worker that stops hands it to another).
+    pub reproduction: u32,
+    pub requested_at: DateTime<Utc>,
+    /// The second build's SHA-256; left out until it ended, and when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub status: ReproductionStatus,
+    /// The worker reproducing it, or that did; left out while queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+}
+
 /// The `artifact` of a [`Build`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ArtifactInfo {
+    /// The worker that built it; left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built_by: Option<String>,
     /// Lower-case hex SHA-256 of the binary.
     pub sha256: String,
     /// Bytes.

@@ -34,10 +34,13 @@ pub enum EventType {
     Cancelled,
     GaveUp,
     ArtifactDeleted,
+    ReproductionRequested,
+    ReproductionClaimed,
+    Reproduced,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 12] = [
+    pub const ALL: [EventType; 15] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::LeaseRenewed,
@@ -50,6 +53,9 @@ impl EventType {
         EventType::Cancelled,
         EventType::GaveUp,
         EventType::ArtifactDeleted,
+        EventType::ReproductionRequested,
+        EventType::ReproductionClaimed,
+        EventType::Reproduced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -66,6 +72,9 @@ impl EventType {
             EventType::Cancelled => "cancelled",
             EventType::GaveUp => "gave_up",
             EventType::ArtifactDeleted => "artifact_deleted",
+            EventType::ReproductionRequested => "reproduction_requested",
+            EventType::ReproductionClaimed => "reproduction_claimed",
+            EventType::Reproduced => "reproduced",
         }
     }
 }
@@ -115,6 +124,9 @@ pub enum EventData {
     Cancelled(Cancelled),
     GaveUp(GaveUp),
     ArtifactDeleted(ArtifactDeleted),
+    ReproductionRequested(ReproductionRequested),
+    ReproductionClaimed(ReproductionClaimed),
+    Reproduced(Reproduced),
 }
 
 impl EventData {
@@ -132,6 +144,9 @@ impl EventData {
             EventData::Cancelled(_) => EventType::Cancelled,
             EventData::GaveUp(_) => EventType::GaveUp,
             EventData::ArtifactDeleted(_) => EventType::ArtifactDeleted,
+            EventData::ReproductionRequested(_) => EventType::ReproductionRequested,
+            EventData::ReproductionClaimed(_) => EventType::ReproductionClaimed,
+            EventData::Reproduced(_) => EventType::Reproduced,
         }
     }
 
@@ -154,6 +169,9 @@ impl EventData {
             EventType::Cancelled => EventData::Cancelled(v(data)?),
             EventType::GaveUp => EventData::GaveUp(v(data)?),
             EventType::ArtifactDeleted => EventData::ArtifactDeleted(v(data)?),
+            EventType::ReproductionRequested => EventData::ReproductionRequested(v(data)?),
+            EventType::ReproductionClaimed => EventData::ReproductionClaimed(v(data)?),
+            EventType::Reproduced => EventData::Reproduced(v(data)?),
         })
     }
 }
@@ -173,6 +191,9 @@ impl Serialize for EventData {
             EventData::Cancelled(e) => e.serialize(s),
             EventData::GaveUp(e) => e.serialize(s),
             EventData::ArtifactDeleted(e) => e.serialize(s),
+            EventData::ReproductionRequested(e) => e.serialize(s),
+            EventData::ReproductionClaimed(e) => e.serialize(s),
+            EventData::Reproduced(e) => e.serialize(s),
         }
     }
 }
@@ -338,6 +359,80 @@ pub struct GaveUp {
 pub struct ArtifactDeleted {
     pub attempt: u32,
     pub reason: String,
+}
+
+/// Why a reproduction was asked for: in [`ReproductionRequested`] and
+/// [`crate::build::ReproductionInfo`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionReason {
+    /// The janitor's sample (`janitor.reproduce`).
+    Sample,
+    /// An admin asked (`POST /api/build/{key}/reproduce`).
+    Admin,
+    /// The worker reproducing it stopped and gave it back.
+    Released,
+    /// The worker reproducing it stopped answering.
+    LeaseExpired,
+}
+
+/// `reproduction_requested`: a second, independent build of the succeeded build was asked
+/// for, by a worker other than the one that built it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReproductionRequested {
+    pub reason: ReproductionReason,
+    /// The claim this request follows (0 before the first).
+    pub reproduction: u32,
+}
+
+/// `reproduction_claimed`: a worker took the reproduction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ReproductionClaimed {
+    pub lease_expires_at: DateTime<Utc>,
+    /// Claims of a reproduction so far, this one included.
+    pub reproduction: u32,
+    pub worker: String,
+}
+
+/// How a reproduction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionOutcome {
+    /// The second build has the artifact's SHA-256.
+    Matched,
+    /// Other bytes: the builders differ, or the build is not reproducible.
+    Mismatched,
+    /// No binary to compare.
+    Failed,
+}
+
+/// `reproduced`: the second build ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Reproduced {
+    /// The second builder's image reference; left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image: Option<String>,
+    /// Its image id (`sha256:...`); left out when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image_id: Option<String>,
+    /// Files the second builder stored beside the artifact (its signed provenance); left
+    /// out when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    /// What differs, or why it failed; left out when empty.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    pub outcome: ReproductionOutcome,
+    pub reproduction: u32,
+    /// SHA-256 of the second build's binary; left out when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    pub worker: String,
 }
 
 /// One event of a build's history (`GET /api/build/{key}/history`):

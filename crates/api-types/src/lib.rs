@@ -33,12 +33,15 @@ pub mod request;
 pub mod stream;
 
 pub use admin::{QueueEntry, QueueList, Worker, WorkerBuild, WorkerList};
-pub use build::{ArtifactInfo, Build, BuildStatus, FailureKind, LastError, Links, Resolution};
+pub use build::{
+    ArtifactInfo, Build, BuildStatus, FailureKind, LastError, Links, ReproductionInfo,
+    ReproductionStatus, Resolution,
+};
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{
     EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, RequeueReason,
-    UnknownEventType,
+    ReproductionOutcome, ReproductionReason, UnknownEventType,
 };
 pub use packages::{Package, PackageModule, PlatformOption, ServerOptions};
 pub use request::{

@@ -16,7 +16,8 @@ use crate::build::BuildStatus;
 use crate::events::RequeueReason;
 use crate::events::{
     ArtifactDeleted, Cancelled, Claimed, EventType, Failed, FeedEvent, GaveUp, HistoryEvent,
-    LeaseRenewed, Output, Requested, Requeued, StepFinished, StepStarted, Succeeded,
+    LeaseRenewed, Output, Reproduced, ReproductionClaimed, ReproductionRequested, Requested,
+    Requeued, StepFinished, StepStarted, Succeeded,
 };
 use crate::stream::StateData;
 
@@ -64,6 +65,9 @@ fn payload(t: EventType) -> RefOr<Schema> {
         EventType::Cancelled => reference::<Cancelled>(),
         EventType::GaveUp => reference::<GaveUp>(),
         EventType::ArtifactDeleted => reference::<ArtifactDeleted>(),
+        EventType::ReproductionRequested => reference::<ReproductionRequested>(),
+        EventType::ReproductionClaimed => reference::<ReproductionClaimed>(),
+        EventType::Reproduced => reference::<Reproduced>(),
     }
 }
 
@@ -80,6 +84,9 @@ fn payloads(schemas: &mut Schemas) {
     collect::<Cancelled>(schemas);
     collect::<GaveUp>(schemas);
     collect::<ArtifactDeleted>(schemas);
+    collect::<ReproductionRequested>(schemas);
+    collect::<ReproductionClaimed>(schemas);
+    collect::<Reproduced>(schemas);
     collect::<EventType>(schemas);
 }
 

@@ -7,8 +7,9 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 
 use cbs_api_types::events::{
-    ArtifactDeleted, Cancelled, Claimed, Failed, GaveUp, LeaseRenewed, Output, Requested,
-    RequeueReason, Requeued, StepFinished, StepStarted, StoredArtifact, Succeeded,
+    ArtifactDeleted, Cancelled, Claimed, Failed, GaveUp, LeaseRenewed, Output, Reproduced,
+    ReproductionClaimed, ReproductionRequested, Requested, RequeueReason, Requeued, StepFinished,
+    StepStarted, StoredArtifact, Succeeded,
 };
 use cbs_api_types::*;
 use chrono::{DateTime, Utc};
@@ -106,6 +107,7 @@ fn queued_build() -> Build {
         last_seq: 1,
         links: Links::for_key(KEY2),
         queue_position: None,
+        reproduction: None,
         request: arm_request(),
         status: BuildStatus::Queued,
         step: None,
@@ -116,6 +118,7 @@ fn queued_build() -> Build {
 fn complete_build() -> Build {
     Build {
         artifact: Some(ArtifactInfo {
+            built_by: Some("worker-a".into()),
             sha256: SHA.into(),
             size: 48_234_496,
         }),
@@ -132,6 +135,19 @@ fn complete_build() -> Build {
         last_seq: 14,
         links: Links::for_key(KEY),
         queue_position: None,
+        reproduction: Some(ReproductionInfo {
+            builder_image: Some("cbs-builder:go1.25.1".into()),
+            builder_image_id: Some(format!("sha256:{SHA}")),
+            finished_at: Some(t("2026-01-02T03:09:12Z")),
+            message: None,
+            provenance: Some(format!("/api/build/{KEY}/reproduction")),
+            reason: ReproductionReason::Sample,
+            reproduction: 1,
+            requested_at: t("2026-01-02T03:07:42Z"),
+            sha256: Some(SHA.into()),
+            status: ReproductionStatus::Matched,
+            worker: Some("worker-b".into()),
+        }),
         request: request(),
         status: BuildStatus::Succeeded,
         step: None,
@@ -150,6 +166,7 @@ fn running_build() -> Build {
         last_seq: 5,
         links: Links::for_key(KEY),
         queue_position: None,
+        reproduction: None,
         request: request(),
         status: BuildStatus::Running,
         step: Some("compile".into()),
@@ -241,6 +258,25 @@ fn all_events() -> Vec<EventData> {
         }),
         EventData::Cancelled(Cancelled {
             reason: "cancelled by ops".into(),
+        }),
+        EventData::ReproductionRequested(ReproductionRequested {
+            reason: ReproductionReason::Admin,
+            reproduction: 0,
+        }),
+        EventData::ReproductionClaimed(ReproductionClaimed {
+            lease_expires_at: t("2026-01-02T04:09:12Z"),
+            reproduction: 1,
+            worker: "worker-b".into(),
+        }),
+        EventData::Reproduced(Reproduced {
+            builder_image: Some("cbs-builder:go1.25.1".into()),
+            builder_image_id: Some(format!("sha256:{SHA}")),
+            files: vec![],
+            message: "other bytes; differences in the build information: build setting GOAMD64: \"v3\" here, \"v1\" published".into(),
+            outcome: ReproductionOutcome::Mismatched,
+            reproduction: 1,
+            sha256: Some("0".repeat(64)),
+            worker: "worker-b".into(),
         }),
     ]
 }
@@ -544,6 +580,13 @@ fn build_json_today(b: &Build) -> Value {
     }
     if let Some(a) = &b.artifact {
         v["artifact"] = json!({ "size": a.size, "sha256": a.sha256 });
+        if let Some(w) = &a.built_by {
+            v["artifact"]["built_by"] = json!(w);
+        }
+    }
+    // Added with reproducibility checks: new keys only.
+    if let Some(r) = &b.reproduction {
+        v["reproduction"] = serde_json::to_value(r).unwrap();
     }
     v
 }

@@ -780,6 +780,72 @@ pub struct JanitorConfig {
     /// How often the janitor looks for such artifacts.
     #[serde(with = "humantime_serde")]
     pub retention_check_interval: Duration,
+    /// Which succeeded builds a second worker builds again, to check that it gets the same
+    /// bytes: `off`, `all`, or a fraction of them (`0.1` or `10%`; chosen by build key, so
+    /// the same builds on every janitor). Operators may ask for any one build with
+    /// `POST /api/admin/build/{key}/reproduce` whatever this says.
+    pub reproduce: Reproduce,
+}
+
+/// `janitor.reproduce`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(try_from = "ReproduceSetting")]
+pub enum Reproduce {
+    #[default]
+    Off,
+    /// This fraction of builds, strictly between 0 and 1.
+    Sample(f64),
+    All,
+}
+
+impl Reproduce {
+    /// Is the build whose key hashes to `unit` (uniform in [0, 1)) in the sample?
+    pub fn selects(self, unit: f64) -> bool {
+        match self {
+            Reproduce::Off => false,
+            Reproduce::All => true,
+            Reproduce::Sample(f) => unit < f,
+        }
+    }
+}
+
+/// How `janitor.reproduce` is written: a word, a number or a percentage.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum ReproduceSetting {
+    Number(f64),
+    Text(String),
+}
+
+impl TryFrom<ReproduceSetting> for Reproduce {
+    type Error = String;
+
+    fn try_from(v: ReproduceSetting) -> Result<Self, Self::Error> {
+        let bad = |what: &str| {
+            format!("janitor.reproduce is `off`, `all`, or a fraction such as 0.1 or 10%; got {what}")
+        };
+        let fraction = match v {
+            ReproduceSetting::Number(f) => f,
+            ReproduceSetting::Text(t) => match t.trim() {
+                "off" | "none" => return Ok(Reproduce::Off),
+                "all" => return Ok(Reproduce::All),
+                other => match other.strip_suffix('%') {
+                    Some(p) => p.trim().parse::<f64>().map_err(|_| bad(&t))? / 100.0,
+                    None => other.parse::<f64>().map_err(|_| bad(&t))?,
+                },
+            },
+        };
+        if !fraction.is_finite() || !(0.0..=1.0).contains(&fraction) {
+            return Err(bad(&fraction.to_string()));
+        }
+        Ok(if fraction == 0.0 {
+            Reproduce::Off
+        } else if fraction == 1.0 {
+            Reproduce::All
+        } else {
+            Reproduce::Sample(fraction)
+        })
+    }
 }
 
 impl Default for JanitorConfig {
@@ -793,6 +859,7 @@ impl Default for JanitorConfig {
             retry_backoff_max: Duration::from_secs(600),
             retention: Duration::from_secs(90 * 24 * 3600),
             retention_check_interval: Duration::from_secs(3600),
+            reproduce: Reproduce::Off,
         }
     }
 }

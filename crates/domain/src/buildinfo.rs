@@ -82,6 +82,46 @@ fn read_string(b: &[u8]) -> Option<(&[u8], &[u8])> {
 }
 
 impl BuildInfo {
+    /// What differs between two binaries' build information, each as `what: this, that`
+    /// (`here` is `self`, `there` is `other`): Go version, build settings, modules. Empty
+    /// when they record the same build.
+    pub fn differences(&self, other: &BuildInfo, here: &str, there: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut differ = |what: &str, a: Option<&str>, b: Option<&str>| {
+            if a != b {
+                let show = |v: Option<&str>| v.map_or("unset".to_owned(), |v| format!("{v:?}"));
+                out.push(format!("{what}: {} {here}, {} {there}", show(a), show(b)));
+            }
+        };
+        differ("Go version", Some(&self.go_version), Some(&other.go_version));
+        let keys: std::collections::BTreeSet<&String> =
+            self.settings.keys().chain(other.settings.keys()).collect();
+        for k in keys {
+            differ(
+                &format!("build setting {k}"),
+                self.settings.get(k).map(String::as_str),
+                other.settings.get(k).map(String::as_str),
+            );
+        }
+        let line = |m: &ModuleInfo| match &m.replace {
+            Some(r) => format!("{} => {}@{}", m.version, r.path, r.version),
+            None => m.version.clone(),
+        };
+        let mods = |i: &BuildInfo| -> BTreeMap<String, String> {
+            i.deps.iter().map(|m| (m.path.clone(), line(m))).collect()
+        };
+        let (a, b) = (mods(self), mods(other));
+        let paths: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+        for p in paths {
+            differ(
+                &format!("module {p}"),
+                a.get(p).map(String::as_str),
+                b.get(p).map(String::as_str),
+            );
+        }
+        out
+    }
+
     /// Finds and parses the build information of an executable (ELF, PE or Mach-O), in the
     /// data area its format designates (see the module documentation).
     pub fn from_binary(data: &[u8]) -> Result<BuildInfo, BuildInfoError> {
@@ -339,6 +379,25 @@ mod tests {
     }
 
     const MODINFO: &str = "path\tcaddy\nmod\tcaddy\t(devel)\t\ndep\tgithub.com/caddyserver/caddy/v2\tv2.8.4\th1:abc=\ndep\texample.com/old\tv1.0.0\t\n=>\texample.com/new\tv1.2.0\th1:def=\nbuild\t-trimpath=true\nbuild\tGOOS=linux\nbuild\tGOARCH=arm\nbuild\tGOARM=7\n";
+
+    #[test]
+    fn differences_name_version_settings_and_modules() {
+        let a = BuildInfo::from_data_area(&binary("go1.27.3", MODINFO)).unwrap();
+        assert!(a.differences(&a, "here", "there").is_empty());
+        let mut b = a.clone();
+        b.go_version = "go1.27.4".into();
+        b.settings.insert("GOAMD64".into(), "v3".into());
+        b.deps[0].version = "v2.8.5".into();
+        assert_eq!(
+            a.differences(&b, "here", "there"),
+            vec![
+                "Go version: \"go1.27.3\" here, \"go1.27.4\" there".to_owned(),
+                "build setting GOAMD64: unset here, \"v3\" there".to_owned(),
+                "module github.com/caddyserver/caddy/v2: \"v2.8.4\" here, \"v2.8.5\" there"
+                    .to_owned(),
+            ]
+        );
+    }
 
     #[test]
     fn reads_version_modules_replacements_and_settings() {

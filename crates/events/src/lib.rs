@@ -32,6 +32,9 @@ pub enum Event {
     Cancelled(Cancelled),
     GaveUp(GaveUp),
     ArtifactDeleted(ArtifactDeleted),
+    ReproductionRequested(ReproductionRequested),
+    ReproductionClaimed(ReproductionClaimed),
+    Reproduced(Reproduced),
 }
 
 /// A build was requested for the first time: the full normalized request.
@@ -193,6 +196,77 @@ pub struct ArtifactDeleted {
     pub reason: String,
 }
 
+/// Why a second, independent build of a succeeded build was asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionReason {
+    /// The janitor's sample (`janitor.reproduce`: a fraction of builds, or all).
+    Sample,
+    /// An operator asked (`POST /api/admin/build/{key}/reproduce`).
+    Admin,
+    /// The worker reproducing it stopped (preemption, shutdown) and gave it back.
+    Released,
+    /// The worker reproducing it stopped answering; the janitor gave it to another.
+    LeaseExpired,
+}
+
+/// A second build of a succeeded build's request was asked for, to be run by a worker other
+/// than the one that built it, and compared byte for byte. `reproduction` is the claim the
+/// request follows (0 before the first): a released or expired reproduction names its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReproductionRequested {
+    pub reproduction: u32,
+    pub reason: ReproductionReason,
+}
+
+/// A worker (never the one that built the artifact) took the reproduction. `reproduction`
+/// counts these claims from 1; the result must name it (fencing, as for attempts).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReproductionClaimed {
+    pub reproduction: u32,
+    pub worker: String,
+    pub lease_expires_at: DateTime<Utc>,
+}
+
+/// How a reproduction ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionOutcome {
+    /// The second build has the artifact's SHA-256.
+    Matched,
+    /// It has other bytes: the builders differ, or the build is not reproducible.
+    Mismatched,
+    /// No binary to compare (the build failed on this worker, or it gave up retrying).
+    Failed,
+}
+
+/// The result of a reproduction: the other worker's build, its builder and its SHA-256.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reproduced {
+    pub reproduction: u32,
+    pub worker: String,
+    pub outcome: ReproductionOutcome,
+    /// SHA-256 of the second build's binary; absent when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The second builder's image reference and id (`sha256:...`); absent when the janitor
+    /// writes the result of a worker that vanished.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image_id: Option<String>,
+    /// What differs (build settings, Go version, sizes) or why it failed.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Files the second builder stored under the artifact's location: its own signed
+    /// provenance statement for the same binary when the bytes matched.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+}
+
 /// The worker running an attempt is alive: its lease now lasts until `lease_expires_at`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -216,10 +290,13 @@ pub enum EventType {
     Cancelled,
     GaveUp,
     ArtifactDeleted,
+    ReproductionRequested,
+    ReproductionClaimed,
+    Reproduced,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 12] = [
+    pub const ALL: [EventType; 15] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::LeaseRenewed,
@@ -232,6 +309,9 @@ impl EventType {
         EventType::Cancelled,
         EventType::GaveUp,
         EventType::ArtifactDeleted,
+        EventType::ReproductionRequested,
+        EventType::ReproductionClaimed,
+        EventType::Reproduced,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -248,12 +328,18 @@ impl EventType {
             EventType::Cancelled => "cancelled",
             EventType::GaveUp => "gave_up",
             EventType::ArtifactDeleted => "artifact_deleted",
+            EventType::ReproductionRequested => "reproduction_requested",
+            EventType::ReproductionClaimed => "reproduction_claimed",
+            EventType::Reproduced => "reproduced",
         }
     }
 
     /// Does an event of this type make a build claimable? Idle workers are woken for these.
     pub fn makes_claimable(self) -> bool {
-        matches!(self, EventType::Requested | EventType::Requeued)
+        matches!(
+            self,
+            EventType::Requested | EventType::Requeued | EventType::ReproductionRequested
+        )
     }
 }
 
@@ -265,7 +351,7 @@ impl fmt::Display for EventType {
 
 /// An unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}; known types: requested, claimed, lease_renewed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up, artifact_deleted")]
+#[error("unknown event type {0:?}; known types: requested, claimed, lease_renewed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up, artifact_deleted, reproduction_requested, reproduction_claimed, reproduced")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {
@@ -308,6 +394,9 @@ impl Event {
             Event::Cancelled(_) => EventType::Cancelled,
             Event::GaveUp(_) => EventType::GaveUp,
             Event::ArtifactDeleted(_) => EventType::ArtifactDeleted,
+            Event::ReproductionRequested(_) => EventType::ReproductionRequested,
+            Event::ReproductionClaimed(_) => EventType::ReproductionClaimed,
+            Event::Reproduced(_) => EventType::Reproduced,
         }
     }
 
@@ -324,7 +413,11 @@ impl Event {
             Event::Requeued(e) => Some(e.attempt),
             Event::GaveUp(e) => Some(e.attempt),
             Event::ArtifactDeleted(e) => Some(e.attempt),
-            Event::Requested(_) | Event::Cancelled(_) => None,
+            Event::Requested(_)
+            | Event::Cancelled(_)
+            | Event::ReproductionRequested(_)
+            | Event::ReproductionClaimed(_)
+            | Event::Reproduced(_) => None,
         }
     }
 
@@ -343,6 +436,9 @@ impl Event {
             Event::Cancelled(e) => serde_json::to_value(e),
             Event::GaveUp(e) => serde_json::to_value(e),
             Event::ArtifactDeleted(e) => serde_json::to_value(e),
+            Event::ReproductionRequested(e) => serde_json::to_value(e),
+            Event::ReproductionClaimed(e) => serde_json::to_value(e),
+            Event::Reproduced(e) => serde_json::to_value(e),
         };
         // Serializing plain structs of strings, numbers and timestamps into a Value cannot fail.
         v.expect("event payloads serialize to JSON")
@@ -382,6 +478,15 @@ impl Event {
             EventType::GaveUp => Event::GaveUp(serde_json::from_value(payload).map_err(err)?),
             EventType::ArtifactDeleted => {
                 Event::ArtifactDeleted(serde_json::from_value(payload).map_err(err)?)
+            }
+            EventType::ReproductionRequested => {
+                Event::ReproductionRequested(serde_json::from_value(payload).map_err(err)?)
+            }
+            EventType::ReproductionClaimed => {
+                Event::ReproductionClaimed(serde_json::from_value(payload).map_err(err)?)
+            }
+            EventType::Reproduced => {
+                Event::Reproduced(serde_json::from_value(payload).map_err(err)?)
             }
         })
     }
@@ -530,6 +635,25 @@ mod tests {
             Event::ArtifactDeleted(ArtifactDeleted {
                 attempt: 1,
                 reason: "not downloaded for 90days".into(),
+            }),
+            Event::ReproductionRequested(ReproductionRequested {
+                reproduction: 0,
+                reason: ReproductionReason::Sample,
+            }),
+            Event::ReproductionClaimed(ReproductionClaimed {
+                reproduction: 1,
+                worker: "w2".into(),
+                lease_expires_at: t,
+            }),
+            Event::Reproduced(Reproduced {
+                reproduction: 1,
+                worker: "w2".into(),
+                outcome: ReproductionOutcome::Mismatched,
+                sha256: Some("11".repeat(32)),
+                builder_image: Some("builder:2".into()),
+                builder_image_id: Some("sha256:ab".into()),
+                message: "GOAMD64: v1 here, v3 there".into(),
+                files: vec![],
             }),
         ]
     }

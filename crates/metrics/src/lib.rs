@@ -29,6 +29,12 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `matched`, `mismatched` or `failed`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// A failure kind (`compile`, `resolve`, `infrastructure`, ...).
     pub kind: &'static str,
@@ -111,6 +117,8 @@ pub struct Metrics {
     pub builds_preempted: Counter,
     pub builds_released: Counter,
     pub builds_fenced: Counter,
+    /// Reproducibility checks ended, by outcome.
+    pub reproductions: Family<OutcomeLabel, Counter>,
     // The queue, read from the projection at scrape time (see [`Metrics::set_queue`]).
     pub queue_builds: Family<StatusLabel, Gauge>,
     pub queue_oldest_seconds: Gauge<f64, AtomicU64>,
@@ -159,6 +167,7 @@ impl Metrics {
             builds_preempted: Counter::default(),
             builds_released: Counter::default(),
             builds_fenced: Counter::default(),
+            reproductions: Family::default(),
             queue_builds: Family::default(),
             queue_oldest_seconds: Gauge::default(),
             queue_read_errors: Counter::default(),
@@ -268,6 +277,11 @@ impl Metrics {
             "builds_fenced",
             "Writes of a worker refused because its attempt was no longer current (lost lease)",
             self.builds_fenced.clone(),
+        );
+        r.register(
+            "reproductions",
+            "Reproducibility checks (a second worker built a succeeded build again) by outcome: matched, mismatched (other bytes: the builders differ) or failed",
+            self.reproductions.clone(),
         );
         r.register(
             "queue_builds",

@@ -18,9 +18,23 @@
 //!  failed, gave_up, cancelled and expired builds (Status::reopenable); any request
 //!  reopens an expired one.
 //! ```
+//!
+//! A succeeded build may be reproduced: built again by another worker and compared byte for
+//! byte ([`Reproduction`], beside the build's status, which it never changes):
+//!
+//! ```text
+//!  reproduction_requested ──> queued ──reproduction_claimed──> running ──reproduced──> matched
+//!                               ^                                 │                  mismatched
+//!                               └──reproduction_requested─────────┘                  failed
+//!                                  (released, lease_expired)
+//!  a new request (sample, admin) starts over from matched, mismatched or failed.
+//! ```
 
 use cbs_domain::{BuildKey, BuildRequest};
-use cbs_events::{Artifact, Event, EventType, FailureKind, RequeueReason};
+use cbs_events::{
+    Artifact, Event, EventType, FailureKind, RequeueReason, ReproductionOutcome,
+    ReproductionReason,
+};
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -98,6 +112,72 @@ impl FromStr for Status {
     }
 }
 
+/// Where a reproduction is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReproductionStatus {
+    /// Waiting for a worker other than the one that built the artifact.
+    Queued,
+    Running,
+    Matched,
+    Mismatched,
+    Failed,
+}
+
+impl ReproductionStatus {
+    /// A reproduction in this status has ended (a new request may start another).
+    pub fn ended(self) -> bool {
+        matches!(
+            self,
+            ReproductionStatus::Matched | ReproductionStatus::Mismatched | ReproductionStatus::Failed
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReproductionStatus::Queued => "queued",
+            ReproductionStatus::Running => "running",
+            ReproductionStatus::Matched => "matched",
+            ReproductionStatus::Mismatched => "mismatched",
+            ReproductionStatus::Failed => "failed",
+        }
+    }
+}
+
+/// The latest reproduction of a succeeded build: an independent second build of its
+/// request by another worker, compared with the artifact byte for byte. Stored as JSON in
+/// the `builds.reproduction` column.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reproduction {
+    pub status: ReproductionStatus,
+    /// Claims of a reproduction so far (for this artifact); the current one's number.
+    pub reproduction: u32,
+    /// Why the latest request was made.
+    pub reason: ReproductionReason,
+    pub requested_at: DateTime<Utc>,
+    /// The worker reproducing it (running), or that reproduced it (ended).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// While running: the janitor gives it to another worker after this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// Ended: the second build's SHA-256 (absent when it failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder_image_id: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    /// Files the second builder stored beside the artifact (its signed provenance).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub files: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
 /// The last failure of a build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +217,10 @@ pub struct BuildState {
     /// Its rank in the fair queue (see [`cbs_events::Requested::rank`]); a requeued build
     /// keeps its rank.
     pub queue_rank: i64,
+    /// The worker whose attempt produced the artifact (a reproduction must be another).
+    pub built_by: Option<String>,
+    /// The latest reproduction of the artifact, if one was ever asked for.
+    pub reproduction: Option<Reproduction>,
 }
 
 impl BuildState {
@@ -180,6 +264,25 @@ pub enum FoldError {
         status: Status,
         event: EventType,
     },
+    /// The writer's reproduction is no longer the build's current one (the janitor gave it
+    /// to another worker, or it ended).
+    #[error("build {key}: reproduction {writer} by {worker} was fenced off; the build's reproduction is {current} ({status})")]
+    ReproductionFenced {
+        key: BuildKey,
+        writer: u32,
+        worker: String,
+        current: u32,
+        status: &'static str,
+    },
+    #[error("build {key}: `{event}` cannot happen while its reproduction is {status}")]
+    InvalidReproduction {
+        key: BuildKey,
+        status: &'static str,
+        event: EventType,
+    },
+    /// A reproduction must be independent: not by the worker that built the artifact.
+    #[error("build {key}: worker {worker} built the artifact and cannot reproduce it")]
+    SameWorker { key: BuildKey, worker: String },
 }
 
 /// Times in the read model have the database's precision (microseconds), so a state folded
@@ -219,6 +322,8 @@ pub fn apply(
                 updated_at: recorded_at,
                 client: r.client.clone(),
                 queue_rank: r.rank,
+                built_by: None,
+                reproduction: None,
             }),
             Event::Requested(_) => Err(FoldError::SequenceGap {
                 key: key.clone(),
@@ -308,6 +413,9 @@ pub fn apply(
             fence(s.attempt, &[Status::Running])?;
             next.status = Status::Succeeded;
             next.artifact = Some(s.artifact.clone());
+            next.built_by = prev.owner.clone();
+            // A new artifact: nothing of it was reproduced yet.
+            next.reproduction = None;
             next.owner = None;
             next.lease_expires_at = None;
             next.current_step = None;
@@ -393,8 +501,128 @@ pub fn apply(
             next.lease_expires_at = None;
             next.current_step = None;
         }
+        Event::ReproductionRequested(_)
+        | Event::ReproductionClaimed(_)
+        | Event::Reproduced(_) => {
+            next.reproduction = Some(reproduce(prev, key, recorded_at, event)?);
+        }
     }
     Ok(next)
+}
+
+/// The fold of the reproduction events: the build's next [`Reproduction`].
+fn reproduce(
+    prev: &BuildState,
+    key: &BuildKey,
+    recorded_at: DateTime<Utc>,
+    event: &Event,
+) -> Result<Reproduction, FoldError> {
+    let current = prev.reproduction.as_ref();
+    let count = current.map_or(0, |r| r.reproduction);
+    let status = current.map_or("none", |r| r.status.as_str());
+    let invalid = || FoldError::InvalidReproduction {
+        key: key.clone(),
+        status,
+        event: event.event_type(),
+    };
+    let fenced = |writer: u32, worker: &str| FoldError::ReproductionFenced {
+        key: key.clone(),
+        writer,
+        worker: worker.to_owned(),
+        current: count,
+        status,
+    };
+    // The running reproduction `n`, if that is what the build has.
+    let running = |n: u32| {
+        current.filter(|r| r.status == ReproductionStatus::Running && r.reproduction == n)
+    };
+    match event {
+        Event::ReproductionRequested(r) => {
+            match r.reason {
+                ReproductionReason::Sample | ReproductionReason::Admin => {
+                    if prev.status != Status::Succeeded {
+                        return Err(FoldError::InvalidTransition {
+                            key: key.clone(),
+                            status: prev.status,
+                            event: event.event_type(),
+                        });
+                    }
+                    if current.is_some_and(|c| !c.status.ended()) || r.reproduction != count {
+                        return Err(invalid());
+                    }
+                }
+                ReproductionReason::Released | ReproductionReason::LeaseExpired => {
+                    if running(r.reproduction).is_none() {
+                        return Err(fenced(r.reproduction, "the janitor or its worker"));
+                    }
+                }
+            }
+            Ok(Reproduction {
+                status: ReproductionStatus::Queued,
+                reproduction: count,
+                reason: r.reason,
+                requested_at: recorded_at,
+                worker: None,
+                lease_expires_at: None,
+                sha256: None,
+                builder_image: None,
+                builder_image_id: None,
+                message: String::new(),
+                files: Vec::new(),
+                finished_at: None,
+            })
+        }
+        Event::ReproductionClaimed(c) => {
+            let Some(queued) = current.filter(|r| r.status == ReproductionStatus::Queued) else {
+                return Err(invalid());
+            };
+            if prev.status != Status::Succeeded {
+                return Err(FoldError::InvalidTransition {
+                    key: key.clone(),
+                    status: prev.status,
+                    event: event.event_type(),
+                });
+            }
+            if c.reproduction != count + 1 {
+                return Err(fenced(c.reproduction, &c.worker));
+            }
+            if prev.built_by.as_deref() == Some(c.worker.as_str()) {
+                return Err(FoldError::SameWorker {
+                    key: key.clone(),
+                    worker: c.worker.clone(),
+                });
+            }
+            Ok(Reproduction {
+                status: ReproductionStatus::Running,
+                reproduction: c.reproduction,
+                worker: Some(c.worker.clone()),
+                lease_expires_at: Some(micros(c.lease_expires_at)),
+                ..queued.clone()
+            })
+        }
+        Event::Reproduced(d) => {
+            let Some(run) = running(d.reproduction).filter(|r| r.worker.as_ref() == Some(&d.worker))
+            else {
+                return Err(fenced(d.reproduction, &d.worker));
+            };
+            Ok(Reproduction {
+                status: match d.outcome {
+                    ReproductionOutcome::Matched => ReproductionStatus::Matched,
+                    ReproductionOutcome::Mismatched => ReproductionStatus::Mismatched,
+                    ReproductionOutcome::Failed => ReproductionStatus::Failed,
+                },
+                lease_expires_at: None,
+                sha256: d.sha256.clone(),
+                builder_image: d.builder_image.clone(),
+                builder_image_id: d.builder_image_id.clone(),
+                message: d.message.clone(),
+                files: d.files.clone(),
+                finished_at: Some(recorded_at),
+                ..run.clone()
+            })
+        }
+        _ => unreachable!("reproduce is called with reproduction events only"),
+    }
 }
 
 /// Folds a build's whole history, in sequence order.

@@ -396,3 +396,119 @@ fn leases_renewals_rescues_and_retention() {
     assert!(run(&[requested(), claimed(1), deleted(1)]).is_err());
     assert!(run(&[requested(), claimed(1), succeeded(1), deleted(2)]).is_err());
 }
+
+fn repro_requested(n: u32, reason: ReproductionReason) -> Event {
+    Event::ReproductionRequested(cbs_events::ReproductionRequested {
+        reproduction: n,
+        reason,
+    })
+}
+
+fn repro_claimed(n: u32, worker: &str) -> Event {
+    Event::ReproductionClaimed(cbs_events::ReproductionClaimed {
+        reproduction: n,
+        worker: worker.into(),
+        lease_expires_at: t(900),
+    })
+}
+
+fn reproduced(n: u32, worker: &str, outcome: ReproductionOutcome) -> Event {
+    Event::Reproduced(cbs_events::Reproduced {
+        reproduction: n,
+        worker: worker.into(),
+        outcome,
+        sha256: Some("11".repeat(32)),
+        builder_image: Some("builder".into()),
+        builder_image_id: Some("sha256:00".into()),
+        message: String::new(),
+        files: vec![],
+    })
+}
+
+#[test]
+fn reproductions_run_beside_the_build_and_are_fenced() {
+    use ReproductionOutcome::*;
+    use ReproductionReason::*;
+    let built = || vec![requested(), claimed(1), succeeded(1)];
+    let with = |more: &[Event]| {
+        let mut h = built();
+        h.extend_from_slice(more);
+        run(&h)
+    };
+    // The builder is remembered; a reproduction by another worker ends in its outcome and
+    // never changes the build's status.
+    let b = with(&[
+        repro_requested(0, Sample),
+        repro_claimed(1, "other"),
+        reproduced(1, "other", Mismatched),
+    ])
+    .unwrap();
+    assert_eq!(b.built_by.as_deref(), Some("w1"));
+    assert_eq!(b.status, Status::Succeeded);
+    let r = b.reproduction.unwrap();
+    assert_eq!(
+        (r.status, r.reproduction, r.worker.as_deref(), r.finished_at),
+        (ReproductionStatus::Mismatched, 1, Some("other"), Some(t(5)))
+    );
+    // The worker that built the artifact cannot reproduce it.
+    assert!(matches!(
+        with(&[repro_requested(0, Admin), repro_claimed(1, "w1")]),
+        Err(FoldError::SameWorker { .. })
+    ));
+    // Only a succeeded build is reproduced; only one reproduction at a time.
+    assert!(run(&[requested(), repro_requested(0, Sample)]).is_err());
+    assert!(with(&[repro_requested(0, Sample), repro_requested(0, Admin)]).is_err());
+    // A released or expired reproduction goes back to the queue; the old claim's result is
+    // fenced off, the new claim's is taken.
+    let h = [
+        repro_requested(0, Sample),
+        repro_claimed(1, "a"),
+        repro_requested(1, LeaseExpired),
+        repro_claimed(2, "b"),
+    ];
+    let mut late = h.to_vec();
+    late.push(reproduced(1, "a", Matched));
+    assert!(matches!(
+        with(&late),
+        Err(FoldError::ReproductionFenced { writer: 1, .. })
+    ));
+    let mut ok = h.to_vec();
+    ok.push(reproduced(2, "b", Matched));
+    let r = with(&ok).unwrap().reproduction.unwrap();
+    assert_eq!((r.status, r.reproduction), (ReproductionStatus::Matched, 2));
+    // A result must come from the claiming worker, and a release from the running claim.
+    assert!(with(&[
+        repro_requested(0, Sample),
+        repro_claimed(1, "a"),
+        reproduced(1, "b", Matched)
+    ])
+    .is_err());
+    assert!(with(&[repro_requested(0, Sample), repro_requested(0, Released)]).is_err());
+    // A claim must be the next one.
+    assert!(with(&[repro_requested(0, Sample), repro_claimed(2, "a")]).is_err());
+    // After an ended reproduction, a new request starts the next; a new artifact (forced
+    // rebuild after expiry) forgets the old reproduction.
+    let b = with(&[
+        repro_requested(0, Sample),
+        repro_claimed(1, "a"),
+        reproduced(1, "a", Failed),
+        repro_requested(1, Admin),
+        repro_claimed(2, "a"),
+    ])
+    .unwrap();
+    assert_eq!(
+        b.reproduction.map(|r| (r.status, r.reproduction)),
+        Some((ReproductionStatus::Running, 2))
+    );
+    let b = with(&[
+        repro_requested(0, Sample),
+        repro_claimed(1, "a"),
+        reproduced(1, "a", Matched),
+        deleted(1),
+        requeued(1, RequeueReason::Forced),
+        claimed(2),
+        succeeded(2),
+    ])
+    .unwrap();
+    assert_eq!((b.reproduction, b.built_by.as_deref()), (None, Some("w2")));
+}

@@ -31,7 +31,9 @@ pub struct Input<'a> {
     pub file_name: &'a str,
     pub sha256: &'a str,
     pub build_key: &'a str,
-    pub attempt: u32,
+    /// This run: `<build key>/<attempt>`, or `<build key>/reproduction-<n>` for a second
+    /// builder's statement about the same binary.
+    pub invocation_id: &'a str,
     /// The resolved request as the API shows it.
     pub request: Value,
     /// The Go toolchain that built it (`go1.25.1`).
@@ -109,7 +111,7 @@ pub fn statement(i: &Input<'_>) -> Value {
                     }],
                 },
                 "metadata": {
-                    "invocationId": format!("{}/{}", i.build_key, i.attempt),
+                    "invocationId": i.invocation_id,
                     "startedOn": time(i.started),
                     "finishedOn": time(i.finished),
                 },
@@ -163,7 +165,7 @@ mod tests {
             file_name: "caddy",
             sha256: "00ff",
             build_key: "k",
-            attempt: 2,
+            invocation_id: "k/2",
             request: json!({"os": "linux"}),
             go_version: "go1.25.1",
             modules: &modules,

@@ -32,9 +32,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// The writer's attempt was fenced off: its lease is gone, it must stop.
+    /// The writer's attempt (or reproduction) was fenced off: its lease is gone, it must
+    /// stop.
     pub fn is_fenced(&self) -> bool {
-        matches!(self, StoreError::Rejected(FoldError::Fenced { .. }))
+        matches!(
+            self,
+            StoreError::Rejected(FoldError::Fenced { .. } | FoldError::ReproductionFenced { .. })
+        )
     }
 }
 

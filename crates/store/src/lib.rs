@@ -213,6 +213,48 @@ impl Store {
         Ok(claimed)
     }
 
+    /// Claims the oldest queued reproduction of an artifact that `worker` did not build, for
+    /// `lease` (the janitor gives it to another worker after that): locks the row (skipping
+    /// rows other claimers hold), folds and appends `reproduction_claimed`, commits. `None`
+    /// when there is none for this worker.
+    pub async fn claim_reproduction(
+        &self,
+        worker: &str,
+        lease: Duration,
+    ) -> Result<Option<BuildState>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let Some((prev, now)) = queries::lock_next_reproduction(&tx, worker).await? else {
+            return Ok(None);
+        };
+        let now = now.max(prev.updated_at);
+        let event = Event::ReproductionClaimed(cbs_events::ReproductionClaimed {
+            reproduction: prev.reproduction.as_ref().map_or(0, |r| r.reproduction) + 1,
+            worker: worker.to_owned(),
+            lease_expires_at: now + chrono::Duration::from_std(lease).unwrap_or_default(),
+        });
+        let seq = prev.last_seq + 1;
+        let next = apply(Some(&prev), &prev.key, seq, now, &event)?;
+        if !queries::append_event(&tx, prev.last_seq, &next, &event).await? {
+            return Err(StoreError::Corrupt(format!(
+                "build {}: event {seq} exists although the row was locked at {}",
+                prev.key, prev.last_seq
+            )));
+        }
+        tx.commit().await?;
+        self.notifier.note(&next.key, seq, false);
+        Ok(Some(next))
+    }
+
+    /// Reproductions a worker runs now (the janitor's rescue of expired ones).
+    pub async fn running_reproductions(
+        &self,
+        limit: i64,
+    ) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::running_reproductions(&client, limit).await
+    }
+
     /// The current state of one build.
     pub async fn build(&self, key: &BuildKey) -> Result<Option<BuildState>, StoreError> {
         let client = self.client().await?;
@@ -329,15 +371,18 @@ impl Store {
         Ok(queries::plugin_counts(&client).await?.into_iter().collect())
     }
 
-    /// Where the janitor's feed-driven duty `name` has read the global log to.
-    pub async fn janitor_cursor(&self, name: &str) -> Result<GlobalCursor, StoreError> {
+    /// Where the janitor's feed-driven duty `name` has read the global log to; `None` if it
+    /// never recorded a place.
+    pub async fn janitor_cursor(&self, name: &str) -> Result<Option<GlobalCursor>, StoreError> {
         let client = self.client().await?;
-        match queries::janitor_cursor(&client, name).await? {
-            None => Ok(GlobalCursor::default()),
-            Some(text) => text.parse().map_err(|e: cbs_events::BadCursor| {
-                StoreError::Corrupt(format!("janitor cursor {name}: {e}"))
-            }),
-        }
+        queries::janitor_cursor(&client, name)
+            .await?
+            .map(|text| {
+                text.parse().map_err(|e: cbs_events::BadCursor| {
+                    StoreError::Corrupt(format!("janitor cursor {name}: {e}"))
+                })
+            })
+            .transpose()
     }
 
     /// Records how far the janitor's duty `name` has read the global log.

@@ -22,7 +22,7 @@ pub(crate) const CHANNEL: &str = "cbs_events";
 /// Columns of a `builds` row; [`build_from_row`] reads them by name.
 const BUILD_COLUMNS: &str = "key, status, request, attempt, failures, owner, lease_expires_at, \
      available_at, current_step, last_error, artifact, last_seq, created_at, updated_at, client, \
-     queue_rank";
+     queue_rank, built_by, reproduction";
 
 /// Columns of a `build_events` row; [`event_from_row`] reads them by name.
 const EVENT_COLUMNS: &str =
@@ -60,6 +60,7 @@ pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("builds.status: {e}")))?;
     let last_error: Option<serde_json::Value> = row.try_get("last_error")?;
     let artifact: Option<serde_json::Value> = row.try_get("artifact")?;
+    let reproduction: Option<serde_json::Value> = row.try_get("reproduction")?;
     Ok(BuildState {
         status,
         request: from_json(row.try_get("request")?, "builds.request")?,
@@ -80,6 +81,10 @@ pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
         updated_at: row.try_get("updated_at")?,
         client: row.try_get("client")?,
         queue_rank: row.try_get("queue_rank")?,
+        built_by: row.try_get("built_by")?,
+        reproduction: reproduction
+            .map(|v| from_json(v, "builds.reproduction"))
+            .transpose()?,
         key,
     })
 }
@@ -212,7 +217,8 @@ pub(crate) async fn append_event(
             "WITH b AS (
                 UPDATE builds SET status = $3, attempt = $4, failures = $5, owner = $6,
                     lease_expires_at = $7, available_at = $8, current_step = $9,
-                    last_error = $10, artifact = $11, last_seq = $12, updated_at = $13
+                    last_error = $10, artifact = $11, last_seq = $12, updated_at = $13,
+                    built_by = $17, reproduction = $18
                 WHERE key = $1 AND last_seq = $2
                 RETURNING key
             )
@@ -241,6 +247,8 @@ pub(crate) async fn append_event(
                 &event.event_type().as_str(),
                 &SCHEMA_VERSION,
                 &Json(event.encode()),
+                &next.built_by,
+                &next.reproduction.as_ref().map(|r| Json(json(r))),
             ],
         )
         .await;
@@ -684,15 +692,17 @@ pub(crate) async fn overwrite_build(
     c.execute(
         "INSERT INTO builds (key, status, request, attempt, failures, owner, lease_expires_at,
             available_at, current_step, last_error, artifact, last_seq, created_at, updated_at,
-            client, queue_rank)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+            client, queue_rank, built_by, reproduction)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+            $18)
          ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, request = EXCLUDED.request,
             attempt = EXCLUDED.attempt, failures = EXCLUDED.failures, owner = EXCLUDED.owner,
             lease_expires_at = EXCLUDED.lease_expires_at, available_at = EXCLUDED.available_at,
             current_step = EXCLUDED.current_step, last_error = EXCLUDED.last_error,
             artifact = EXCLUDED.artifact, last_seq = EXCLUDED.last_seq,
             created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
-            client = EXCLUDED.client, queue_rank = EXCLUDED.queue_rank",
+            client = EXCLUDED.client, queue_rank = EXCLUDED.queue_rank,
+            built_by = EXCLUDED.built_by, reproduction = EXCLUDED.reproduction",
         &[
             &s.key.as_str(),
             &s.status.as_str(),
@@ -710,6 +720,8 @@ pub(crate) async fn overwrite_build(
             &s.updated_at,
             &s.client,
             &s.queue_rank,
+            &s.built_by,
+            &s.reproduction.as_ref().map(|r| Json(json(r))),
         ],
     )
     .await?;
@@ -806,6 +818,43 @@ pub(crate) async fn next_lease_expiry(
         .prepare_cached("SELECT min(lease_expires_at) FROM builds WHERE status = 'running'")
         .await?;
     Ok(c.query_one(&stmt, &[]).await?.try_get(0)?)
+}
+
+/// The oldest queued reproduction that `worker` may take (it did not build the artifact),
+/// locked for the caller's transaction; other claimers skip it.
+pub(crate) async fn lock_next_reproduction(
+    c: &impl GenericClient,
+    worker: &str,
+) -> Result<Option<(BuildState, chrono::DateTime<chrono::Utc>)>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS}, now() AS now FROM builds
+             WHERE (reproduction->>'status') = 'queued' AND status = 'succeeded'
+               AND built_by IS DISTINCT FROM $1
+             ORDER BY (reproduction->>'requested_at'), key
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED"
+        ))
+        .await?;
+    let row = c.query_opt(&stmt, &[&worker]).await?;
+    row.map(|r| Ok((build_from_row(&r)?, r.try_get("now")?)))
+        .transpose()
+}
+
+/// Running reproductions (a handful: at most one per worker and build slot).
+pub(crate) async fn running_reproductions(
+    c: &impl GenericClient,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE (reproduction->>'status') = 'running'
+             ORDER BY key LIMIT $1"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&limit]).await?;
+    rows.iter().map(build_from_row).collect()
 }
 
 /// Builds that failed retryably and wait for the janitor's decision (retry or give up).

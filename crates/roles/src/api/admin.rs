@@ -1,5 +1,5 @@
-//! Admin endpoints (the `admin` scope): cancel a build, list the queue, list the workers
-//! with their builds.
+//! Admin endpoints (the `admin` scope): cancel a build, ask for a reproducibility check of
+//! one, list the queue, list the workers with their builds.
 
 use std::collections::BTreeMap;
 
@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use cbs_api_types as wire;
-use cbs_events::{Cancelled, Event};
+use cbs_events::{Cancelled, Event, ReproductionReason, ReproductionRequested};
 use cbs_projections::{BuildState, Status};
 
 use super::builds::parse_key;
@@ -49,6 +49,66 @@ pub async fn cancel(
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 format!("build {key} is {status}: only queued or running builds, and failed ones that will be retried, can be cancelled"),
+            ))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// `POST /api/build/{key}/reproduce`: asks for a reproducibility check of a succeeded
+/// build (a `reproduction_requested` event): a worker other than the one that built it
+/// builds the request again and the result says whether the bytes are the same. Works
+/// whatever `janitor.reproduce` says. 409 for a build that has not succeeded or whose check
+/// is already queued or running. 202 with the build's status.
+pub async fn reproduce(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = state
+        .tokens
+        .admin(&headers, "asking for a reproducibility check")?;
+    let key = parse_key(&key)?;
+    let store = &state.app.store;
+    let b = store
+        .build(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no build with key {key}")))?;
+    if b.status != Status::Succeeded {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "build {key} is {}: only a succeeded build can be reproduced",
+                super::builds::status_name(b.status)
+            ),
+        ));
+    }
+    if let Some(r) = b.reproduction.as_ref().filter(|r| !r.status.ended()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "build {key} already has a reproducibility check {}; its result will be in the build's status",
+                r.status.as_str()
+            ),
+        ));
+    }
+    let event = Event::ReproductionRequested(ReproductionRequested {
+        reproduction: b.reproduction.as_ref().map_or(0, |r| r.reproduction),
+        reason: ReproductionReason::Admin,
+    });
+    match store.append(&b, event).await {
+        Ok(next) => {
+            tracing::info!(build.key = %key, token = caller.name().unwrap_or_default(), "reproducibility check requested");
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(super::wire::build_envelope(&next)),
+            )
+                .into_response())
+        }
+        Err(cbs_store::StoreError::Conflict { .. } | cbs_store::StoreError::Rejected(_)) => {
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("build {key} changed while the check was being requested; read its status and try again"),
             ))
         }
         Err(e) => Err(e.into()),

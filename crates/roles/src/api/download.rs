@@ -238,12 +238,15 @@ fn storage_error(build: &BuildState, e: cbs_storage::StorageError) -> ApiError {
 }
 
 /// The companion files of an artifact.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Companion {
     Signature,
     Checksum,
     Provenance,
     ProvenanceSignature,
+    /// The second builder's statement of the latest matched reproduction.
+    Reproduction,
+    ReproductionSignature,
 }
 
 impl Companion {
@@ -266,6 +269,10 @@ impl Companion {
             Companion::ProvenanceSignature => {
                 let n = layout::signature_of(layout::PROVENANCE);
                 (n.clone(), n, "text/plain; charset=utf-8")
+            }
+            // Named by the reproduction (see `companion`).
+            Companion::Reproduction | Companion::ReproductionSignature => {
+                (String::new(), String::new(), "")
             }
         }
     }
@@ -298,8 +305,39 @@ async fn companion(
         .first()
         .map(String::as_str)
         .unwrap_or_else(|| build.request.platform().binary_name());
-    let (stored, download, content_type) = which.file(binary);
-    if !artifact.files.contains(&stored) {
+    let (stored, download, content_type) = match which {
+        Companion::Reproduction | Companion::ReproductionSignature => {
+            let statement = build
+                .reproduction
+                .as_ref()
+                .filter(|r| r.status == cbs_projections::ReproductionStatus::Matched)
+                .and_then(|r| r.files.first())
+                .ok_or_else(|| {
+                    ApiError::not_found(format!(
+                        "build {key} has no matched reproduction: no second builder has stated that it built the same bytes"
+                    ))
+                })?;
+            if which == Companion::Reproduction {
+                (
+                    statement.clone(),
+                    statement.clone(),
+                    "application/vnd.in-toto+json",
+                )
+            } else {
+                let n = layout::signature_of(statement);
+                (n.clone(), n, "text/plain; charset=utf-8")
+            }
+        }
+        _ => which.file(binary),
+    };
+    let known = match which {
+        Companion::Reproduction | Companion::ReproductionSignature => build
+            .reproduction
+            .as_ref()
+            .is_some_and(|r| r.files.contains(&stored)),
+        _ => artifact.files.contains(&stored),
+    };
+    if !known {
         return Err(ApiError::not_found(format!(
             "build {key} was published before artifacts were signed: it has no {stored}"
         )));
@@ -336,10 +374,14 @@ pub const SIGNATURE: u8 = 0;
 pub const CHECKSUM: u8 = 1;
 pub const PROVENANCE: u8 = 2;
 pub const PROVENANCE_SIGNATURE: u8 = 3;
+pub const REPRODUCTION: u8 = 4;
+pub const REPRODUCTION_SIGNATURE: u8 = 5;
 
 /// `GET|HEAD /api/build/{key}/download.minisig` (`W` = [`SIGNATURE`]), `download.sha256`
 /// ([`CHECKSUM`]: `<sha256>  caddy`, for `sha256sum -c`), `provenance` ([`PROVENANCE`]: the
-/// in-toto statement) and `provenance.minisig` ([`PROVENANCE_SIGNATURE`]).
+/// in-toto statement) and `provenance.minisig` ([`PROVENANCE_SIGNATURE`]); `reproduction`
+/// ([`REPRODUCTION`]: the statement a second builder signed about the same binary, after a
+/// matched reproduction) and `reproduction.minisig` ([`REPRODUCTION_SIGNATURE`]).
 pub async fn companion_file<const W: u8>(
     State(state): State<ApiState>,
     Path(key): Path<String>,
@@ -350,7 +392,9 @@ pub async fn companion_file<const W: u8>(
         SIGNATURE => Companion::Signature,
         CHECKSUM => Companion::Checksum,
         PROVENANCE => Companion::Provenance,
-        _ => Companion::ProvenanceSignature,
+        PROVENANCE_SIGNATURE => Companion::ProvenanceSignature,
+        REPRODUCTION => Companion::Reproduction,
+        _ => Companion::ReproductionSignature,
     };
     companion(&state, &key, which, &method, &headers).await
 }

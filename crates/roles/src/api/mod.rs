@@ -10,10 +10,11 @@
 //! - sse.rs: `GET /api/build/{key}/events` (progress as Server-Sent Events);
 //! - download.rs: `GET|HEAD /api/build/{key}/download`, `/api/download/{key}` (the binary);
 //!   `/api/build/{key}/download.minisig`, `download.sha256`, `provenance`,
-//!   `provenance.minisig`; `GET /api/public-key`; `GET|HEAD /api/download?os&arch&p...` and
+//!   `provenance.minisig`, `reproduction`, `reproduction.minisig`; `GET /api/public-key`; `GET|HEAD /api/download?os&arch&p...` and
 //!   `/api/compat?...` (caddyserver.com and the prototype: wait for the build, then the
 //!   binary);
-//! - admin.rs (admin scope): `POST /api/build/{key}/cancel`, `GET /api/admin/queue`,
+//! - admin.rs (admin scope): `POST /api/build/{key}/cancel`, `POST /api/build/{key}/reproduce`,
+//!   `GET /api/admin/queue`,
 //!   `GET /api/admin/workers`;
 //! - openapi.rs: `GET /api/openapi.json` (the OpenAPI 3.1 document of every route);
 //! - this file: `/healthz`, `/readyz`, the middleware (request ids, error shape, body
@@ -156,6 +157,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build/{key}", get(builds::get_build))
         .route("/api/build/{key}/history", get(builds::history))
         .route("/api/build/{key}/cancel", post(admin::cancel))
+        .route("/api/build/{key}/reproduce", post(admin::reproduce))
         .route("/api/admin/queue", get(admin::queue))
         .route("/api/admin/workers", get(admin::workers))
         .route("/api/build/{key}/events", get(sse::events))
@@ -175,6 +177,14 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/api/build/{key}/provenance.minisig",
             get(download::companion_file::<{ download::PROVENANCE_SIGNATURE }>),
+        )
+        .route(
+            "/api/build/{key}/reproduction",
+            get(download::companion_file::<{ download::REPRODUCTION }>),
+        )
+        .route(
+            "/api/build/{key}/reproduction.minisig",
+            get(download::companion_file::<{ download::REPRODUCTION_SIGNATURE }>),
         )
         .route("/api/public-key", get(download::public_key))
         .route("/api/download/{key}", get(download::by_key))

@@ -969,6 +969,8 @@ impl Doc {
             ("/api/build/{key}/download.sha256", "getBuildChecksum", "headBuildChecksum", "text/plain; charset=utf-8", "`<sha256>  caddy`, for `sha256sum -c`."),
             ("/api/build/{key}/provenance", "getBuildProvenance", "headBuildProvenance", "application/vnd.in-toto+json", "An in-toto Statement v1 with a SLSA provenance v1 predicate."),
             ("/api/build/{key}/provenance.minisig", "getBuildProvenanceSignature", "headBuildProvenanceSignature", "text/plain; charset=utf-8", "The provenance's minisign signature."),
+            ("/api/build/{key}/reproduction", "getBuildReproduction", "headBuildReproduction", "application/vnd.in-toto+json", "The second builder's in-toto Statement about the same binary, after a matched reproducibility check: the same subject and request, its own worker, builder image and times."),
+            ("/api/build/{key}/reproduction.minisig", "getBuildReproductionSignature", "headBuildReproductionSignature", "text/plain; charset=utf-8", "The second builder's statement's minisign signature."),
         ] {
             let body: RefOr<Schema> = if media_type.ends_with("+json") {
                 provenance_schema().into()
@@ -986,7 +988,7 @@ impl Doc {
                         .json(named("BuildResponse")),
                     bad_key_or_params(""),
                     self.read_401(),
-                    error(404, "No build has this key, or it was published before artifacts were signed (it has no such file)."),
+                    error(404, "No build has this key, or it was published before artifacts were signed (it has no such file), or (reproduction) no second builder built the same bytes yet."),
                     unavailable("The build gave up after retryable failures, or its files are missing from storage"),
                 ];
                 answers.extend(ended());
@@ -1086,6 +1088,30 @@ impl Doc {
                     "Cancel a queued or running build (the worker stops its container)",
                 ))
                 .description(Some("A body, if any, is ignored."))
+                .parameter(key_param())
+                .securities(Some(admin())),
+            answers,
+        );
+        let mut answers = vec![
+            Answer::new(202, "The check is queued: the build's status, with `reproduction.status` `queued`.").json(named("BuildResponse")),
+            bad_key_or_params(""),
+            not_found(),
+            error(409, "The build has not succeeded, or its check is already queued or running, or it changed meanwhile."),
+            error(408, "The request body did not arrive within `api.body_timeout`."),
+            error(413, format!("The request body is larger than {} bytes.", super::MAX_BODY)),
+            unavailable("The database is unavailable"),
+        ];
+        answers.extend(needs_admin());
+        self.op(
+            HttpMethod::Post,
+            "/api/build/{key}/reproduce",
+            OperationBuilder::new()
+                .operation_id(Some("reproduceBuild"))
+                .tag("admin")
+                .summary(Some(
+                    "Ask for a reproducibility check: another worker builds the request again and compares the bytes",
+                ))
+                .description(Some("Whatever `janitor.reproduce` says. The result is the build's `reproduction` (and a `reproduced` event in its history). A body, if any, is ignored."))
                 .parameter(key_param())
                 .securities(Some(admin())),
             answers,

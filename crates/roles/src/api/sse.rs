@@ -65,8 +65,12 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
             vec![state(StateData::Running { attempt: c.attempt })],
             false,
         ),
-        // Heartbeats are for the janitor, not for people watching.
-        Event::LeaseRenewed(_) => (vec![], false),
+        // Heartbeats are for the janitor, not for people watching; reproductions happen
+        // after the stream ended (the status and the history show them).
+        Event::LeaseRenewed(_)
+        | Event::ReproductionRequested(_)
+        | Event::ReproductionClaimed(_)
+        | Event::Reproduced(_) => (vec![], false),
         Event::ArtifactDeleted(d) => (
             vec![state(StateData::Expired {
                 reason: d.reason.clone(),

@@ -68,6 +68,7 @@ pub fn build(b: &BuildState) -> wire::Build {
     let key = b.key.as_str();
     wire::Build {
         artifact: b.artifact.as_ref().map(|a| wire::ArtifactInfo {
+            built_by: b.built_by.clone(),
             sha256: a.sha256.clone(),
             size: a.size,
         }),
@@ -84,10 +85,41 @@ pub fn build(b: &BuildState) -> wire::Build {
         last_seq: b.last_seq,
         links: wire::Links::for_key(key),
         queue_position: None,
+        reproduction: b.reproduction.as_ref().map(|r| reproduction(key, r)),
         request: request(&b.request),
         status: status(b.status),
         step: b.current_step.clone(),
         updated_at: b.updated_at,
+    }
+}
+
+fn reproduction(key: &str, r: &cbs_projections::Reproduction) -> wire::ReproductionInfo {
+    use cbs_events::ReproductionReason as R;
+    use cbs_projections::ReproductionStatus as S;
+    wire::ReproductionInfo {
+        builder_image: r.builder_image.clone(),
+        builder_image_id: r.builder_image_id.clone(),
+        finished_at: r.finished_at,
+        message: Some(r.message.clone()).filter(|m| !m.is_empty()),
+        provenance: (r.status == S::Matched && !r.files.is_empty())
+            .then(|| format!("/api/build/{key}/reproduction")),
+        reason: match r.reason {
+            R::Sample => wire::ReproductionReason::Sample,
+            R::Admin => wire::ReproductionReason::Admin,
+            R::Released => wire::ReproductionReason::Released,
+            R::LeaseExpired => wire::ReproductionReason::LeaseExpired,
+        },
+        reproduction: r.reproduction,
+        requested_at: r.requested_at,
+        sha256: r.sha256.clone(),
+        status: match r.status {
+            S::Queued => wire::ReproductionStatus::Queued,
+            S::Running => wire::ReproductionStatus::Running,
+            S::Matched => wire::ReproductionStatus::Matched,
+            S::Mismatched => wire::ReproductionStatus::Mismatched,
+            S::Failed => wire::ReproductionStatus::Failed,
+        },
+        worker: r.worker.clone(),
     }
 }
 

@@ -4,11 +4,14 @@
 //! Rooms: this file is leadership and the wiring of the duties (when each runs); each duty
 //! is a file of its own whose decisions are pure functions with unit tests: [`rescue`]
 //! (expired leases), [`retry`] (retry with backoff, give up), [`retention`] (expire
-//! artifacts nobody downloads; remove files of attempts that were never published);
+//! artifacts nobody downloads; remove files of attempts that were never published),
+//! [`reproduce`] (ask for reproducibility checks, rescue abandoned ones);
 //! [`rebuild`] is the `rebuild-projections` command. The janitor writes only janitor events
-//! (requeued, gave_up, artifact_deleted), each conditional on the state it read.
+//! (requeued, gave_up, artifact_deleted, reproduction_requested, and `reproduced` as failed
+//! for a reproduction that used up its claims), each conditional on the state it read.
 
 pub mod rebuild;
+pub mod reproduce;
 pub mod rescue;
 pub mod retention;
 pub mod retry;
@@ -144,6 +147,7 @@ async fn lead_while_held(
 async fn scan(app: &App) -> anyhow::Result<Duration> {
     rescue::run(app).await?;
     retry::run(app).await?;
+    reproduce::run(app).await?;
     Ok(match app.store.next_lease_expiry().await? {
         Some(t) => (t - Utc::now())
             .to_std()
@@ -158,6 +162,8 @@ async fn record(app: &App, b: &cbs_projections::BuildState, event: Event) {
     let detail = match &event {
         Event::Requeued(r) => format!("{:?}, not before {}", r.reason, r.not_before),
         Event::GaveUp(g) => g.message.clone(),
+        Event::ReproductionRequested(r) => format!("{:?}", r.reason),
+        Event::Reproduced(r) => r.message.clone(),
         _ => String::new(),
     };
     let metrics = cbs_metrics::metrics();

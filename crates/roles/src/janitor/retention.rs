@@ -125,7 +125,11 @@ pub fn unpublished_attempts(b: &BuildState) -> Vec<u32> {
 async fn sweep(app: &App, storage: &Storage) -> anyhow::Result<()> {
     const SWEEP_PAGES: usize = 50;
     let grace = sweep_grace(app.config.worker.lease);
-    let mut cursor = app.store.janitor_cursor(SWEEP_CURSOR).await?;
+    let mut cursor = app
+        .store
+        .janitor_cursor(SWEEP_CURSOR)
+        .await?
+        .unwrap_or_default();
     for _ in 0..SWEEP_PAGES {
         let (events, next) = app.store.feed(cursor, BATCH as u32, ATTEMPT_ENDS).await?;
         let now = Utc::now();

@@ -175,22 +175,7 @@ async fn attempt_build(
 ) -> Result<Option<Artifact>, Failure> {
     let started = chrono::Utc::now();
     let plan = plan(&build.request);
-    // This worker's directory is made again if it is gone: another worker's host clean-up
-    // removes empty directories of workers it believes dead (this one, just restarted). It
-    // may do so between the two calls below, hence a second try.
-    let own_dir = app.config.worker.build_root().join(worker);
-    let make = || -> std::io::Result<tempfile::TempDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&own_dir)?;
-        tempfile::Builder::new()
-            .prefix(&format!("build-{}-", &build.key.as_str()[..12]))
-            .tempdir_in(&own_dir)
-    };
-    let dir = make()
-        .or_else(|_| make())
+    let dir = build_dir(app, worker, &build.key, "build")
         .map_err(|e| Failure::ours(None, format!("cannot create a build directory: {e}")))?;
     let (tx, rx) = mpsc::unbounded_channel();
     let recorder =
@@ -250,29 +235,7 @@ async fn attempt_build(
                 Blame::Request => FailureKind::Permanent,
                 Blame::Infrastructure => FailureKind::Retryable,
             };
-            let how = match (exit.code, exit.timed_out) {
-                (_, true) => format!(
-                    "was stopped at its time limit of {} (worker.command_timeout)",
-                    humantime::format_duration(app.config.worker.command_timeout)
-                ),
-                (Some(c), _) => format!("exited with status {c}"),
-                (None, _) => "was killed".to_owned(),
-            };
-            let shown: Vec<&String> = tail
-                .iter()
-                .skip(tail.len().saturating_sub(MESSAGE_TAIL))
-                .collect();
-            let mut message = format!("step {step} failed: `{command}` {how}");
-            if !shown.is_empty() {
-                message.push_str("; its last output:\n");
-                message.push_str(
-                    &shown
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join("\n"),
-                );
-            }
+            let message = step_failure(app, step, &command, &exit, &tail);
             Err(Failure {
                 kind,
                 step: Some(step.to_owned()),
@@ -325,6 +288,56 @@ async fn attempt_build(
             Ok(Some(artifact))
         }
     }
+}
+
+/// A new directory for one build under this worker's own directory (`kind`: `build` or
+/// `reproduce`, in its name).
+pub(super) fn build_dir(
+    app: &App,
+    worker: &str,
+    key: &cbs_domain::BuildKey,
+    kind: &str,
+) -> std::io::Result<tempfile::TempDir> {
+    // This worker's directory is made again if it is gone: another worker's host clean-up
+    // removes empty directories of workers it believes dead (this one, just restarted). It
+    // may do so between the two calls below, hence a second try.
+    let own_dir = app.config.worker.build_root().join(worker);
+    let make = || -> std::io::Result<tempfile::TempDir> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&own_dir)?;
+        tempfile::Builder::new()
+            .prefix(&format!("{kind}-{}-", &key.as_str()[..12]))
+            .tempdir_in(&own_dir)
+    };
+    make().or_else(|_| make())
+}
+
+/// What a user is shown of a failed step: the command, how it ended, its last lines.
+pub(super) fn step_failure(
+    app: &App,
+    step: &str,
+    command: &str,
+    exit: &cbs_executor::Exit,
+    tail: &[String],
+) -> String {
+    let how = match (exit.code, exit.timed_out) {
+        (_, true) => format!(
+            "was stopped at its time limit of {} (worker.command_timeout)",
+            humantime::format_duration(app.config.worker.command_timeout)
+        ),
+        (Some(c), _) => format!("exited with status {c}"),
+        (None, _) => "was killed".to_owned(),
+    };
+    let shown = &tail[tail.len().saturating_sub(MESSAGE_TAIL)..];
+    let mut message = format!("step {step} failed: `{command}` {how}");
+    if !shown.is_empty() {
+        message.push_str("; its last output:\n");
+        message.push_str(&shown.join("\n"));
+    }
+    message
 }
 
 fn phase_of(plan: &BuildPlan, step: &str) -> cbs_domain::plan::Phase {

@@ -7,7 +7,9 @@
 //! Rooms: this file is the claim loop and the stop (shutdown, preemption); [`setup`] makes
 //! the executor from the config; [`attempt`] runs one claimed build to its result;
 //! [`progress`] turns the executor's progress into events; [`lease`] renews the lease and
-//! watches for cancellation; [`publish`] signs and stores the artifact; [`preempt`] watches
+//! watches for cancellation; [`publish`] signs and stores the artifact; [`reproduce`] runs
+//! a reproducibility check (a second build of another worker's artifact, compared byte for
+//! byte) when no build is claimable; [`preempt`] watches
 //! for spot-VM preemption notices; [`clean`] removes what dead workers left on this host.
 //! Only the worker writes worker events (claimed, step_*, output, lease_renewed, succeeded,
 //! failed, requeued/preempted) and only through the store.
@@ -18,6 +20,7 @@ mod lease;
 pub mod preempt;
 mod progress;
 pub mod publish;
+pub mod reproduce;
 mod setup;
 
 use std::sync::Arc;
@@ -114,7 +117,30 @@ pub async fn run(app: App, shutdown: CancellationToken) -> anyhow::Result<()> {
                 ));
                 continue;
             }
-            Ok(None) => drop(permit),
+            Ok(None) => {
+                // No build waits: a reproducibility check of another worker's artifact may.
+                // Its lease covers the whole build (it is not renewed).
+                let lease = app.config.worker.build_timeout + app.config.worker.lease;
+                match app.store.claim_reproduction(&id, lease).await {
+                    Ok(Some(build)) => {
+                        builds.spawn(reproduce::run_reproduction(
+                            app.clone(),
+                            exec.clone(),
+                            publisher.clone(),
+                            id.clone(),
+                            build,
+                            stop.clone(),
+                            permit,
+                        ));
+                        continue;
+                    }
+                    Ok(None) => drop(permit),
+                    Err(e) => {
+                        drop(permit);
+                        warn!(worker.id = %id, error = %e, "claiming a reproduction failed");
+                    }
+                }
+            }
             Err(e) => {
                 drop(permit);
                 warn!(worker.id = %id, error = %e, "claim failed");

@@ -126,6 +126,58 @@ async fn sign_file(
     .await?
 }
 
+/// The provenance statement of the verified binary `i` for the run `invocation` (signed
+/// with the server's key, the signature's trusted comment naming `file`, the statement's
+/// stored name): the statement's bytes and its minisign signature. A second builder that
+/// reproduced a binary signs its own statement about the same binary with this too.
+pub fn signed_statement(
+    p: &Publisher,
+    i: &Input<'_>,
+    invocation: &str,
+    file: &str,
+    now: DateTime<Utc>,
+) -> anyhow::Result<(Vec<u8>, String)> {
+    let b = i.build;
+    let modules: Vec<Module> = i.info.deps.iter().map(module).collect();
+    let statement = provenance::statement(&provenance::Input {
+        file_name: i.name,
+        sha256: i.sha256,
+        build_key: b.key.as_str(),
+        invocation_id: invocation,
+        request: serde_json::to_value(&b.request).context("request as JSON")?,
+        go_version: &i.info.go_version,
+        modules: &modules,
+        builder_image_id: &i.builder.1,
+        builder_image: &i.builder.0,
+        worker_id: i.worker,
+        server_version: env!("CARGO_PKG_VERSION"),
+        started: i.started,
+        finished: now,
+    });
+    let mut statement = serde_json::to_vec_pretty(&statement).context("provenance")?;
+    statement.push(b'\n');
+    let statement_sha = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&statement))
+    };
+    let caddy_version = b.request.caddy_version().to_string();
+    // A few kilobytes: signed in place.
+    let signature = p.signer.sign(
+        &statement[..],
+        &TrustedComment {
+            timestamp: now.timestamp(),
+            build_key: b.key.as_str(),
+            caddy_version: &caddy_version,
+            modules_sha256: &binary_modules_hash(i.info),
+            replacements: &binary_replacements(i.info),
+            file,
+            sha256: &statement_sha,
+        }
+        .to_string(),
+    )?;
+    Ok((statement, signature))
+}
+
 /// Signs and stores the binary and its companions; returns the artifact the `succeeded`
 /// event records. Any error leaves the build unpublished (files of this attempt may remain
 /// in storage, never served; the janitor's retention removes them).
@@ -150,42 +202,8 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
     }
     .to_string();
     let signature = sign_file(&p.signer, i.binary, trusted).await?;
-    let modules: Vec<Module> = i.info.deps.iter().map(module).collect();
-    let statement = provenance::statement(&provenance::Input {
-        file_name: i.name,
-        sha256: i.sha256,
-        build_key: b.key.as_str(),
-        attempt: b.attempt,
-        request: serde_json::to_value(&b.request).context("request as JSON")?,
-        go_version: &i.info.go_version,
-        modules: &modules,
-        builder_image_id: &i.builder.1,
-        builder_image: &i.builder.0,
-        worker_id: i.worker,
-        server_version: env!("CARGO_PKG_VERSION"),
-        started: i.started,
-        finished: now,
-    });
-    let mut statement = serde_json::to_vec_pretty(&statement).context("provenance")?;
-    statement.push(b'\n');
-    let statement_sha = {
-        use sha2::Digest;
-        hex::encode(sha2::Sha256::digest(&statement))
-    };
-    // A few kilobytes: signed in place.
-    let statement_sig = p.signer.sign(
-        &statement[..],
-        &TrustedComment {
-            timestamp: now.timestamp(),
-            build_key: b.key.as_str(),
-            caddy_version: &caddy_version,
-            modules_sha256: &modules_sha,
-            replacements: &replacements,
-            file: PROVENANCE,
-            sha256: &statement_sha,
-        }
-        .to_string(),
-    )?;
+    let invocation = format!("{}/{}", b.key, b.attempt);
+    let (statement, statement_sig) = signed_statement(p, &i, &invocation, PROVENANCE, now)?;
 
     let sig_name = signature_of(i.name);
     let sum_name = checksum_of(i.name);
