@@ -454,7 +454,7 @@ impl Store {
         queries::active_builds(&client, limit).await
     }
 
-    /// Keys of the builds a worker runs now.
+    /// Keys of the builds a worker runs now: its attempts and its reproductions.
     pub async fn running_builds_of(&self, owner: &str) -> Result<Vec<String>, StoreError> {
         let client = self.client().await?;
         queries::running_builds_of(&client, owner).await

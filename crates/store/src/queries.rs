@@ -886,7 +886,12 @@ pub(crate) async fn running_builds_of(
     owner: &str,
 ) -> Result<Vec<String>, StoreError> {
     let stmt = c
-        .prepare_cached("SELECT key FROM builds WHERE status = 'running' AND owner = $1")
+        .prepare_cached(
+            "SELECT key FROM builds WHERE status = 'running' AND owner = $1
+             UNION ALL
+             SELECT key FROM builds
+             WHERE (reproduction->>'status') = 'running' AND reproduction->>'worker' = $1",
+        )
         .await?;
     let rows = c.query(&stmt, &[&owner]).await?;
     rows.iter().map(|r| Ok(r.try_get(0)?)).collect()

@@ -88,3 +88,33 @@ fn build() -> String {
         .arg(c));
     tag
 }
+
+/// A builder image that differs from [`builder_image`] only by `env` (`NAME=value`) in its
+/// environment: another builder, whose binaries a reproducibility check must flag. Built
+/// from the test builder image on first use (and only if missing).
+pub fn variant_builder_image(env: &str) -> String {
+    let base = builder_image();
+    let name: String = env
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .collect();
+    let version = base.rsplit(':').next().unwrap_or("x");
+    let tag = format!("cbs-test-builder-variant:{version}-{name}");
+    let exists = Command::new("docker")
+        .args(["image", "inspect", &tag])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if exists {
+        return tag;
+    }
+    let ctx = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        ctx.path().join("Dockerfile"),
+        format!("FROM {base}\nENV {env}\n"),
+    )
+    .expect("Dockerfile");
+    run(Command::new("docker")
+        .args(["build", "-q", "-t", &tag])
+        .arg(ctx.path()));
+    tag
+}

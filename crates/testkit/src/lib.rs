@@ -26,7 +26,7 @@ use cbs_config::{DatabaseConfig, DatabaseUrl};
 use tokio::sync::OnceCell;
 
 pub use cluster::{make_ca, make_cert, Cluster, PgServer};
-pub use image::{builder_image, builder_user};
+pub use image::{builder_image, builder_user, variant_builder_image};
 pub use proxy::FixtureProxy;
 
 /// The real `go` binary (`$GOROOT/bin/go`; the `go` on PATH may be a wrapper script, as

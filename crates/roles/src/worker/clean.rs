@@ -19,9 +19,10 @@ pub(super) async fn clean_host_every(app: App, exec: Arc<Executor>, me: String) 
     }
 }
 
-/// Removes what dead workers left on this host: containers of ours whose build is not
-/// running under the worker that made them, and build directories (build_dir/<worker>/
-/// build-<key prefix>-...) of builds their worker no longer runs. When the database cannot
+/// Removes what dead workers left on this host: containers of ours whose build (or its
+/// reproduction) is not running under the worker that made them, and build directories
+/// (build_dir/<worker>/build-<key prefix>-... and reproduce-<key prefix>-...) of builds
+/// their worker no longer runs. When the database cannot
 /// say, nothing is removed.
 pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
     if let Executor::Docker(d) = exec {
@@ -35,8 +36,13 @@ pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
                     };
                     let live = match app.store.build(&k).await {
                         Ok(Some(b)) => {
-                            b.status == cbs_projections::Status::Running
-                                && b.owner.as_deref() == Some(c.worker.as_str())
+                            let attempt = b.status == cbs_projections::Status::Running
+                                && b.owner.as_deref() == Some(c.worker.as_str());
+                            let reproduction = b.reproduction.as_ref().is_some_and(|r| {
+                                r.status == cbs_projections::ReproductionStatus::Running
+                                    && r.worker.as_deref() == Some(c.worker.as_str())
+                            });
+                            attempt || reproduction
                         }
                         Ok(None) => false,
                         Err(_) => continue,
@@ -82,6 +88,7 @@ pub async fn clean_host(app: &App, exec: &Executor, me: &str) {
             let name = d.file_name().to_string_lossy().into_owned();
             let prefix = name
                 .strip_prefix("build-")
+                .or_else(|| name.strip_prefix("reproduce-"))
                 .and_then(|r| r.split('-').next())
                 .unwrap_or_default()
                 .to_owned();
