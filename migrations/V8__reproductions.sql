@@ -1,3 +1,5 @@
+-- Reproductions and the module-list index.
+--
 -- Reproductions: a second, independent build of a succeeded build's request by another
 -- worker, compared byte for byte (events reproduction_requested, reproduction_claimed,
 -- reproduced). Folded into two columns of the projection:
@@ -24,3 +26,10 @@ CREATE INDEX builds_reproduction_queued ON builds (((reproduction->>'requested_a
     WHERE (reproduction->>'status') = 'queued';
 CREATE INDEX builds_reproduction_running ON builds (key)
     WHERE (reproduction->>'status') = 'running';
+
+-- Builds by the module-list hash of their binary (the trusted comment's, recorded in the
+-- artifact from now on): `GET /api/artifacts?modules_sha256=` finds the build of the
+-- request a binary from elsewhere says it was built from, so that `client verify` can say
+-- "this server built that request to other bytes".
+CREATE INDEX builds_artifact_modules ON builds ((artifact->>'modules_sha256'))
+    WHERE artifact IS NOT NULL;

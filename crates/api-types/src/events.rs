@@ -280,6 +280,10 @@ pub struct StoredArtifact {
     pub files: Vec<String>,
     /// Storage location (a key prefix in the server's artifact storage).
     pub location: String,
+    /// The binary's module-list hash (as its signature's trusted comment states it); left
+    /// out in events written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_sha256: Option<String>,
     /// Lower-case hex SHA-256 of the binary.
     pub sha256: String,
     pub size: u64,

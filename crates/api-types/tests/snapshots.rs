@@ -236,6 +236,7 @@ fn all_events() -> Vec<EventData> {
                     "provenance.json.minisig".into(),
                 ],
                 location: format!("builds/{KEY}/2"),
+                modules_sha256: Some("4".repeat(64)),
                 sha256: SHA.into(),
                 size: 48_234_496,
             },
@@ -708,6 +709,7 @@ fn event_payloads_match_the_event_log() {
         artifact: StoredArtifact {
             files: vec![],
             location: "x".into(),
+            modules_sha256: None,
             sha256: "ab".into(),
             size: 1,
         },

@@ -167,6 +167,7 @@ async fn cycle_rest(store: &Store, b: cbs_projections::BuildState) -> anyhow::Re
                     size: 1,
                     sha256: "0".repeat(64),
                     files: vec![],
+                    modules_sha256: None,
                 },
             }),
         )

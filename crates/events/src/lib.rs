@@ -111,6 +111,11 @@ pub struct Artifact {
     /// before artifacts were signed (their binary is named by the platform alone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub files: Vec<String>,
+    /// The module-list hash of the binary (as its signature's trusted comment states it):
+    /// finds the build of the request a binary from elsewhere says it was built from.
+    /// Absent in events written before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules_sha256: Option<String>,
 }
 
 /// The build is done and its files are stored.
@@ -607,6 +612,7 @@ mod tests {
                     size: 42,
                     sha256: "00".repeat(32),
                     files: vec![],
+                    modules_sha256: Some("22".repeat(32)),
                 },
             }),
             Event::Failed(Failed {

@@ -61,6 +61,7 @@ fn succeeded(attempt: u32) -> Event {
             size: 1,
             sha256: "00".repeat(32),
             files: vec![],
+            modules_sha256: None,
         },
     })
 }

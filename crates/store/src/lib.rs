@@ -267,6 +267,16 @@ impl Store {
         queries::builds_by_artifact(&client, sha256).await
     }
 
+    /// The builds whose binary links the same modules at the same versions (its module-list
+    /// hash, lower-case hex), newest first (at most 20; every platform).
+    pub async fn builds_by_modules(
+        &self,
+        modules_sha256: &str,
+    ) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::builds_by_modules(&client, modules_sha256).await
+    }
+
     /// How many queued builds a worker takes before `key` (0: next); `None` unless queued.
     pub async fn queue_position(&self, key: &BuildKey) -> Result<Option<u32>, StoreError> {
         let client = self.client().await?;

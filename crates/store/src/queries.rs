@@ -343,6 +343,23 @@ pub(crate) async fn builds_by_artifact(
     rows.iter().map(build_from_row).collect()
 }
 
+/// The builds whose binary has this module-list hash (the same modules at the same
+/// versions, whatever the platform), newest first.
+pub(crate) async fn builds_by_modules(
+    c: &impl GenericClient,
+    modules_sha256: &str,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE artifact IS NOT NULL AND artifact->>'modules_sha256' = $1
+             ORDER BY updated_at DESC LIMIT 20"
+        ))
+        .await?;
+    let rows = c.query(&stmt, &[&modules_sha256]).await?;
+    rows.iter().map(build_from_row).collect()
+}
+
 /// One build's projection row.
 pub(crate) async fn get_build(
     c: &impl GenericClient,

@@ -334,6 +334,44 @@ pub async fn by_artifact(
     Ok(Json(wire::Envelope::new(builds)).into_response())
 }
 
+/// `GET /api/artifacts?modules_sha256=<hex>`: the builds whose binary links exactly these
+/// modules at these versions (the module-list hash its signature's trusted comment states),
+/// any platform, newest first; 404 when none. What a client holding a binary that this
+/// server never built asks: did it build that request, to other bytes?
+pub async fn by_modules(
+    State(state): State<ApiState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let mut hash = None;
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "modules_sha256" => hash = Some(v.to_ascii_lowercase()),
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: modules_sha256",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let hash = hash.ok_or_else(|| {
+        ApiError::bad_request("modules_sha256 is required (the module-list hash of a binary, 64 hex digits)")
+    })?;
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(ApiError::bad_request(
+            "modules_sha256 is 64 hex digits (the module-list hash in a signature's trusted comment)",
+        ));
+    }
+    let builds = state.app.store.builds_by_modules(&hash).await?;
+    if builds.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no build of this server links the modules with list hash {hash}"
+        )));
+    }
+    let builds: Vec<wire::Build> = builds.iter().map(super::wire::build).collect();
+    Ok(Json(wire::Envelope::new(builds)).into_response())
+}
+
 /// How long the Caddy versions of `/api/options` are reused.
 const CADDY_VERSIONS_TTL: Duration = Duration::from_secs(300);
 

@@ -4,7 +4,9 @@
 //! - builds.rs: `POST /api/build` (JSON body or query parameters), `GET /api/build/{key}`
 //!   (status, long-poll with `wait` and `after`), `GET /api/build/{key}/history`,
 //!   `GET /api/events` (global audit feed), `GET /api/packages`, `GET /api/resolve` (what a
-//!   request resolves to, recording nothing), `GET /api/options` (the choices a request has);
+//!   request resolves to, recording nothing), `GET /api/options` (the choices a request has),
+//!   `GET /api/artifacts/{sha256}` and `GET /api/artifacts?modules_sha256=` (builds by their
+//!   binary's bytes, or by the modules it links);
 //! - web.rs: the web pages `/`, `/build/{key}`, `/build/{key}/history`, `/recent` and their
 //!   `/assets/{name}` (embedded; strict Content-Security-Policy);
 //! - sse.rs: `GET /api/build/{key}/events` (progress as Server-Sent Events);
@@ -194,6 +196,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/packages", get(builds::packages))
         .route("/api/resolve", get(builds::resolve))
         .route("/api/options", get(builds::options))
+        .route("/api/artifacts", get(builds::by_modules))
         .route("/api/artifacts/{sha256}", get(builds::by_artifact))
         .route("/", get(web::index))
         .route("/recent", get(web::recent))

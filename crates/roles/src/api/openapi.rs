@@ -750,6 +750,34 @@ impl Doc {
 
         self.op(
             HttpMethod::Get,
+            "/api/artifacts",
+            OperationBuilder::new()
+                .operation_id(Some("getBuildsByModules"))
+                .tag("downloads")
+                .summary(Some("The builds whose binary links exactly these modules"))
+                .description(Some("By the module-list hash a signature's trusted comment states (`modules_sha256` in each build's `succeeded` event), any platform. `caddy-build-server client verify FILE` asks this for a binary this server never built, to say whether it built that request to other bytes."))
+                .parameter(
+                    Parameter::builder()
+                        .name("modules_sha256")
+                        .parameter_in(ParameterIn::Query)
+                        .required(Required::True)
+                        .schema(Some(string().pattern(Some("^[0-9a-fA-F]{64}$"))))
+                        .description(Some("The module-list hash, 64 hex digits"))
+                        .build(),
+                )
+                .securities(Some(self.read_security())),
+            vec![
+                Answer::new(200, "The builds (newest first; at most 20).")
+                    .json(named("BuildsResponse")),
+                error(400, "Not 64 hex digits, missing, or an unknown parameter."),
+                self.read_401(),
+                error(404, "No build of this server links these modules (or they were built before the hash was recorded)."),
+                unavailable("The database is unavailable"),
+            ],
+        );
+
+        self.op(
+            HttpMethod::Get,
             "/api/options",
             OperationBuilder::new()
                 .operation_id(Some("getOptions"))

@@ -641,6 +641,57 @@ impl Client {
         Ok(trusted)
     }
 
+    /// Why a file with bytes this server never built is not this server's: it built the same
+    /// request (the same modules at the same versions, for the file's platform) to other
+    /// bytes, or it never built that request at all.
+    async fn not_built_here(
+        &self,
+        sha: &str,
+        info: &cbs_domain::buildinfo::BuildInfo,
+        says: &str,
+    ) -> Result<String> {
+        let hash = crate::worker::publish::binary_modules_hash(info);
+        let same: Vec<wire::Build> = match self
+            .json(&format!("/api/artifacts?modules_sha256={hash}"))
+            .await
+        {
+            Ok(b) => b,
+            Err(Failure::NotFound(_)) => Vec::new(),
+            Err(f) => return Err(f),
+        };
+        let same_request = same.iter().find(|b| {
+            serde_json::to_value(&b.request)
+                .and_then(serde_json::from_value::<cbs_domain::BuildRequest>)
+                .is_ok_and(|r| info.check_matches(&r).is_ok())
+        });
+        let Some(b) = same_request else {
+            return Ok(format!(
+                "unknown binary: {} never built a file with these bytes (sha256 {sha}), nor the request the file says it was built from: {says}",
+                self.base
+            ));
+        };
+        let theirs = b.artifact.as_ref().map_or("(deleted)", |a| a.sha256.as_str());
+        let mut message = format!(
+            "different bytes for the same request: {} built this request (build {}: Caddy {} for {}) to a binary with sha256 {theirs}; this file has sha256 {sha}. It was changed after it was built, or built elsewhere by a builder that differs",
+            self.base,
+            b.key,
+            b.request.caddy_version,
+            platform(&b.request)
+        );
+        if let Some(r) = b
+            .reproduction
+            .as_ref()
+            .filter(|r| r.sha256.as_deref() == Some(sha))
+        {
+            message.push_str(&format!(
+                " (these are the bytes of this server's reproducibility check on worker {}, which found: {})",
+                r.worker.as_deref().unwrap_or("?"),
+                r.message.as_deref().unwrap_or("other bytes")
+            ));
+        }
+        Ok(message)
+    }
+
     /// Did this server build and sign exactly this file?
     async fn verify(&self, file: &Path, public_key: Option<&Path>) -> Result<()> {
         let bytes = std::fs::read(file)
@@ -657,10 +708,9 @@ impl Client {
         let builds: Vec<wire::Build> = match self.json(&format!("/api/artifacts/{sha}")).await {
             Ok(b) => b,
             Err(Failure::NotFound(_)) => {
-                return Err(Failure::Verification(format!(
-                    "unknown binary: {} never built a file with these bytes (sha256 {sha}). The file says it is {says}; a rebuild of that request elsewhere, or a changed file, gives other bytes",
-                    self.base
-                )))
+                return Err(Failure::Verification(
+                    self.not_built_here(&sha, &info, &says).await?,
+                ))
             }
             Err(f) => return Err(f),
         };

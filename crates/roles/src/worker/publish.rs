@@ -233,5 +233,6 @@ pub async fn publish(p: &Publisher, i: Input<'_>) -> anyhow::Result<Artifact> {
             PROVENANCE.to_owned(),
             prov_sig_name,
         ],
+        modules_sha256: Some(modules_sha),
     })
 }
