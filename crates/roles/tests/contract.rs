@@ -595,6 +595,7 @@ def flatmap_case(context, case):
     let total_after = count(&s.db, "SELECT count(*) FROM build_events").await;
     let mut submitted = BTreeSet::new();
     let mut cancels = 0i64;
+    let mut reproductions = 0i64;
     for e in &exchanges {
         let key_in_body = || {
             serde_json::from_str::<Value>(&e.body)
@@ -612,6 +613,10 @@ def flatmap_case(context, case):
             }
             ("POST", p) if p.ends_with("/cancel") && e.status == 200 => {
                 cancels += 1;
+                submitted.insert(key_in_body().expect("a build's status"));
+            }
+            ("POST", p) if p.ends_with("/reproduce") && e.status == 202 => {
+                reproductions += 1;
                 submitted.insert(key_in_body().expect("a build's status"));
             }
             _ => {}
@@ -650,10 +655,17 @@ def flatmap_case(context, case):
         cancels,
         "a cancelled event per 200 cancel"
     );
+    assert_eq!(
+        added("reproduction_requested"),
+        reproductions,
+        "a reproduction_requested event per 202 reproduce"
+    );
     for (t, n) in &events_after {
         let new = n - events_before.get(t).unwrap_or(&0);
         assert!(
-            new == 0 || ["requested", "cancelled", "requeued"].contains(&t.as_str()),
+            new == 0
+                || ["requested", "cancelled", "requeued", "reproduction_requested"]
+                    .contains(&t.as_str()),
             "{new} {t} events while no worker ran"
         );
     }
