@@ -175,6 +175,35 @@ async function showVerification(sha256) {
   $('verify-minisign').textContent =
     `curl -fsSLo ${file}.minisig ${location.origin}${base}/download.minisig\nminisign -Vm ${file} -P ${publicKey}`;
   $('verify').hidden = false;
+  try {
+    showReproduction((await api(base)).reproduction);
+  } catch (_) { /* the check is optional */ }
+}
+
+/** The build's reproducibility check: another worker built the request again. */
+function showReproduction(r) {
+  const p = $('reproduction');
+  if (!r) return;
+  p.replaceChildren();
+  p.className = 'small';
+  const worker = r.worker || 'another worker';
+  if (r.status === 'matched') {
+    p.append(`Reproduced: ${worker} built the same bytes independently. `);
+    if (r.provenance) {
+      const a = document.createElement('a');
+      a.href = r.provenance;
+      a.textContent = 'Its signed statement';
+      p.append(a);
+    }
+  } else if (r.status === 'mismatched') {
+    p.className = 'small error';
+    p.append(`Warning: a second worker (${worker}) built other bytes for this request. ${r.message || ''}`);
+  } else if (r.status === 'failed') {
+    p.append(`The reproducibility check could not finish: ${r.message || 'no reason given'}`);
+  } else {
+    p.append('A second worker is checking that it builds the same bytes.');
+  }
+  p.hidden = false;
 }
 
 function onResult(d) {
