@@ -40,8 +40,8 @@ pub use build::{
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{
-    EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, RequeueReason,
-    ReproductionOutcome, ReproductionReason, UnknownEventType,
+    EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, ReproductionOutcome,
+    ReproductionReason, RequeueReason, UnknownEventType,
 };
 pub use packages::{Package, PackageModule, PlatformOption, ServerOptions};
 pub use request::{

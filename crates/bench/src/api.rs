@@ -356,7 +356,7 @@ pub async fn api(app: App, args: ApiArgs) -> anyhow::Result<()> {
                     size: bytes.len() as u64,
                     sha256: hex::encode(sha2::Sha256::digest(&bytes)),
                     files: vec!["caddy".into()],
-            modules_sha256: None,
+                    modules_sha256: None,
                 },
             }),
         )

@@ -822,7 +822,9 @@ impl TryFrom<ReproduceSetting> for Reproduce {
 
     fn try_from(v: ReproduceSetting) -> Result<Self, Self::Error> {
         let bad = |what: &str| {
-            format!("janitor.reproduce is `off`, `all`, or a fraction such as 0.1 or 10%; got {what}")
+            format!(
+                "janitor.reproduce is `off`, `all`, or a fraction such as 0.1 or 10%; got {what}"
+            )
         };
         let fraction = match v {
             ReproduceSetting::Number(f) => f,

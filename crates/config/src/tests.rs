@@ -303,7 +303,8 @@ fn metrics_listen_is_an_address_or_nothing() {
 
 #[test]
 fn reproduce_is_off_all_or_a_fraction() {
-    let r = |v: &str| load(&format!("janitor:\n  reproduce: {v}\n"), &[]).map(|c| c.janitor.reproduce);
+    let r =
+        |v: &str| load(&format!("janitor:\n  reproduce: {v}\n"), &[]).map(|c| c.janitor.reproduce);
     assert_eq!(r("off").unwrap(), Reproduce::Off);
     assert_eq!(r("all").unwrap(), Reproduce::All);
     assert_eq!(r("0.25").unwrap(), Reproduce::Sample(0.25));
@@ -312,7 +313,10 @@ fn reproduce_is_off_all_or_a_fraction() {
     assert_eq!(r("0").unwrap(), Reproduce::Off);
     for bad in ["sometimes", "1.5", "-0.1", "\"150%\"", ".nan"] {
         let e = r(bad).unwrap_err().to_string();
-        assert!(e.contains("janitor.reproduce is `off`, `all`, or a fraction"), "{bad}: {e}");
+        assert!(
+            e.contains("janitor.reproduce is `off`, `all`, or a fraction"),
+            "{bad}: {e}"
+        );
     }
     assert!(Reproduce::Sample(0.25).selects(0.2) && !Reproduce::Sample(0.25).selects(0.3));
 }

@@ -93,7 +93,11 @@ impl BuildInfo {
                 out.push(format!("{what}: {} {here}, {} {there}", show(a), show(b)));
             }
         };
-        differ("Go version", Some(&self.go_version), Some(&other.go_version));
+        differ(
+            "Go version",
+            Some(&self.go_version),
+            Some(&other.go_version),
+        );
         let keys: std::collections::BTreeSet<&String> =
             self.settings.keys().chain(other.settings.keys()).collect();
         for k in keys {

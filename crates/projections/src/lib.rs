@@ -32,8 +32,7 @@
 
 use cbs_domain::{BuildKey, BuildRequest};
 use cbs_events::{
-    Artifact, Event, EventType, FailureKind, RequeueReason, ReproductionOutcome,
-    ReproductionReason,
+    Artifact, Event, EventType, FailureKind, ReproductionOutcome, ReproductionReason, RequeueReason,
 };
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
@@ -129,7 +128,9 @@ impl ReproductionStatus {
     pub fn ended(self) -> bool {
         matches!(
             self,
-            ReproductionStatus::Matched | ReproductionStatus::Mismatched | ReproductionStatus::Failed
+            ReproductionStatus::Matched
+                | ReproductionStatus::Mismatched
+                | ReproductionStatus::Failed
         )
     }
 
@@ -501,9 +502,7 @@ pub fn apply(
             next.lease_expires_at = None;
             next.current_step = None;
         }
-        Event::ReproductionRequested(_)
-        | Event::ReproductionClaimed(_)
-        | Event::Reproduced(_) => {
+        Event::ReproductionRequested(_) | Event::ReproductionClaimed(_) | Event::Reproduced(_) => {
             next.reproduction = Some(reproduce(prev, key, recorded_at, event)?);
         }
     }
@@ -533,9 +532,8 @@ fn reproduce(
         status,
     };
     // The running reproduction `n`, if that is what the build has.
-    let running = |n: u32| {
-        current.filter(|r| r.status == ReproductionStatus::Running && r.reproduction == n)
-    };
+    let running =
+        |n: u32| current.filter(|r| r.status == ReproductionStatus::Running && r.reproduction == n);
     match event {
         Event::ReproductionRequested(r) => {
             match r.reason {
@@ -601,7 +599,8 @@ fn reproduce(
             })
         }
         Event::Reproduced(d) => {
-            let Some(run) = running(d.reproduction).filter(|r| r.worker.as_ref() == Some(&d.worker))
+            let Some(run) =
+                running(d.reproduction).filter(|r| r.worker.as_ref() == Some(&d.worker))
             else {
                 return Err(fenced(d.reproduction, &d.worker));
             };

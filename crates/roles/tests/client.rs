@@ -78,16 +78,32 @@ async fn verify_says_who_built_a_file_or_exactly_why_not() {
     std::fs::write(&other, &flipped).unwrap();
     let (code, out, err) = cli(&s.base, &home, &["verify", other.to_str().unwrap()]);
     assert_eq!(code, 3, "{out}{err}");
-    assert!(err.contains("different bytes for the same request"), "{err}");
-    assert!(err.contains(&format!("build {key}: Caddy v2.8.4 for linux/armv7")), "{err}");
+    assert!(
+        err.contains("different bytes for the same request"),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("build {key}: Caddy v2.8.4 for linux/armv7")),
+        "{err}"
+    );
     use sha2::Digest;
-    assert!(err.contains(&hex::encode(sha2::Sha256::digest(&binary))), "{err}");
-    assert!(err.contains(&hex::encode(sha2::Sha256::digest(&flipped))), "{err}");
+    assert!(
+        err.contains(&hex::encode(sha2::Sha256::digest(&binary))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&hex::encode(sha2::Sha256::digest(&flipped))),
+        "{err}"
+    );
 
     // A Go binary of a request this server never built: unknown, with what it says it is.
     let module = dir.path().join("hello");
     std::fs::create_dir_all(&module).unwrap();
-    std::fs::write(module.join("go.mod"), "module example.com/hello\n\ngo 1.21\n").unwrap();
+    std::fs::write(
+        module.join("go.mod"),
+        "module example.com/hello\n\ngo 1.21\n",
+    )
+    .unwrap();
     std::fs::write(
         module.join("main.go"),
         "package main\n\nfunc main() { println(\"hello\") }\n",
@@ -104,7 +120,11 @@ async fn verify_says_who_built_a_file_or_exactly_why_not() {
         .env("HOME", dir.path())
         .output()
         .unwrap();
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     let hello = module.join("hello");
     let (code, out, err) = cli(&s.base, &home, &["verify", hello.to_str().unwrap()]);
     assert_eq!(code, 3, "{out}{err}");

@@ -664,8 +664,13 @@ def flatmap_case(context, case):
         let new = n - events_before.get(t).unwrap_or(&0);
         assert!(
             new == 0
-                || ["requested", "cancelled", "requeued", "reproduction_requested"]
-                    .contains(&t.as_str()),
+                || [
+                    "requested",
+                    "cancelled",
+                    "requeued",
+                    "reproduction_requested"
+                ]
+                .contains(&t.as_str()),
             "{new} {t} events while no worker ran"
         );
     }

@@ -26,7 +26,10 @@ const ADMIN: &str = "admin-token-0123456789";
 
 /// A server with the janitor (`reproduce`) and a first worker, plus a second worker with
 /// its own id, build directory and caches, and the builder image `image`.
-async fn two_workers(reproduce: cbs_config::Reproduce, image: String) -> (Server, tempfile::TempDir) {
+async fn two_workers(
+    reproduce: cbs_config::Reproduce,
+    image: String,
+) -> (Server, tempfile::TempDir) {
     let s = server_configured(true, None, |c| {
         c.janitor.reproduce = reproduce;
         c.janitor.poll_interval = Duration::from_millis(500);
@@ -50,8 +53,14 @@ async fn two_workers(reproduce: cbs_config::Reproduce, image: String) -> (Server
         c.worker.cache_dir = dirs.path().join("cache");
         c.worker.docker.image = image;
     }
-    assert_ne!(s.app.config.worker.cache_dir, second.config.worker.cache_dir);
-    assert_ne!(s.app.config.worker.build_dir, second.config.worker.build_dir);
+    assert_ne!(
+        s.app.config.worker.cache_dir,
+        second.config.worker.cache_dir
+    );
+    assert_ne!(
+        s.app.config.worker.build_dir,
+        second.config.worker.build_dir
+    );
     tokio::spawn(cbs_roles::worker::run(second, s.shutdown.clone()));
     (s, dirs)
 }
@@ -113,11 +122,7 @@ async fn history_types(base: &str, key: &str) -> Vec<Value> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_worker_reproduces_every_fixture_build_bit_for_bit() {
-    let (s, _dirs) = two_workers(
-        cbs_config::Reproduce::All,
-        cbs_testkit::builder_image(),
-    )
-    .await;
+    let (s, _dirs) = two_workers(cbs_config::Reproduce::All, cbs_testkit::builder_image()).await;
     let mut built = Vec::new();
     for q in REQUESTS {
         built.push((q, build(&s.base, q).await));
@@ -128,7 +133,11 @@ async fn a_second_worker_reproduces_every_fixture_build_bit_for_bit() {
         let b = reproduction_ended(&s.base, key).await;
         let r = &b["reproduction"];
         let by = b["artifact"]["built_by"].as_str().unwrap();
-        assert_ne!(r["worker"].as_str(), Some(by), "{q}: reproduced by its own builder");
+        assert_ne!(
+            r["worker"].as_str(),
+            Some(by),
+            "{q}: reproduced by its own builder"
+        );
         assert_eq!(r["reason"], "sample", "{q}");
         if r["status"] == "matched" {
             same += 1;
@@ -139,11 +148,26 @@ async fn a_second_worker_reproduces_every_fixture_build_bit_for_bit() {
         assert_eq!(r["sha256"].as_str(), Some(sha.as_str()), "{q}");
         // The second builder's own statement: the same subject, another builder, signed.
         let url = format!("{}{}", s.base, r["provenance"].as_str().unwrap());
-        let statement = client().get(&url).send().await.unwrap().bytes().await.unwrap();
+        let statement = client()
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
         let v: Value = serde_json::from_slice(&statement).unwrap();
-        assert_eq!(v["subject"][0]["digest"]["sha256"].as_str(), Some(sha.as_str()));
-        let builder = v["predicate"]["runDetails"]["builder"]["id"].as_str().unwrap();
-        assert!(builder.ends_with(r["worker"].as_str().unwrap()), "{builder}");
+        assert_eq!(
+            v["subject"][0]["digest"]["sha256"].as_str(),
+            Some(sha.as_str())
+        );
+        let builder = v["predicate"]["runDetails"]["builder"]["id"]
+            .as_str()
+            .unwrap();
+        assert!(
+            builder.ends_with(r["worker"].as_str().unwrap()),
+            "{builder}"
+        );
         let first: Value = client()
             .get(format!("{}/api/build/{key}/provenance", s.base))
             .send()
@@ -185,10 +209,20 @@ async fn a_second_worker_reproduces_every_fixture_build_bit_for_bit() {
             .iter()
             .map(|e| e["type"].as_str().unwrap().to_owned())
             .collect();
-        let tail: Vec<&str> = types.iter().rev().take(3).rev().map(String::as_str).collect();
+        let tail: Vec<&str> = types
+            .iter()
+            .rev()
+            .take(3)
+            .rev()
+            .map(String::as_str)
+            .collect();
         assert_eq!(
             tail,
-            ["reproduction_requested", "reproduction_claimed", "reproduced"],
+            [
+                "reproduction_requested",
+                "reproduction_claimed",
+                "reproduced"
+            ],
             "{q}"
         );
     }

@@ -247,10 +247,7 @@ impl Store {
     }
 
     /// Reproductions a worker runs now (the janitor's rescue of expired ones).
-    pub async fn running_reproductions(
-        &self,
-        limit: i64,
-    ) -> Result<Vec<BuildState>, StoreError> {
+    pub async fn running_reproductions(&self, limit: i64) -> Result<Vec<BuildState>, StoreError> {
         let client = self.client().await?;
         queries::running_reproductions(&client, limit).await
     }

@@ -45,6 +45,7 @@ fn succeeded(attempt: u32) -> Event {
             size: 10,
             sha256: "ab".repeat(32),
             files: vec![],
+            modules_sha256: None,
         },
     })
 }
@@ -833,4 +834,113 @@ async fn build_histories_are_ordered_and_complete() {
         .collect();
     assert_eq!(after_two.keys().copied().collect::<Vec<_>>(), vec![3, 4]);
     assert_eq!(store.events(&k, 0, 2).await.unwrap().len(), 2);
+}
+
+/// Reproducibility checks: only a worker other than the builder claims one, concurrent
+/// claimers take each check once, a result of a check handed to another worker is fenced,
+/// and the projection equals the fold of the log.
+#[tokio::test]
+async fn reproductions_are_claimed_once_never_by_the_builder_and_fold_like_the_log() {
+    use cbs_events::{Reproduced, ReproductionOutcome, ReproductionReason, ReproductionRequested};
+    const CHECKS: u32 = 20;
+    let db = TestDb::new().await;
+    let store = store(&db).await;
+    for n in 0..CHECKS {
+        store.request_build(&key(n), &request(n)).await.unwrap();
+        let b = store.claim("builder", LEASE).await.unwrap().unwrap();
+        let b = store.append(&b, succeeded(1)).await.unwrap();
+        assert_eq!(b.built_by.as_deref(), Some("builder"));
+        store
+            .append(
+                &b,
+                Event::ReproductionRequested(ReproductionRequested {
+                    reproduction: 0,
+                    reason: ReproductionReason::Sample,
+                }),
+            )
+            .await
+            .unwrap();
+    }
+    // The builder finds nothing to check.
+    assert!(store
+        .claim_reproduction("builder", LEASE)
+        .await
+        .unwrap()
+        .is_none());
+    // Four other workers claim concurrently: every check exactly once.
+    let claimers: Vec<_> = (0..4)
+        .map(|w| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                while let Some(b) = store
+                    .claim_reproduction(&format!("checker-{w}"), LEASE)
+                    .await
+                    .unwrap()
+                {
+                    got.push(b);
+                }
+                got
+            })
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    for c in claimers {
+        claimed.extend(c.await.unwrap());
+    }
+    let keys: HashSet<_> = claimed.iter().map(|b| b.key.clone()).collect();
+    assert_eq!(
+        (claimed.len(), keys.len()),
+        (CHECKS as usize, CHECKS as usize)
+    );
+    // The first check is handed to another worker: its first worker's result is fenced.
+    let first = &claimed[0];
+    let worker = first.reproduction.as_ref().unwrap().worker.clone().unwrap();
+    let result = |worker: &str, n: u32| {
+        Event::Reproduced(Reproduced {
+            reproduction: n,
+            worker: worker.to_owned(),
+            outcome: ReproductionOutcome::Matched,
+            sha256: Some("ab".repeat(32)),
+            builder_image: None,
+            builder_image_id: None,
+            message: String::new(),
+            files: vec![],
+        })
+    };
+    store
+        .append(
+            first,
+            Event::ReproductionRequested(ReproductionRequested {
+                reproduction: 1,
+                reason: ReproductionReason::LeaseExpired,
+            }),
+        )
+        .await
+        .unwrap();
+    let e = store
+        .append_latest(&first.key, result(&worker, 1))
+        .await
+        .unwrap_err();
+    assert!(e.is_fenced(), "{e}");
+    let again = store
+        .claim_reproduction("checker-9", LEASE)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.key, first.key);
+    let done = store
+        .append_latest(&first.key, result("checker-9", 2))
+        .await
+        .unwrap();
+    assert_eq!(
+        done.reproduction.map(|r| (r.status, r.reproduction)),
+        Some((cbs_projections::ReproductionStatus::Matched, 2))
+    );
+    assert_eq!(
+        store.running_reproductions(100).await.unwrap().len(),
+        CHECKS as usize - 1
+    );
+    let report = store.rebuild_projections(false).await.unwrap();
+    assert!(report.differences.is_empty(), "{:?}", report.differences);
 }

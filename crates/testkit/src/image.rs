@@ -96,7 +96,13 @@ pub fn variant_builder_image(env: &str) -> String {
     let base = builder_image();
     let name: String = env
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     let version = base.rsplit(':').next().unwrap_or("x");
     let tag = format!("cbs-test-builder-variant:{version}-{name}");

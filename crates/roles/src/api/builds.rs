@@ -355,7 +355,9 @@ pub async fn by_modules(
         }
     }
     let hash = hash.ok_or_else(|| {
-        ApiError::bad_request("modules_sha256 is required (the module-list hash of a binary, 64 hex digits)")
+        ApiError::bad_request(
+            "modules_sha256 is required (the module-list hash of a binary, 64 hex digits)",
+        )
     })?;
     if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(ApiError::bad_request(

@@ -670,7 +670,10 @@ impl Client {
                 self.base
             ));
         };
-        let theirs = b.artifact.as_ref().map_or("(deleted)", |a| a.sha256.as_str());
+        let theirs = b
+            .artifact
+            .as_ref()
+            .map_or("(deleted)", |a| a.sha256.as_str());
         let mut message = format!(
             "different bytes for the same request: {} built this request (build {}: Caddy {} for {}) to a binary with sha256 {theirs}; this file has sha256 {sha}. It was changed after it was built, or built elsewhere by a builder that differs",
             self.base,

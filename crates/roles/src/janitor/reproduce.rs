@@ -35,8 +35,7 @@ pub fn unit(key: &BuildKey) -> f64 {
 /// The event that asks for a reproduction of `b` because the sample chose it: only for a
 /// succeeded build that was not reproduced yet.
 pub fn sample(setting: Reproduce, b: &BuildState) -> Option<Event> {
-    if b.status != Status::Succeeded || b.reproduction.is_some() || !setting.selects(unit(&b.key))
-    {
+    if b.status != Status::Succeeded || b.reproduction.is_some() || !setting.selects(unit(&b.key)) {
         return None;
     }
     Some(Event::ReproductionRequested(ReproductionRequested {
@@ -179,14 +178,21 @@ mod tests {
         assert!(rescue(&reproducing(1, later), now).is_none());
         match rescue(&reproducing(1, now - chrono::Duration::seconds(1)), now) {
             Some(Event::ReproductionRequested(r)) => {
-                assert_eq!((r.reproduction, r.reason), (1, ReproductionReason::LeaseExpired))
+                assert_eq!(
+                    (r.reproduction, r.reason),
+                    (1, ReproductionReason::LeaseExpired)
+                )
             }
             other => panic!("expected a new request, got {other:?}"),
         }
         match rescue(&reproducing(MAX_CLAIMS, now), now) {
             Some(Event::Reproduced(r)) => {
                 assert_eq!(r.outcome, ReproductionOutcome::Failed);
-                assert!(r.message.contains("stopped before finishing"), "{}", r.message);
+                assert!(
+                    r.message.contains("stopped before finishing"),
+                    "{}",
+                    r.message
+                );
             }
             other => panic!("expected a failure, got {other:?}"),
         }

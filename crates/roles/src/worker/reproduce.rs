@@ -14,7 +14,9 @@ use std::sync::Arc;
 use cbs_domain::artifact::{signature_of, stored_file};
 use cbs_domain::buildinfo::BuildInfo;
 use cbs_domain::plan::plan;
-use cbs_events::{Event, Reproduced, ReproductionOutcome, ReproductionReason, ReproductionRequested};
+use cbs_events::{
+    Event, Reproduced, ReproductionOutcome, ReproductionReason, ReproductionRequested,
+};
 use cbs_executor::{Executor, PlanOutcome};
 use cbs_projections::BuildState;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -216,7 +218,10 @@ async fn reproduce(
         let sig = signature_of(&file);
         publisher
             .storage
-            .put_bytes(&stored_file(&artifact.location, &sig), signature.into_bytes().into())
+            .put_bytes(
+                &stored_file(&artifact.location, &sig),
+                signature.into_bytes().into(),
+            )
             .await?;
         publisher
             .storage
@@ -235,7 +240,9 @@ async fn reproduce(
         Err(e) => Result_ {
             outcome: ReproductionOutcome::Matched,
             sha256: Some(sha256),
-            message: format!("the same bytes; this builder's provenance could not be stored: {e:#}"),
+            message: format!(
+                "the same bytes; this builder's provenance could not be stored: {e:#}"
+            ),
             files: Vec::new(),
         },
     }
@@ -267,9 +274,7 @@ async fn mismatch(
         Ok(o) => o.bytes(4 << 30).await,
         Err(e) => Err(e),
     };
-    let theirs = published
-        .ok()
-        .and_then(|b| BuildInfo::from_binary(&b).ok());
+    let theirs = published.ok().and_then(|b| BuildInfo::from_binary(&b).ok());
     match (info, theirs) {
         (Some(a), Some(b)) => {
             let d = a.differences(&b, "here", "published");
