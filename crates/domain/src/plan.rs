@@ -70,6 +70,20 @@ pub struct BuildPlan {
     /// only for Caddy alone (no plugins, no replacements), whose code is trusted. A
     /// plugin's build writes into a layer of its own that is thrown away.
     pub shares_build_cache: bool,
+    /// Whether the build may read the build cache other builds filled. Off for a
+    /// reproducibility check, which must compile everything itself to be independent of
+    /// what the first build (and the cache) did; it then shares nothing either.
+    pub reads_build_cache: bool,
+}
+
+impl BuildPlan {
+    /// The same plan, compiling everything from scratch: no shared build cache is read or
+    /// written (the module cache is still used; its files are checked against go.sum).
+    pub fn independent(mut self) -> BuildPlan {
+        self.reads_build_cache = false;
+        self.shares_build_cache = false;
+        self
+    }
 }
 
 /// `main.go`: Caddy's command, the standard modules, `time/tzdata` and one blank import per
@@ -112,6 +126,7 @@ pub fn plan(request: &BuildRequest) -> BuildPlan {
     BuildPlan {
         main_go: render_main_go(request),
         shares_build_cache: request.plugins().is_empty() && request.replacements().is_empty(),
+        reads_build_cache: true,
         steps: vec![
             Step {
                 name: "initialize_module",

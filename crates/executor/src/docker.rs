@@ -373,7 +373,7 @@ impl DockerExecutor {
         target: &[(&'static str, String)],
         lines: &mpsc::UnboundedSender<String>,
     ) -> Result<Exit, ExecError> {
-        let sandbox = self.sandbox(dir, build_key).await?;
+        let sandbox = self.sandbox(dir, build_key, true).await?;
         let step = Step {
             name: "command",
             phase,
@@ -716,7 +716,7 @@ impl DockerExecutor {
         dir: &Path,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<PlanOutcome, ExecError> {
-        let sandbox = self.sandbox(dir, build_key).await?;
+        let sandbox = self.sandbox(dir, build_key, plan.reads_build_cache).await?;
         let mut first = 0;
         while first < plan.steps.len() {
             let phase = plan.steps[first].phase;
@@ -775,8 +775,15 @@ impl DockerExecutor {
     }
 
     /// A new sandbox for one build: overlay volumes over the shared module and build
-    /// caches, with layers in a new directory beside `dir`, and a gate to the proxies.
-    async fn sandbox(&self, dir: &Path, build_key: &str) -> Result<Sandbox, ExecError> {
+    /// caches (over an empty directory instead of the build cache unless
+    /// `reads_build_cache`), with layers in a new directory beside `dir`, and a gate to the
+    /// proxies.
+    async fn sandbox(
+        &self,
+        dir: &Path,
+        build_key: &str,
+        reads_build_cache: bool,
+    ) -> Result<Sandbox, ExecError> {
         use std::os::unix::fs::PermissionsExt;
         let dir = dir.canonicalize()?;
         let parent = dir
@@ -809,7 +816,14 @@ impl DockerExecutor {
             .unwrap_or_default()
             .to_ascii_lowercase()
             .replace(|c: char| !c.is_ascii_alphanumeric(), "");
-        for (layer, lower) in [("mod", &self.modcache), ("build", &self.gocache)] {
+        let empty = sandbox.dir.join("empty");
+        let build_lower = if reads_build_cache {
+            self.gocache.clone()
+        } else {
+            std::fs::create_dir_all(&empty)?;
+            empty
+        };
+        for (layer, lower) in [("mod", &self.modcache), ("build", &build_lower)] {
             let base = sandbox.dir.join(layer);
             for d in ["upper", "work"] {
                 std::fs::create_dir_all(base.join(d))?;

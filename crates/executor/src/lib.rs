@@ -233,6 +233,21 @@ impl Executor {
             d.give_to_builder(dir)?;
             return d.run_plan(plan, build_key, dir, progress).await;
         }
+        // The local executor's own build cache for a plan that must not read the shared one
+        // (ignored by Go as a package directory: its name starts with a dot).
+        let private;
+        let this = match self {
+            Executor::Local(l) if !plan.reads_build_cache => {
+                let mut caches = l.caches.clone();
+                caches.gocache = dir.join(".gocache");
+                private = Executor::Local(LocalExecutor {
+                    caches,
+                    ..l.clone()
+                });
+                &private
+            }
+            _ => self,
+        };
         for step in &plan.steps {
             let started = Instant::now();
             let _ = progress.send(Progress::StepStarted { step: step.name });
@@ -243,7 +258,7 @@ impl Executor {
                 // The sender moves into the run, so the forwarder ends when the run does.
                 let run = async move {
                     let tx = tx;
-                    self.run(dir, build_key, command, step.phase, &plan.target_env, &tx)
+                    this.run(dir, build_key, command, step.phase, &plan.target_env, &tx)
                         .await
                 };
                 let forward = async {

@@ -622,3 +622,72 @@ async fn a_cancelled_run_leaves_no_container_behind() {
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&volumes.stdout).trim(), "");
 }
+
+/// An independent plan (a reproducibility check) compiles everything itself: with every
+/// entry of the shared build cache poisoned (same sizes, other bytes), a normal build of
+/// the same request gets other bytes, the independent one gets the first build's again.
+#[tokio::test]
+async fn an_independent_build_reads_nothing_of_the_shared_build_cache() {
+    use sha2::Digest;
+    let proxy = FixtureProxy::start().await;
+    let cache = tempfile::tempdir().unwrap();
+    let exec = executor(&proxy.url(), cache.path(), "docker-test-independent").await;
+    // Caddy alone: its compiled packages go into the shared build cache.
+    let req = request("linux", "amd64", None, &[]);
+    let sha_of = |outcome: &PlanOutcome| match outcome {
+        PlanOutcome::Built(p) => Some(hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))),
+        _ => None,
+    };
+    let (outcome, events, _dir) = build(&exec, &req).await;
+    let first = sha_of(&outcome).unwrap_or_else(|| panic!("{outcome:?}\n{events:#?}"));
+    let mut poisoned = 0;
+    for entry in walk(&cache.path().join("build")) {
+        if entry.to_string_lossy().ends_with("-d") {
+            let len = std::fs::metadata(&entry).unwrap().len() as usize;
+            std::fs::write(&entry, vec![b'x'; len]).unwrap();
+            poisoned += 1;
+        }
+    }
+    assert!(poisoned > 10, "{poisoned} cache outputs");
+    let (normal, _, _d1) = build(&exec, &req).await;
+    assert_ne!(
+        sha_of(&normal).as_deref(),
+        Some(first.as_str()),
+        "the poison has no effect"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let independent = exec
+        .run_plan(
+            &plan(&req).independent(),
+            req.key().as_str(),
+            dir.path(),
+            &tx,
+        )
+        .await
+        .unwrap();
+    drop(tx);
+    while rx.recv().await.is_some() {}
+    assert_eq!(
+        sha_of(&independent).as_deref(),
+        Some(first.as_str()),
+        "{independent:?}"
+    );
+}
+
+/// Every file under `dir` (not following symbolic links).
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let t = e.file_type().unwrap();
+        if t.is_dir() {
+            out.extend(walk(&e.path()));
+        } else if t.is_file() {
+            out.push(e.path());
+        }
+    }
+    out
+}

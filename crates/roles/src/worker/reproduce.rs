@@ -6,6 +6,8 @@
 //! the `reproduced` event; a mismatch also raises `cbs_reproductions_total{outcome=
 //! "mismatched"}` and a warning.
 //!
+//! The second build reads no shared build cache (it compiles everything itself, so that a
+//! poisoned or stale cache entry cannot make both builds agree) and shares nothing.
 //! Reproductions are background work: a worker takes one only when no build is claimable,
 //! and its output is not recorded as events (the build's history is the first build's).
 
@@ -139,7 +141,9 @@ async fn reproduce(
     let Some(artifact) = build.artifact.as_ref() else {
         return Result_::failed("the build has no artifact to compare with".into());
     };
-    let plan = plan(&build.request);
+    // Everything compiled from scratch: a cache the first build read (or filled) must not
+    // make the second one agree with it.
+    let plan = plan(&build.request).independent();
     let dir = match build_dir(app, worker, &build.key, "reproduce") {
         Ok(d) => d,
         Err(e) => return Result_::failed(format!("cannot create a build directory: {e}")),
