@@ -5,6 +5,7 @@
 
 mod api;
 mod queue;
+mod scale;
 mod storage;
 
 use anyhow::Context;
@@ -37,6 +38,10 @@ enum Command {
     /// Upload and download throughput and peak memory of the configured artifact storage
     /// (see scripts/bench-storage, which runs it for both backends).
     Storage(storage::StorageArgs),
+    /// The database at a million builds: status, history, feed, claim and janitor-scan
+    /// latencies and bytes per build (writes to the configured database: point it at a
+    /// scratch one; scripts/bench-scale makes one).
+    Scale(scale::ScaleArgs),
     /// The bare server of `api`'s floor measurement (started by `api` itself).
     #[command(hide = true)]
     WakeFloorServer(api::FloorArgs),
@@ -61,6 +66,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Storage(args) => storage::run(&config, args).await,
         Command::WakeFloorServer(args) => api::floor_server(args).await,
+        Command::Scale(args) => {
+            let connector = cbs_store::PgConnector::new(&config.database)?;
+            cbs_store::migrate::run(&connector)
+                .await
+                .context("migrating the benchmark database")?;
+            let app = App::new(config, &shutdown)?;
+            scale::scale(app, args).await
+        }
         Command::Queue(args) => {
             let connector = cbs_store::PgConnector::new(&config.database)?;
             cbs_store::migrate::run(&connector)

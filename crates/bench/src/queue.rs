@@ -229,7 +229,7 @@ async fn dispatch(
     Ok((from_commit, from_start))
 }
 
-fn summary(mut v: Vec<Duration>) -> String {
+pub fn summary(mut v: Vec<Duration>) -> String {
     if v.is_empty() {
         return "no samples".into();
     }

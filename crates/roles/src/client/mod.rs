@@ -278,6 +278,12 @@ impl Client {
         }
         if let Some(a) = &b.artifact {
             println!("binary   {} bytes, sha256 {}", a.size, a.sha256);
+            if let Some(w) = &a.built_by {
+                println!("built by {w}");
+            }
+        }
+        if let Some(x) = &b.reproduction {
+            println!("reproduction {}", reproduction_line(x));
         }
         if let Some(p) = b.queue_position {
             println!("queue    {p} ahead");
@@ -744,6 +750,9 @@ impl Client {
                     .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
             println!("signed   {trusted}");
+            if let Some(x) = &b.reproduction {
+                println!("reproduction {}", reproduction_line(x));
+            }
             return Ok(());
         }
         Err(Failure::Verification(format!(
@@ -751,6 +760,25 @@ impl Client {
             self.base,
             why.join("; ")
         )))
+    }
+}
+
+/// A reproducibility check in one line.
+fn reproduction_line(r: &wire::ReproductionInfo) -> String {
+    let who = r.worker.as_deref().unwrap_or("another worker");
+    match r.status {
+        wire::ReproductionStatus::Queued => {
+            "queued (waiting for a worker that did not build it)".into()
+        }
+        wire::ReproductionStatus::Running => format!("running on {who}"),
+        wire::ReproductionStatus::Matched => format!("matched: {who} built the same bytes"),
+        wire::ReproductionStatus::Mismatched => format!(
+            "MISMATCHED: {who} built other bytes: {}",
+            r.message.as_deref().unwrap_or("")
+        ),
+        wire::ReproductionStatus::Failed => {
+            format!("failed on {who}: {}", r.message.as_deref().unwrap_or(""))
+        }
     }
 }
 

@@ -144,7 +144,7 @@ async fn lead_while_held(
 /// the next lease expires. Every write is conditional on the build's state as read (an
 /// append conflicts if anything changed meanwhile), so two janitors acting at once, or a
 /// worker renewing a lease just in time, change nothing twice.
-async fn scan(app: &App) -> anyhow::Result<Duration> {
+pub async fn scan(app: &App) -> anyhow::Result<Duration> {
     rescue::run(app).await?;
     retry::run(app).await?;
     reproduce::run(app).await?;
