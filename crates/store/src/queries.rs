@@ -958,10 +958,10 @@ pub(crate) async fn stale_artifacts(
     let stmt = c
         .prepare_cached(&format!(
             "SELECT {cols} FROM builds b
-             LEFT JOIN artifact_downloads d ON d.build_key = b.key
-             WHERE b.status = 'succeeded'
-               AND greatest(b.updated_at, d.last_download_at) < $1
-             ORDER BY greatest(b.updated_at, d.last_download_at) LIMIT $2"
+             WHERE b.status = 'succeeded' AND b.updated_at < $1
+               AND NOT EXISTS (SELECT 1 FROM artifact_downloads d
+                               WHERE d.build_key = b.key AND d.last_download_at >= $1)
+             ORDER BY b.updated_at LIMIT $2"
         ))
         .await?;
     let rows = c.query(&stmt, &[&cutoff, &limit]).await?;

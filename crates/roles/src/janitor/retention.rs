@@ -61,7 +61,26 @@ pub fn expiry(b: &BuildState, retention: Duration) -> Event {
 async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
     let retention = app.config.janitor.retention;
     let cutoff = Utc::now() - chrono::Duration::from_std(retention)?;
-    for b in app.store.stale_artifacts(cutoff, BATCH).await? {
+    // Up to `EXPIRE_PAGES` batches per pass, so that a large backlog drains within hours.
+    const EXPIRE_PAGES: usize = 50;
+    for _ in 0..EXPIRE_PAGES {
+        let stale = app.store.stale_artifacts(cutoff, BATCH).await?;
+        let full = stale.len() == BATCH as usize;
+        expire_batch(app, storage, stale, retention).await;
+        if !full {
+            break;
+        }
+    }
+    Ok(())
+}
+
+async fn expire_batch(
+    app: &App,
+    storage: &Storage,
+    stale: Vec<BuildState>,
+    retention: Duration,
+) {
+    for b in stale {
         match app.store.append(&b, expiry(&b, retention)).await {
             Ok(_) => {}
             Err(StoreError::Conflict { .. }) => continue,
@@ -78,7 +97,6 @@ async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
             }
         }
     }
-    Ok(())
 }
 
 /// How long after an attempt ended its files are removed: a worker that was fenced off
