@@ -74,12 +74,7 @@ async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn expire_batch(
-    app: &App,
-    storage: &Storage,
-    stale: Vec<BuildState>,
-    retention: Duration,
-) {
+async fn expire_batch(app: &App, storage: &Storage, stale: Vec<BuildState>, retention: Duration) {
     for b in stale {
         match app.store.append(&b, expiry(&b, retention)).await {
             Ok(_) => {}
