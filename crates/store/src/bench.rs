@@ -103,6 +103,9 @@ fn time(t: chrono::DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
+/// A build's events with their times, in order.
+pub type History = Vec<(chrono::DateTime<Utc>, Event)>;
+
 impl Store {
     /// Loads whole build histories into an empty part of the database in one transaction
     /// (`COPY` of the events and of their folded projection rows): the data of the scale
@@ -110,7 +113,7 @@ impl Store {
     /// exactly what the live path would have written. Returns the events written.
     pub async fn load_histories_for_bench(
         &self,
-        histories: &[(BuildKey, Vec<(chrono::DateTime<Utc>, Event)>)],
+        histories: &[(BuildKey, History)],
     ) -> Result<u64, StoreError> {
         use futures::SinkExt;
         let mut events = String::new();
