@@ -303,6 +303,42 @@ pub struct WorkerConfig {
     /// directories.
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
+    pub build_cache: BuildCacheConfig,
+}
+
+/// The Go build cache builds get through GOCACHEPROG (docker executor): a local tier on the
+/// worker's disk and a shared tier in the artifact storage, both content-addressed.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildCacheConfig {
+    /// On (the default): every compile step's go command (Go >= 1.24 in the builder image)
+    /// asks the worker for build cache entries. Off: each build sees this worker's own
+    /// build cache directory through an overlay of its own, as before.
+    pub enabled: bool,
+    /// Largest size of the local tier (`<cache_dir>/prog`), in bytes; the least recently
+    /// used objects go first when it is exceeded.
+    pub local_max_bytes: u64,
+    /// Whether the fleet shares entries through the artifact storage (`buildcache/v1/`).
+    pub shared: bool,
+    /// Largest size of the shared tier, in bytes; the janitor removes the oldest objects
+    /// beyond it.
+    pub shared_max_bytes: u64,
+    /// Whether builds with plugins or replacements publish what they compiled (after they
+    /// succeeded and their binary was verified). Off (the default): only builds of Caddy
+    /// alone do, whose code the operator trusts (docs/security.md says why).
+    pub share_plugin_builds: bool,
+}
+
+impl Default for BuildCacheConfig {
+    fn default() -> Self {
+        BuildCacheConfig {
+            enabled: true,
+            local_max_bytes: 10 << 30,
+            shared: true,
+            shared_max_bytes: 50 << 30,
+            share_plugin_builds: false,
+        }
+    }
 }
 
 impl WorkerConfig {
@@ -367,6 +403,7 @@ impl Default for WorkerConfig {
             stop_timeout: Duration::from_secs(25),
             preemption: PreemptionConfig::default(),
             cleanup_interval: Duration::from_secs(300),
+            build_cache: BuildCacheConfig::default(),
         }
     }
 }

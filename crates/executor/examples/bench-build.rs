@@ -92,7 +92,7 @@ async fn timed(exec: &Executor, req: &BuildRequest) -> (Duration, Vec<(&'static 
         .unwrap();
     let took = start.elapsed();
     drop(tx);
-    assert!(matches!(outcome, PlanOutcome::Built(_)), "{outcome:?}");
+    assert!(matches!(outcome, PlanOutcome::Built { .. }), "{outcome:?}");
     let mut steps = Vec::new();
     while let Some(p) = rx.recv().await {
         if let Progress::StepFinished { step, duration, .. } = p {

@@ -26,6 +26,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
+use crate::cacheprog::{BuildCache, Session, CACHE_SOCKET, LOCAL_TIER};
 use crate::gate::{Gate, GATE_PORT};
 use crate::{command_env, CachePaths, ExecError, Exit, GoSettings, PlanOutcome, Progress};
 
@@ -84,6 +85,8 @@ pub struct DockerExecutor {
     worker: String,
     /// The builder image's id (`sha256:...`), read at connect.
     image_id: String,
+    /// The build cache compile steps ask through GOCACHEPROG, if on.
+    build_cache: Option<std::sync::Arc<BuildCache>>,
 }
 
 fn engine(e: bollard::errors::Error) -> ExecError {
@@ -142,6 +145,7 @@ impl DockerExecutor {
             runner: runner_dir.join("runner"),
             worker,
             image_id: full_image_id.clone(),
+            build_cache: None,
         };
         for dir in [&executor.modcache, &executor.gocache] {
             tokio::fs::create_dir_all(dir).await?;
@@ -152,6 +156,12 @@ impl DockerExecutor {
             executor.build_runner(&runner_dir).await?;
         }
         Ok(executor)
+    }
+
+    /// Compile steps from now on ask `cache` for build cache entries (GOCACHEPROG).
+    pub fn with_build_cache(mut self, cache: std::sync::Arc<BuildCache>) -> DockerExecutor {
+        self.build_cache = Some(cache);
+        self
     }
 
     /// The builder image: its reference and its id.
@@ -178,6 +188,7 @@ impl DockerExecutor {
             gocache: self.gocache.display().to_string(),
             volumes: false,
             gate: None,
+            cache: None,
         };
         let exit = self
             .run_container(
@@ -413,7 +424,7 @@ impl DockerExecutor {
                 timed_out: false,
             },
             Some(PlanOutcome::Failed { exit, .. }) => exit,
-            Some(PlanOutcome::Built(_)) => unreachable!("a group never builds"),
+            Some(PlanOutcome::Built { .. }) => unreachable!("a group never builds"),
         })
     }
 
@@ -468,6 +479,12 @@ impl DockerExecutor {
         ];
         if let Some(socket) = mounts.gate.filter(|_| resolve) {
             binds.push(format!("{}:{GATE_SOCKET}:ro", socket.display()));
+        }
+        let mut env: Vec<String> = env;
+        if let Some(cache) = mounts.cache.filter(|_| !resolve) {
+            binds.push(format!("{}:{CACHE_SOCKET}:ro", cache.socket().display()));
+            binds.push(format!("{}:{LOCAL_TIER}:ro", cache.local_dir().display()));
+            env.push(format!("GOCACHEPROG={RUNNER} cacheprog {CACHE_SOCKET}"));
         }
         let host_config = HostConfig {
             binds: Some(binds),
@@ -716,7 +733,7 @@ impl DockerExecutor {
         dir: &Path,
         progress: &mpsc::UnboundedSender<Progress>,
     ) -> Result<PlanOutcome, ExecError> {
-        let sandbox = self.sandbox(dir, build_key, plan.reads_build_cache).await?;
+        let mut sandbox = self.sandbox(dir, build_key, plan.reads_build_cache).await?;
         let mut first = 0;
         while first < plan.steps.len() {
             let phase = plan.steps[first].phase;
@@ -742,9 +759,16 @@ impl DockerExecutor {
             }
             first = end;
         }
-        self.share(&sandbox, dir, plan.shares_build_cache).await;
+        // With the cache program, what the build compiled is published by the caller
+        // (after it verified the binary); otherwise its overlay layer is promoted here.
+        let cache = sandbox.cache.take().map(Session::finish);
+        self.share(&sandbox, dir, plan.shares_build_cache && cache.is_none())
+            .await;
         sandbox.teardown().await;
-        Ok(PlanOutcome::Built(dir.join(plan.output)))
+        Ok(PlanOutcome::Built {
+            binary: dir.join(plan.output),
+            cache,
+        })
     }
 
     /// Publishes what a successful build fetched and, if `build_cache`, what it compiled.
@@ -805,6 +829,7 @@ impl DockerExecutor {
             docker: Some(self.docker.clone()),
             volumes: Vec::new(),
             gate: None,
+            cache: None,
             dir: layers.path().to_path_buf(),
             layers: Some(layers),
         };
@@ -855,6 +880,12 @@ impl DockerExecutor {
         }
         sandbox.gate =
             Some(Gate::start(self.settings.proxy.clone(), &sandbox.dir.join("gate")).await?);
+        if let Some(cache) = &self.build_cache {
+            sandbox.cache = Some(
+                Session::start(cache.clone(), &sandbox.dir.join("cache"), reads_build_cache)
+                    .await?,
+            );
+        }
         Ok(sandbox)
     }
 
@@ -919,6 +950,7 @@ impl DockerExecutor {
             gocache: sandbox.volumes[1].clone(),
             volumes: true,
             gate: sandbox.gate.as_ref().map(Gate::socket),
+            cache: sandbox.cache.as_ref(),
         };
         if phase == Phase::Resolve {
             cmd.push(format!("127.0.0.1:{GATE_PORT}"));
@@ -1027,6 +1059,8 @@ struct Mounts<'a> {
     /// Whether the caches are volumes (names), not host paths.
     volumes: bool,
     gate: Option<&'a Path>,
+    /// The build's cache session (compile steps get GOCACHEPROG).
+    cache: Option<&'a Session>,
 }
 
 /// One build's sandbox: its overlay volumes, the directory of their layers and the gate.
@@ -1038,6 +1072,7 @@ struct Sandbox {
     /// The module cache's volume, then the build cache's.
     volumes: Vec<String>,
     gate: Option<Gate>,
+    cache: Option<Session>,
     /// The layers' directory, and its owner until the sandbox is removed.
     dir: PathBuf,
     layers: Option<tempfile::TempDir>,

@@ -5,6 +5,7 @@
 //! development only, no isolation) and `docker` (each command in its own hardened
 //! container). Both get the same commands and the same environment from [`command_env`].
 
+mod cacheprog;
 mod docker;
 mod gate;
 mod local;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 use cbs_domain::plan::{BuildPlan, GoCommand, Phase};
 use tokio::sync::mpsc;
 
+pub use cacheprog::{BuildCache, BuildCacheSettings, CacheReport, CacheWrites, SHARED_PREFIX};
 pub use docker::{
     DockerExecutor, DockerSettings, ManagedContainer, LABEL_BUILD, LABEL_DEPLOYMENT, LABEL_MANAGED,
     LABEL_WORKER,
@@ -159,8 +161,13 @@ pub enum Progress {
 /// How a plan ended.
 #[derive(Debug)]
 pub enum PlanOutcome {
-    /// The binary is at this path.
-    Built(PathBuf),
+    /// The binary is at `binary`; `cache` holds the build cache entries the build put
+    /// (docker executor with the build cache on), for the caller to publish once it has
+    /// verified the binary.
+    Built {
+        binary: PathBuf,
+        cache: Option<CacheWrites>,
+    },
     /// A command failed: the step, the command, its exit and the tail of its output.
     Failed {
         step: &'static str,
@@ -295,6 +302,9 @@ impl Executor {
                 exit_code: Some(0),
             });
         }
-        Ok(PlanOutcome::Built(dir.join(plan.output)))
+        Ok(PlanOutcome::Built {
+            binary: dir.join(plan.output),
+            cache: None,
+        })
     }
 }

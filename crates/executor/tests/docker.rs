@@ -146,7 +146,7 @@ async fn builds_for_several_platforms_with_verified_build_info() {
         ],
     );
     let (outcome, events, dir) = build(&exec, &req).await;
-    let PlanOutcome::Built(binary) = outcome else {
+    let PlanOutcome::Built { binary, .. } = outcome else {
         panic!("{outcome:?}\n{events:#?}")
     };
     BuildInfo::from_binary(&std::fs::read(&binary).unwrap())
@@ -190,7 +190,7 @@ async fn builds_for_several_platforms_with_verified_build_info() {
     ] {
         let req = request(os, arch, arm, &[("github.com/Acme/Beta", "v0.2.0")]);
         let (outcome, events, _dir) = build(&exec, &req).await;
-        let PlanOutcome::Built(binary) = outcome else {
+        let PlanOutcome::Built { binary, .. } = outcome else {
             panic!("{os}/{arch}: {outcome:?}\n{events:#?}")
         };
         assert_eq!(binary.file_name().unwrap(), file);
@@ -463,7 +463,7 @@ async fn module_files_a_build_fetched_are_shared_and_reused() {
         let req = request("linux", arch, None, &[("github.com/acme/alpha", "v1.1.0")]);
         let (outcome, events, _dir) = build(&exec, &req).await;
         assert!(
-            matches!(outcome, PlanOutcome::Built(_)),
+            matches!(outcome, PlanOutcome::Built { .. }),
             "{arch}: {outcome:?}\n{events:#?}"
         );
         if arch == "amd64" {
@@ -635,7 +635,9 @@ async fn an_independent_build_reads_nothing_of_the_shared_build_cache() {
     // Caddy alone: its compiled packages go into the shared build cache.
     let req = request("linux", "amd64", None, &[]);
     let sha_of = |outcome: &PlanOutcome| match outcome {
-        PlanOutcome::Built(p) => Some(hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))),
+        PlanOutcome::Built { binary: p, .. } => {
+            Some(hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap())))
+        }
         _ => None,
     };
     let (outcome, events, _dir) = build(&exec, &req).await;

@@ -63,7 +63,7 @@ async fn builds_caddy_with_two_plugins_that_runs_and_lists_them() {
         ],
     );
     let (outcome, events, _dir) = build(&exec, &req).await;
-    let PlanOutcome::Built(binary) = outcome else {
+    let PlanOutcome::Built { binary, .. } = outcome else {
         panic!("{outcome:?}\n{events:#?}")
     };
     let steps: Vec<&str> = events
@@ -203,7 +203,7 @@ async fn forged_build_information_in_a_plugin_is_not_what_is_read() {
             ],
         );
         let (outcome, events, _dir) = build(&exec, &req).await;
-        let PlanOutcome::Built(binary) = outcome else {
+        let PlanOutcome::Built { binary, .. } = outcome else {
             panic!("{os}/{arch}: {outcome:?}\n{events:#?}")
         };
         let bytes = std::fs::read(&binary).unwrap();

@@ -35,6 +35,18 @@ pub struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// `build` (what the build itself put), `local`, `shared` or `none` (a miss).
+    pub tier: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `down` (from the shared tier) or `up` (published to it).
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
     /// A failure kind (`compile`, `resolve`, `infrastructure`, ...).
     pub kind: &'static str,
@@ -119,6 +131,10 @@ pub struct Metrics {
     pub builds_fenced: Counter,
     /// Reproducibility checks ended, by outcome.
     pub reproductions: Family<OutcomeLabel, Counter>,
+    // The build cache (GOCACHEPROG): lookups by the tier that answered, bytes moved.
+    pub build_cache_gets: Family<CacheLabels, Counter>,
+    pub build_cache_bytes: Family<DirectionLabel, Counter>,
+    pub build_cache_rejected: Counter,
     // The queue, read from the projection at scrape time (see [`Metrics::set_queue`]).
     pub queue_builds: Family<StatusLabel, Gauge>,
     pub queue_oldest_seconds: Gauge<f64, AtomicU64>,
@@ -168,6 +184,9 @@ impl Metrics {
             builds_released: Counter::default(),
             builds_fenced: Counter::default(),
             reproductions: Family::default(),
+            build_cache_gets: Family::default(),
+            build_cache_bytes: Family::default(),
+            build_cache_rejected: Counter::default(),
             queue_builds: Family::default(),
             queue_oldest_seconds: Gauge::default(),
             queue_read_errors: Counter::default(),
@@ -282,6 +301,22 @@ impl Metrics {
             "reproductions",
             "Reproducibility checks (a second worker built a succeeded build again) by outcome: matched, mismatched (other bytes: the builders differ) or failed",
             self.reproductions.clone(),
+        );
+        r.register(
+            "build_cache_gets",
+            "Build cache lookups of compile steps by the tier that answered: build (the build's own entry), local, shared, none (a miss)",
+            self.build_cache_gets.clone(),
+        );
+        r.register_with_unit(
+            "build_cache_transferred",
+            "Bytes of build cache objects moved between a worker and the shared tier (down: fetched, up: published)",
+            Unit::Bytes,
+            self.build_cache_bytes.clone(),
+        );
+        r.register(
+            "build_cache_rejected",
+            "Build cache entries refused: a put whose contents do not hash to its output ID, or a shared object that does not",
+            self.build_cache_rejected.clone(),
         );
         r.register(
             "queue_builds",

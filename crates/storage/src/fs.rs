@@ -94,6 +94,51 @@ impl FsStorage {
         .map(|_| ())
     }
 
+    /// Written beside the target, then hard-linked into place: a link never replaces.
+    pub async fn put_bytes_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        let target = self.path(key);
+        let fail = |e: std::io::Error| StorageError::Failed(format!("{key}: {e}"));
+        if tokio::fs::symlink_metadata(&target).await.is_ok() {
+            return Ok(false);
+        }
+        let dir = target.parent().expect("a key has a file name").to_owned();
+        tokio::fs::create_dir_all(&dir).await.map_err(fail)?;
+        let tmp = dir.join(format!(".new.{:016x}.tmp", rand::random::<u64>()));
+        let result = async {
+            let mut file = tokio::fs::File::create(&tmp).await?;
+            file.write_all(&data).await?;
+            file.sync_all().await?;
+            let linked = match tokio::fs::hard_link(&tmp, &target).await {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            if linked {
+                tokio::fs::File::open(&dir).await?.sync_all().await?;
+            }
+            Ok(linked)
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&tmp).await;
+        result.map_err(fail)
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<crate::Listed>, StorageError> {
+        let root = self.root.clone();
+        let dir = self.path(prefix);
+        let prefix = prefix.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            match list_files(&root, &dir, &mut out) {
+                Ok(()) => Ok(out),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+                Err(e) => Err(StorageError::Failed(format!("list {prefix}: {e}"))),
+            }
+        })
+        .await
+        .map_err(|e| StorageError::Failed(e.to_string()))?
+    }
+
     pub async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Object, StorageError> {
         let mut file = tokio::fs::File::open(self.path(key))
             .await
@@ -154,6 +199,33 @@ impl FsStorage {
         tokio::fs::remove_dir_all(&path).await.map_err(fail)?;
         Ok(count)
     }
+}
+
+/// Every file under `dir` (not the temporary ones, whose names start with '.'), as keys
+/// relative to `root`.
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<crate::Listed>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let t = entry.file_type()?;
+        if t.is_dir() {
+            list_files(root, &entry.path(), out)?;
+        } else if t.is_file() {
+            let meta = entry.metadata()?;
+            let path = entry.path();
+            let Ok(rel) = path.strip_prefix(root) else {
+                continue;
+            };
+            out.push(crate::Listed {
+                key: rel.to_string_lossy().into_owned(),
+                size: meta.len(),
+                modified: meta.modified()?,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn count_files(dir: &Path) -> std::io::Result<u64> {

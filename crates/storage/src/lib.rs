@@ -92,6 +92,14 @@ impl Object {
     }
 }
 
+/// One object of a [`Storage::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listed {
+    pub key: String,
+    pub size: u64,
+    pub modified: std::time::SystemTime,
+}
+
 /// The configured backend; cheap to clone.
 #[derive(Debug, Clone)]
 pub enum Storage {
@@ -189,6 +197,31 @@ impl Storage {
             match self {
                 Storage::Fs(s) => s.put_bytes(key, data).await,
                 Storage::S3(s) => s.put_bytes(key, data).await,
+            }
+        })
+        .await
+    }
+
+    /// Stores a small object unless one is already there (whatever its contents): `true`
+    /// if this call stored it. Never replaces an object, also when two writers race.
+    pub async fn put_bytes_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        check_key(key)?;
+        timed(self.backend(), "put", async {
+            match self {
+                Storage::Fs(s) => s.put_bytes_if_absent(key, data).await,
+                Storage::S3(s) => s.put_bytes_if_absent(key, data).await,
+            }
+        })
+        .await
+    }
+
+    /// Every object under `prefix/`, with its size and when it was last written.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<Listed>, StorageError> {
+        check_key(prefix)?;
+        timed(self.backend(), "list", async {
+            match self {
+                Storage::Fs(s) => s.list(prefix).await,
+                Storage::S3(s) => s.list(prefix).await,
             }
         })
         .await

@@ -266,6 +266,58 @@ impl S3Storage {
         Ok(())
     }
 
+    /// A conditional write (`If-None-Match: *`): S3 answers 412 when the key exists (409
+    /// while another conditional write of it is in flight).
+    pub async fn put_bytes_if_absent(&self, key: &str, data: Bytes) -> Result<bool, StorageError> {
+        let len = data.len() as i64;
+        let sent = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(self.full(key))
+            .content_length(len)
+            .if_none_match("*")
+            .body(ByteStream::from(data))
+            .send()
+            .await;
+        match sent {
+            Ok(_) => Ok(true),
+            Err(SdkError::ServiceError(se)) if matches!(se.raw().status().as_u16(), 409 | 412) => {
+                Ok(false)
+            }
+            Err(e) => Err(classify("put", key, e)),
+        }
+    }
+
+    pub async fn list(&self, prefix: &str) -> Result<Vec<crate::Listed>, StorageError> {
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(format!("{}/", self.full(prefix)))
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify("list", prefix, e))?;
+            for o in page.contents() {
+                let Some(key) = o.key().and_then(|k| k.strip_prefix(&self.prefix)) else {
+                    continue;
+                };
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                out.push(crate::Listed {
+                    key: key.to_owned(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified,
+                });
+            }
+        }
+        Ok(out)
+    }
+
     pub async fn get(&self, key: &str, range: Option<(u64, u64)>) -> Result<Object, StorageError> {
         if let Some((start, 0)) = range {
             // HTTP ranges cannot say "nothing"; answer from the size alone.

@@ -31,6 +31,9 @@ import (
 const exitTimedOut = -2
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == "cacheprog" {
+		os.Exit(cacheprog(os.Args[2]))
+	}
 	if len(os.Args) != 4 && len(os.Args) != 6 {
 		fmt.Println("usage: runner NONCE TIMEOUT_MS JSON [LISTEN SOCKET]")
 		os.Exit(2)
@@ -146,4 +149,23 @@ func gate(listen, socket string) error {
 		}
 	}()
 	return nil
+}
+
+// cacheprog copies stdin to the Unix socket socket and what comes back to stdout, until
+// the worker closes its end (after the go command's "close").
+func cacheprog(socket string) int {
+	u, err := net.Dial("unix", socket)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "runner: cannot reach the build cache:", err)
+		return 1
+	}
+	go func() {
+		io.Copy(u, os.Stdin)
+		u.(*net.UnixConn).CloseWrite()
+	}()
+	if _, err := io.Copy(os.Stdout, u); err != nil {
+		fmt.Fprintln(os.Stderr, "runner: build cache:", err)
+		return 1
+	}
+	return 0
 }

@@ -242,7 +242,7 @@ async fn attempt_build(
                 message,
             })
         }
-        Ok(PlanOutcome::Built(binary)) => {
+        Ok(PlanOutcome::Built { binary, cache }) => {
             let bytes = tokio::fs::read(&binary).await.map_err(|e| {
                 Failure::ours(Some("verify"), format!("cannot read the built binary: {e}"))
             })?;
@@ -285,9 +285,38 @@ async fn attempt_build(
             .map_err(|e| {
                 Failure::ours(Some("publish"), format!("cannot store the artifact: {e:#}"))
             })?;
+            if let Some(cache) = cache {
+                publish_cache(app, &plan, cache).await;
+            }
             Ok(Some(artifact))
         }
     }
+}
+
+/// Publishes what a verified, published build put into the build cache, if its code is
+/// trusted (Caddy alone) or the operator shares plugin builds too; logs the figures.
+async fn publish_cache(
+    app: &App,
+    plan: &cbs_domain::plan::BuildPlan,
+    cache: cbs_executor::CacheWrites,
+) {
+    let trusted = plan.shares_build_cache || app.config.worker.build_cache.share_plugin_builds;
+    let report = if trusted {
+        cache.publish().await
+    } else {
+        cache.report()
+    };
+    info!(
+        hits.local = report.local_hits,
+        hits.shared = report.shared_hits,
+        hits.own = report.build_hits,
+        misses = report.misses,
+        puts = report.puts,
+        published = report.published,
+        uploaded_bytes = report.uploaded_bytes,
+        shared_entries = trusted,
+        "build cache"
+    );
 }
 
 /// A new directory for one build under this worker's own directory (`kind`: `build` or

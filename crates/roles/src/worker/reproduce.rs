@@ -178,7 +178,8 @@ async fn reproduce(
                 step_failure(app, step, &command, &exit, &tail)
             ))
         }
-        Ok(Ok(PlanOutcome::Built(binary))) => binary,
+        // An independent rebuild publishes nothing into the build cache.
+        Ok(Ok(PlanOutcome::Built { binary, .. })) => binary,
     };
     let bytes = match tokio::fs::read(&binary).await {
         Ok(b) => b,

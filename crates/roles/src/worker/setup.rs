@@ -68,6 +68,29 @@ pub async fn executor(app: &App, worker: &str) -> anyhow::Result<Executor> {
             )
             .await
             .context("docker executor")?;
+            let docker = if w.build_cache.enabled {
+                let shared = if w.build_cache.shared {
+                    Some(
+                        cbs_storage::Storage::connect(&app.config.storage)
+                            .await
+                            .context("artifact storage (the shared build cache)")?,
+                    )
+                } else {
+                    None
+                };
+                let cache = cbs_executor::BuildCache::open(cbs_executor::BuildCacheSettings {
+                    dir: w.cache_dir.join("prog"),
+                    local_max_bytes: w.build_cache.local_max_bytes,
+                    shared,
+                })
+                .await
+                .with_context(|| {
+                    format!("build cache in {}", w.cache_dir.join("prog").display())
+                })?;
+                docker.with_build_cache(cache)
+            } else {
+                docker
+            };
             docker
                 .remove_orphans()
                 .await
