@@ -635,6 +635,42 @@ async fn upload(
     Ok(sent)
 }
 
+/// Keeps the shared tier under `max_bytes`: removes the oldest objects (by when they were
+/// written: storage keeps no read times) until it is below 90% of it, then the entries
+/// written before the newest removed object (most point at removed objects; one that does
+/// not is written again by the next build that compiles it). Returns the objects removed
+/// and their bytes. For the janitor; any entry may go at any time (a miss costs a compile).
+pub async fn trim_shared(
+    storage: &cbs_storage::Storage,
+    max_bytes: u64,
+) -> Result<(u64, u64), cbs_storage::StorageError> {
+    let mut objects = storage.list(&format!("{SHARED_PREFIX}/o")).await?;
+    let mut total: u64 = objects.iter().map(|o| o.size).sum();
+    if total <= max_bytes {
+        return Ok((0, 0));
+    }
+    let target = max_bytes / 10 * 9;
+    objects.sort_by_key(|o| o.modified);
+    let (mut n, mut freed) = (0, 0);
+    let mut cutoff = SystemTime::UNIX_EPOCH;
+    for o in objects {
+        if total <= target {
+            break;
+        }
+        storage.delete_prefix(&o.key).await?;
+        total -= o.size;
+        freed += o.size;
+        n += 1;
+        cutoff = cutoff.max(o.modified);
+    }
+    for a in storage.list(&format!("{SHARED_PREFIX}/a")).await? {
+        if a.modified <= cutoff {
+            storage.delete_prefix(&a.key).await?;
+        }
+    }
+    Ok((n, freed))
+}
+
 /// A request of the go command (cmd/go/internal/cacheprog.Request). IDs are base64.
 #[derive(Debug, Deserialize)]
 struct Request {
@@ -1049,6 +1085,50 @@ mod tests {
         assert_eq!(c6.get(action).await["Miss"], true);
         c6.put([2; 32], id(&other), &other).await;
         assert_eq!(s6.finish().publish().await.published, 0);
+    }
+
+    #[tokio::test]
+    async fn the_janitor_keeps_the_shared_tier_below_its_bound_oldest_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        let c = cache(&tmp.path().join("a"), &shared).await;
+        let old = SystemTime::now() - Duration::from_secs(3600);
+        for i in 0..4u8 {
+            let body = vec![i; 1000];
+            let s = Session::start(c.clone(), &tmp.path().join(format!("s{i}")), true)
+                .await
+                .unwrap();
+            Client::connect(&s)
+                .await
+                .put([i; 32], id(&body), &body)
+                .await;
+            s.finish().publish().await;
+            for kind in [("o", rel(&id(&body))), ("a", rel(&[i; 32]))] {
+                let f = std::fs::File::options()
+                    .append(true)
+                    .open(shared.join(format!("{SHARED_PREFIX}/{}/{}", kind.0, kind.1)))
+                    .unwrap();
+                f.set_modified(old + Duration::from_secs(u64::from(i)))
+                    .unwrap();
+            }
+        }
+        let storage = c.shared.clone().unwrap();
+        assert_eq!(trim_shared(&storage, 4000).await.unwrap(), (0, 0));
+        assert_eq!(trim_shared(&storage, 2500).await.unwrap(), (2, 2000));
+        let left: Vec<String> = storage
+            .list(&format!("{SHARED_PREFIX}/a"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|l| l.key)
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+        assert!(
+            left.iter()
+                .all(|k| k.ends_with(&hex::encode([2u8; 32]))
+                    || k.ends_with(&hex::encode([3u8; 32]))),
+            "{left:?}"
+        );
     }
 
     #[tokio::test]

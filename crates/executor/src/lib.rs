@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use cbs_domain::plan::{BuildPlan, GoCommand, Phase};
 use tokio::sync::mpsc;
 
-pub use cacheprog::{BuildCache, BuildCacheSettings, CacheReport, CacheWrites, SHARED_PREFIX};
+pub use cacheprog::{
+    trim_shared, BuildCache, BuildCacheSettings, CacheReport, CacheWrites, SHARED_PREFIX,
+};
 pub use docker::{
     DockerExecutor, DockerSettings, ManagedContainer, LABEL_BUILD, LABEL_DEPLOYMENT, LABEL_MANAGED,
     LABEL_WORKER,

@@ -16,19 +16,33 @@ use std::io::Write;
 use std::path::Path;
 
 /// One module version: path, version and files (name, contents).
-struct Fixture {
-    path: &'static str,
-    version: &'static str,
-    files: Vec<(&'static str, String)>,
+pub(crate) struct Fixture {
+    pub(crate) path: std::borrow::Cow<'static, str>,
+    pub(crate) version: &'static str,
+    pub(crate) files: Vec<(std::borrow::Cow<'static, str>, String)>,
 }
 
-const CADDY: &str = "github.com/caddyserver/caddy/v2";
+impl Fixture {
+    pub(crate) fn owned(
+        path: String,
+        version: &'static str,
+        files: Vec<(String, String)>,
+    ) -> Fixture {
+        Fixture {
+            path: path.into(),
+            version,
+            files: files.into_iter().map(|(n, c)| (n.into(), c)).collect(),
+        }
+    }
+}
 
-fn caddy(version: &'static str) -> Fixture {
+pub(crate) const CADDY: &str = "github.com/caddyserver/caddy/v2";
+
+pub(crate) fn caddy(version: &'static str) -> Fixture {
     Fixture {
-        path: CADDY,
+        path: CADDY.into(),
         version,
-        files: vec![
+        files: static_files(vec![
             ("go.mod", format!("module {CADDY}\n\ngo 1.21\n")),
             (
                 "caddy.go",
@@ -102,15 +116,21 @@ func Main() {
                     "// Package standard registers the fixture's standard modules.\npackage standard\n\nimport caddy \"{CADDY}\"\n\nfunc init() {{ caddy.RegisterModule(\"http.handlers.file_server\", \"{CADDY}\") }}\n"
                 ),
             ),
-        ],
+        ]),
     }
+}
+
+fn static_files(
+    files: Vec<(&'static str, String)>,
+) -> Vec<(std::borrow::Cow<'static, str>, String)> {
+    files.into_iter().map(|(n, c)| (n.into(), c)).collect()
 }
 
 fn plugin(path: &'static str, version: &'static str, id: &str, package: &str) -> Fixture {
     Fixture {
-        path,
+        path: path.into(),
         version,
-        files: vec![
+        files: static_files(vec![
             (
                 "go.mod",
                 format!("module {path}\n\ngo 1.21\n\nrequire {CADDY} v2.7.6\n"),
@@ -121,7 +141,7 @@ fn plugin(path: &'static str, version: &'static str, id: &str, package: &str) ->
                     "// Package {package} is a fixture plugin.\npackage {package}\n\nimport caddy \"{CADDY}\"\n\nfunc init() {{ caddy.RegisterModule(\"{id}\", \"{path}\") }}\n"
                 ),
             ),
-        ],
+        ]),
     }
 }
 
@@ -229,11 +249,23 @@ use cbs_domain::module::escape;
 /// Writes every fixture into `root` in the GOPROXY layout (`<escaped path>/@v/list`,
 /// `<v>.info`, `<v>.mod`, `<v>.zip` with entries prefixed `<path>@<v>/`).
 pub fn write_proxy(root: &Path) -> std::io::Result<()> {
+    write_modules(root, &all())
+}
+
+/// Adds the large generated fixture ([`crate::large`]) at `scale` to a proxy directory
+/// [`write_proxy`] wrote.
+pub fn write_large(root: &Path, scale: crate::large::Scale) -> std::io::Result<()> {
+    write_modules(root, &crate::large::fixtures(scale))
+}
+
+/// Writes `fixtures`, adding their versions to the version lists already there.
+fn write_modules(root: &Path, fixtures: &[Fixture]) -> std::io::Result<()> {
     let mut lists: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
-    for f in all() {
-        let dir = root.join(escape(f.path)).join("@v");
+    for f in fixtures {
+        let f_path: &str = &f.path;
+        let dir = root.join(escape(f_path)).join("@v");
         std::fs::create_dir_all(&dir)?;
-        lists.entry(f.path).or_default().push(f.version);
+        lists.entry(f_path).or_default().push(f.version);
         std::fs::write(
             dir.join(format!("{}.info", f.version)),
             format!(
@@ -244,7 +276,7 @@ pub fn write_proxy(root: &Path) -> std::io::Result<()> {
         let go_mod = &f
             .files
             .iter()
-            .find(|(n, _)| *n == "go.mod")
+            .find(|(n, _)| n == "go.mod")
             .expect("go.mod")
             .1;
         std::fs::write(dir.join(format!("{}.mod", f.version)), go_mod)?;
@@ -260,8 +292,12 @@ pub fn write_proxy(root: &Path) -> std::io::Result<()> {
         zip.finish().map_err(std::io::Error::other)?;
     }
     for (path, versions) in lists {
-        let list: String = versions.iter().map(|v| format!("{v}\n")).collect();
-        std::fs::write(root.join(escape(path)).join("@v").join("list"), list)?;
+        let file = root.join(escape(path)).join("@v").join("list");
+        let mut list = std::fs::read_to_string(&file).unwrap_or_default();
+        for v in versions {
+            list.push_str(&format!("{v}\n"));
+        }
+        std::fs::write(file, list)?;
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod browser;
 mod cluster;
 pub mod fixtures;
 mod image;
+pub mod large;
 mod proxy;
 pub mod s3;
 

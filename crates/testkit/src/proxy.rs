@@ -145,6 +145,12 @@ impl FixtureProxy {
         proxy
     }
 
+    /// Adds the large generated fixture ([`crate::large`]) at `scale`: Caddy
+    /// [`crate::large::LARGE_CADDY_VERSION`], its dependency modules and the large plugins.
+    pub fn add_large(&self, scale: crate::large::Scale) {
+        crate::fixtures::write_large(self._dir.path(), scale).expect("write the large fixture");
+    }
+
     /// The CA certificate of an HTTPS proxy.
     pub fn ca_cert(&self) -> Option<&Path> {
         self.ca.as_deref()

