@@ -19,6 +19,9 @@ use cbs_executor::{
 use cbs_testkit::FixtureProxy;
 use tokio::sync::mpsc;
 
+#[path = "common/by_hand.rs"]
+mod by_hand;
+
 fn request(plugins: &[(&str, &str)]) -> BuildRequest {
     cbs_testkit::request_with("linux", "amd64", None, plugins)
 }
@@ -114,93 +117,6 @@ fn show(name: &str, (took, steps): &(Duration, Vec<(&'static str, Duration)>)) {
     );
 }
 
-/// The plan's commands by hand: one `docker run` of the runner with all of them, network
-/// and caches as for resolve steps.
-fn by_hand_in_one_container(proxy: &FixtureProxy, cache: &Path, req: &BuildRequest) -> Duration {
-    use std::process::Command;
-    let plan = plan(req);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("main.go"), &plan.main_go).unwrap();
-    Command::new("chown")
-        .arg("65532:65532")
-        .arg(dir.path())
-        .status()
-        .unwrap();
-    let runner = std::fs::read_dir(cache)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("runner-"))
-        .expect("runner compiled by the executor")
-        .path()
-        .join("runner");
-    let cmds: Vec<String> = plan
-        .steps
-        .iter()
-        .flat_map(|s| s.commands.iter())
-        .map(|c| {
-            format!(
-                "[{}]",
-                c.args
-                    .iter()
-                    .map(|a| format!("{a:?}"))
-                    .collect::<Vec<_>>()
-                    .join(",")
-            )
-        })
-        .collect();
-    let env = cbs_executor::command_env(
-        &go(proxy),
-        cbs_domain::plan::Phase::Resolve,
-        &CachePaths {
-            gomodcache: "/cache/mod".into(),
-            gocache: "/cache/build".into(),
-            home: "/tmp/home".into(),
-        },
-        &plan.target_env,
-        "/usr/local/go/bin",
-        Default::default(),
-    );
-    let mut cmd = Command::new("docker");
-    cmd.args([
-        "run",
-        "--rm",
-        "--network",
-        "host",
-        "--read-only",
-        "--user",
-        "65532:65532",
-    ])
-    .args(["--tmpfs", "/tmp:rw,exec,mode=1777"])
-    .arg("-v")
-    .arg(format!("{}:/build", dir.path().display()))
-    .arg("-v")
-    .arg(format!("{}:/cache/mod", cache.join("mod").display()))
-    .arg("-v")
-    .arg(format!("{}:/cache/build", cache.join("build").display()))
-    .arg("-v")
-    .arg(format!("{}:/cbs/runner:ro", runner.display()))
-    .args(["-w", "/build"]);
-    for (k, v) in env {
-        cmd.arg("-e").arg(format!("{k}={v}"));
-    }
-    cmd.arg(cbs_testkit::builder_image())
-        .arg("/cbs/runner")
-        .arg("bench")
-        // Each command's time limit, in milliseconds.
-        .arg("600000")
-        .arg(format!("[{}]", cmds.join(",")));
-    let start = Instant::now();
-    let out = cmd.output().unwrap();
-    let took = start.elapsed();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success() && text.contains(&format!("@@cbs bench exit {} 0", cmds.len() - 1)),
-        "{text}"
-    );
-    assert!(dir.path().join("caddy").exists());
-    took
-}
-
 #[tokio::main]
 async fn main() {
     let proxy = FixtureProxy::start().await;
@@ -224,7 +140,12 @@ async fn main() {
         ("example.com/gamma/v2", "v2.0.0"),
         ("github.com/Acme/Beta", "v0.2.0"),
     ]);
-    let hand = by_hand_in_one_container(&proxy, dcache.path(), &third);
+    let hand = by_hand::in_one_container(
+        &go(&proxy),
+        dcache.path(),
+        &by_hand::runner_in(dcache.path()),
+        &third,
+    );
     let warm_again = timed(
         &d,
         &request(&[

@@ -22,6 +22,9 @@ use cbs_testkit::large::{large_plugin, Scale, LARGE_CADDY_VERSION};
 use cbs_testkit::FixtureProxy;
 use tokio::sync::mpsc;
 
+#[path = "common/by_hand.rs"]
+mod by_hand;
+
 fn request(plugins: &[usize]) -> BuildRequest {
     BuildRequest::new(
         Platform::new("linux", "amd64", None).unwrap(),
@@ -36,6 +39,17 @@ fn request(plugins: &[usize]) -> BuildRequest {
         vec![],
     )
     .unwrap()
+}
+
+fn go(proxy: &FixtureProxy) -> GoSettings {
+    GoSettings {
+        goproxy: proxy.url(),
+        gosumdb: "off".into(),
+        command_timeout: Duration::from_secs(1800),
+        gonosumdb: String::new(),
+        netrc: None,
+        proxy_ca: None,
+    }
 }
 
 async fn worker(proxy: &FixtureProxy, dir: &Path, shared: Option<&Path>, id: &str) -> Executor {
@@ -81,14 +95,7 @@ async fn worker(proxy: &FixtureProxy, dir: &Path, shared: Option<&Path>, id: &st
             ),
             deployment: "bench-cache".into(),
         },
-        GoSettings {
-            goproxy: proxy.url(),
-            gosumdb: "off".into(),
-            command_timeout: Duration::from_secs(1800),
-            gonosumdb: String::new(),
-            netrc: None,
-            proxy_ca: None,
-        },
+        go(proxy),
         dir.join("mod"),
         dir.join("build"),
         id.into(),
@@ -147,6 +154,26 @@ async fn main() {
     let c = worker(&proxy, &tmp.path().join("c"), None, "c").await;
     println!("| build | time | hit rate | hits | misses | puts | uploaded |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    // (a) the anchor: xcaddy's steps by hand in one container, empty caches.
+    let anchor = tmp.path().join("anchor");
+    for d in ["mod", "build"] {
+        std::fs::create_dir_all(anchor.join(d)).unwrap();
+        std::process::Command::new("chown")
+            .arg("65532:65532")
+            .arg(anchor.join(d))
+            .status()
+            .unwrap();
+    }
+    let took = by_hand::in_one_container(
+        &go(&proxy),
+        &anchor,
+        &by_hand::runner_in(&tmp.path().join("a")),
+        &request(&[]),
+    );
+    println!(
+        "| (a) by hand in one container, cold, Caddy alone | {:.1} s | | | | | |",
+        took.as_secs_f64()
+    );
     // (b) cold: Caddy alone (trusted: it publishes into both tiers).
     line(
         "(b) cold, Caddy alone, worker A",

@@ -163,6 +163,28 @@ async fn builds_verifies_and_publishes_and_fails_a_broken_plugin_permanently() {
         .check_matches(&b.request)
         .unwrap();
 
+    // The build cache: what a plugin build compiled serves nobody else (not published);
+    // a build of Caddy alone publishes its entries into the shared tier.
+    let shared = s.app.config.storage.dir.join(cbs_executor::SHARED_PREFIX);
+    let entries = || {
+        std::fs::read_dir(shared.join("a"))
+            .map(|shards| {
+                shards
+                    .flatten()
+                    .flat_map(|d| std::fs::read_dir(d.path()).unwrap())
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(entries(), 0, "a plugin build published build cache entries");
+    let caddy = request(&s.app, &proxy, &[]).await;
+    assert_eq!(finished(&s.app, &caddy).await.status, Status::Succeeded);
+    assert!(
+        entries() > 10,
+        "Caddy alone published {} entries",
+        entries()
+    );
+
     // A plugin that does not compile: permanent, with the compiler's words in the failure
     // message and in the build's output.
     let key = request(&s.app, &proxy, &[("example.com/broken", None)]).await;

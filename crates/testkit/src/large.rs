@@ -40,10 +40,10 @@ pub struct Scale {
 impl Scale {
     /// The calibrated size (see docs/benchmarks.md).
     pub const CALIBRATED: Scale = Scale {
-        caddy_packages: 120,
+        caddy_packages: 600,
         deps: 6,
-        dep_packages: 20,
-        plugin_packages: 4,
+        dep_packages: 50,
+        plugin_packages: 40,
         types_per_package: 12,
     };
 
