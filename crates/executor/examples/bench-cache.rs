@@ -132,12 +132,13 @@ async fn build(exec: &Executor, req: &BuildRequest, publish: bool) -> (Duration,
 
 fn line(what: &str, (t, r): (Duration, CacheReport)) {
     println!(
-        "| {what} | {:.1} s | {:.0}% | {} | {} | {} | {:.1} MB |",
+        "| {what} | {:.1} s | {:.0}% | {} | {} | {} | {:.1} MB | {:.1} MB |",
         t.as_secs_f64(),
         r.hit_rate() * 100.0,
         r.local_hits + r.shared_hits,
         r.misses,
         r.puts,
+        r.fetched_bytes as f64 / 1e6,
         r.uploaded_bytes as f64 / 1e6,
     );
 }
@@ -152,8 +153,8 @@ async fn main() {
     let a = worker(&proxy, &tmp.path().join("a"), Some(&shared), "a").await;
     let b = worker(&proxy, &tmp.path().join("b"), Some(&shared), "b").await;
     let c = worker(&proxy, &tmp.path().join("c"), None, "c").await;
-    println!("| build | time | hit rate | hits | misses | puts | uploaded |");
-    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    println!("| build | time | hit rate | hits | misses | puts | fetched | uploaded |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     // (a) the anchor: xcaddy's steps by hand in one container, empty caches.
     let anchor = tmp.path().join("anchor");
     for d in ["mod", "build"] {
@@ -171,7 +172,7 @@ async fn main() {
         &request(&[]),
     );
     println!(
-        "| (a) by hand in one container, cold, Caddy alone | {:.1} s | | | | | |",
+        "| (a) by hand in one container, cold, Caddy alone | {:.1} s | | | | | | |",
         took.as_secs_f64()
     );
     // (b) cold: Caddy alone (trusted: it publishes into both tiers).

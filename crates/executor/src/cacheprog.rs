@@ -246,7 +246,8 @@ impl BuildCache {
     }
 
     /// The shared tier's entry for `action`, copied into the local tier (object checked).
-    async fn shared_get(self: &Arc<Self>, action: &Id) -> Option<Entry> {
+    /// Returns the entry and the bytes fetched (0 when the object was here already).
+    async fn shared_get(self: &Arc<Self>, action: &Id) -> Option<(Entry, u64)> {
         let shared = self.shared.as_ref()?;
         let key = format!("{SHARED_PREFIX}/a/{}", rel(action));
         let text = match shared.get(&key, None).await {
@@ -262,6 +263,7 @@ impl BuildCache {
         let have = tokio::task::spawn_blocking(move || this.local_object_ok(&e))
             .await
             .unwrap_or(false);
+        let mut fetched = 0;
         if !have {
             let okey = format!("{SHARED_PREFIX}/o/{}", rel(&e.output));
             let data = match shared.get(&okey, None).await {
@@ -277,6 +279,7 @@ impl BuildCache {
                 cbs_metrics::metrics().build_cache_rejected.inc();
                 return None;
             }
+            fetched = data.len() as u64;
             let this = self.clone();
             let id = e.output;
             tokio::task::spawn_blocking(move || this.local_put_object(&id, &data))
@@ -287,7 +290,7 @@ impl BuildCache {
         let this = self.clone();
         let a = *action;
         let _ = tokio::task::spawn_blocking(move || this.local_put_action(&a, &e)).await;
-        Some(e)
+        Some((e, fetched))
     }
 
     /// Removes the least recently used objects (and entries pointing at them) until the
@@ -414,6 +417,8 @@ pub struct CacheStats {
     pub puts: AtomicU64,
     /// Bytes the build put.
     pub put_bytes: AtomicU64,
+    /// Bytes fetched from the shared tier.
+    pub fetched_bytes: AtomicU64,
 }
 
 /// A build's conversation with the cache: the socket and what the build put.
@@ -508,6 +513,7 @@ impl SessionState {
             misses: s.misses.load(Ordering::Relaxed),
             puts: s.puts.load(Ordering::Relaxed),
             put_bytes: s.put_bytes.load(Ordering::Relaxed),
+            fetched_bytes: s.fetched_bytes.load(Ordering::Relaxed),
             published: 0,
             uploaded_bytes: 0,
         }
@@ -523,6 +529,8 @@ pub struct CacheReport {
     pub misses: u64,
     pub puts: u64,
     pub put_bytes: u64,
+    /// Bytes fetched from the shared tier.
+    pub fetched_bytes: u64,
     /// Entries published (new in the local tier or the shared one) and bytes uploaded.
     pub published: u64,
     pub uploaded_bytes: u64,
@@ -876,8 +884,12 @@ async fn get(
             count("local");
             return hit(id, &e);
         }
-        if let Some(e) = cache.shared_get(action).await {
+        if let Some((e, fetched)) = cache.shared_get(action).await {
             state.stats.shared_hits.fetch_add(1, Ordering::Relaxed);
+            state
+                .stats
+                .fetched_bytes
+                .fetch_add(fetched, Ordering::Relaxed);
             count("shared");
             return hit(id, &e);
         }

@@ -136,6 +136,7 @@ async fn a_worker_that_never_built_a_version_gets_what_its_peer_compiled() {
     );
     assert!(first.misses > 0, "the plugin is compiled: {first:?}");
     assert!(first.hit_rate() > 0.5, "{first:?}");
+    assert!(first.fetched_bytes > 0, "{first:?}");
     // Not trusted code: the caller does not publish it; nothing of it reaches the tiers.
     drop(writes);
 
