@@ -110,6 +110,40 @@ async fn suite(s: Storage) {
     assert_eq!(s.head("builds/ab/k/1/caddy").await.unwrap(), None);
     assert_eq!(s.head("builds/cd/j/2/x").await.unwrap(), Some(1));
     assert_eq!(s.delete_prefix("builds/ab/k").await.unwrap(), 0);
+
+    // put-if-absent never replaces, also when writers race; list sees sizes and times
+    assert!(s
+        .put_bytes_if_absent("cache/a/1", Bytes::from_static(b"first"))
+        .await
+        .unwrap());
+    assert!(!s
+        .put_bytes_if_absent("cache/a/1", Bytes::from_static(b"second"))
+        .await
+        .unwrap());
+    assert_eq!(read_all(&s, "cache/a/1", None).await, b"first");
+    let racers = (0..8).map(|i| {
+        let s = s.clone();
+        async move {
+            s.put_bytes_if_absent("cache/a/2", Bytes::from(format!("writer {i}")))
+                .await
+                .unwrap()
+        }
+    });
+    let won = futures::future::join_all(racers).await;
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{won:?}");
+    s.put_bytes("cache/b/3", Bytes::from_static(b"xyz"))
+        .await
+        .unwrap();
+    let mut listed = s.list("cache").await.unwrap();
+    listed.sort_by(|a, b| a.key.cmp(&b.key));
+    let keys: Vec<(&str, u64)> = listed.iter().map(|l| (l.key.as_str(), l.size)).collect();
+    assert_eq!(keys[0], ("cache/a/1", 5));
+    assert_eq!(keys[1].0, "cache/a/2");
+    assert_eq!(keys[2], ("cache/b/3", 3));
+    assert_eq!(keys.len(), 3);
+    let age = listed[0].modified.elapsed().unwrap_or_default();
+    assert!(age < std::time::Duration::from_secs(600), "{age:?}");
+    assert!(s.list("nothing-here").await.unwrap().is_empty());
 }
 
 #[tokio::test]
