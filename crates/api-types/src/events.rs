@@ -37,10 +37,11 @@ pub enum EventType {
     ReproductionRequested,
     ReproductionClaimed,
     Reproduced,
+    OutputPruned,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 15] = [
+    pub const ALL: [EventType; 16] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::LeaseRenewed,
@@ -56,6 +57,7 @@ impl EventType {
         EventType::ReproductionRequested,
         EventType::ReproductionClaimed,
         EventType::Reproduced,
+        EventType::OutputPruned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -75,6 +77,7 @@ impl EventType {
             EventType::ReproductionRequested => "reproduction_requested",
             EventType::ReproductionClaimed => "reproduction_claimed",
             EventType::Reproduced => "reproduced",
+            EventType::OutputPruned => "output_pruned",
         }
     }
 }
@@ -127,6 +130,7 @@ pub enum EventData {
     ReproductionRequested(ReproductionRequested),
     ReproductionClaimed(ReproductionClaimed),
     Reproduced(Reproduced),
+    OutputPruned(OutputPruned),
 }
 
 impl EventData {
@@ -147,6 +151,7 @@ impl EventData {
             EventData::ReproductionRequested(_) => EventType::ReproductionRequested,
             EventData::ReproductionClaimed(_) => EventType::ReproductionClaimed,
             EventData::Reproduced(_) => EventType::Reproduced,
+            EventData::OutputPruned(_) => EventType::OutputPruned,
         }
     }
 
@@ -172,6 +177,7 @@ impl EventData {
             EventType::ReproductionRequested => EventData::ReproductionRequested(v(data)?),
             EventType::ReproductionClaimed => EventData::ReproductionClaimed(v(data)?),
             EventType::Reproduced => EventData::Reproduced(v(data)?),
+            EventType::OutputPruned => EventData::OutputPruned(v(data)?),
         })
     }
 }
@@ -194,6 +200,7 @@ impl Serialize for EventData {
             EventData::ReproductionRequested(e) => e.serialize(s),
             EventData::ReproductionClaimed(e) => e.serialize(s),
             EventData::Reproduced(e) => e.serialize(s),
+            EventData::OutputPruned(e) => e.serialize(s),
         }
     }
 }
@@ -253,7 +260,21 @@ pub struct StepFinished {
     pub step: String,
 }
 
-/// `output`: lines a step printed.
+/// `output_pruned`: retention removed the output of attempts up to `attempts` (output now
+/// lives outside the log: `GET /api/build/{key}/output`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OutputPruned {
+    pub attempts: u32,
+    /// Bytes of output removed.
+    pub bytes: u64,
+    /// Chunks of output removed.
+    pub chunks: u64,
+    pub reason: String,
+}
+
+/// `output`: lines a step printed, as builds before the output table recorded them (no
+/// longer written; see `GET /api/build/{key}/output`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Output {

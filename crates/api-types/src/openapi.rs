@@ -16,8 +16,8 @@ use crate::build::BuildStatus;
 use crate::events::RequeueReason;
 use crate::events::{
     ArtifactDeleted, Cancelled, Claimed, EventType, Failed, FeedEvent, GaveUp, HistoryEvent,
-    LeaseRenewed, Output, Reproduced, ReproductionClaimed, ReproductionRequested, Requested,
-    Requeued, StepFinished, StepStarted, Succeeded,
+    LeaseRenewed, Output, OutputPruned, Reproduced, ReproductionClaimed, ReproductionRequested,
+    Requested, Requeued, StepFinished, StepStarted, Succeeded,
 };
 use crate::stream::StateData;
 
@@ -68,6 +68,7 @@ fn payload(t: EventType) -> RefOr<Schema> {
         EventType::ReproductionRequested => reference::<ReproductionRequested>(),
         EventType::ReproductionClaimed => reference::<ReproductionClaimed>(),
         EventType::Reproduced => reference::<Reproduced>(),
+        EventType::OutputPruned => reference::<OutputPruned>(),
     }
 }
 
@@ -87,6 +88,7 @@ fn payloads(schemas: &mut Schemas) {
     collect::<ReproductionRequested>(schemas);
     collect::<ReproductionClaimed>(schemas);
     collect::<Reproduced>(schemas);
+    collect::<OutputPruned>(schemas);
     collect::<EventType>(schemas);
 }
 

@@ -7,9 +7,9 @@ use std::fmt::Debug;
 use std::path::PathBuf;
 
 use cbs_api_types::events::{
-    ArtifactDeleted, Cancelled, Claimed, Failed, GaveUp, LeaseRenewed, Output, Reproduced,
-    ReproductionClaimed, ReproductionRequested, Requested, RequeueReason, Requeued, StepFinished,
-    StepStarted, StoredArtifact, Succeeded,
+    ArtifactDeleted, Cancelled, Claimed, Failed, GaveUp, LeaseRenewed, Output, OutputPruned,
+    Reproduced, ReproductionClaimed, ReproductionRequested, Requested, RequeueReason, Requeued,
+    StepFinished, StepStarted, StoredArtifact, Succeeded,
 };
 use cbs_api_types::*;
 use chrono::{DateTime, Utc};
@@ -278,6 +278,12 @@ fn all_events() -> Vec<EventData> {
             reproduction: 1,
             sha256: Some("0".repeat(64)),
             worker: "worker-b".into(),
+        }),
+        EventData::OutputPruned(OutputPruned {
+            attempts: 1,
+            bytes: 48_213,
+            chunks: 12,
+            reason: "output of succeeded builds is kept for 30days".into(),
         }),
     ]
 }

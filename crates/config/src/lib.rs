@@ -304,6 +304,9 @@ pub struct WorkerConfig {
     #[serde(with = "humantime_serde")]
     pub cleanup_interval: Duration,
     pub build_cache: BuildCacheConfig,
+    /// Most output one build attempt keeps, in bytes; what it prints beyond is counted, not
+    /// kept, and a marker says how much was left out.
+    pub output_cap_bytes: u64,
 }
 
 /// The Go build cache builds get through GOCACHEPROG (docker executor): a local tier on the
@@ -404,6 +407,7 @@ impl Default for WorkerConfig {
             preemption: PreemptionConfig::default(),
             cleanup_interval: Duration::from_secs(300),
             build_cache: BuildCacheConfig::default(),
+            output_cap_bytes: 10 << 20,
         }
     }
 }
@@ -817,11 +821,35 @@ pub struct JanitorConfig {
     /// How often the janitor looks for such artifacts.
     #[serde(with = "humantime_serde")]
     pub retention_check_interval: Duration,
+    /// How long builds' output is kept after they finished (checked as often as
+    /// artifact retention); then it is removed and the build's history says so.
+    pub output_retention: OutputRetention,
     /// Which succeeded builds a second worker builds again, to check that it gets the same
     /// bytes: `off`, `all`, or a fraction of them (`0.1` or `10%`; chosen by build key, so
     /// the same builds on every janitor). Operators may ask for any one build with
     /// `POST /api/admin/build/{key}/reproduce` whatever this says.
     pub reproduce: Reproduce,
+}
+
+/// `janitor.output_retention`: per outcome; 0 keeps output forever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputRetention {
+    /// Succeeded builds (and those whose artifact expired since).
+    #[serde(with = "humantime_serde")]
+    pub succeeded: Duration,
+    /// Failed, given up and cancelled builds (their output is what explains them).
+    #[serde(with = "humantime_serde")]
+    pub failed: Duration,
+}
+
+impl Default for OutputRetention {
+    fn default() -> Self {
+        OutputRetention {
+            succeeded: Duration::from_secs(30 * 24 * 3600),
+            failed: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
 }
 
 /// `janitor.reproduce`.
@@ -898,6 +926,7 @@ impl Default for JanitorConfig {
             retry_backoff_max: Duration::from_secs(600),
             retention: Duration::from_secs(90 * 24 * 3600),
             retention_check_interval: Duration::from_secs(3600),
+            output_retention: OutputRetention::default(),
             reproduce: Reproduce::Off,
         }
     }

@@ -35,6 +35,7 @@ pub enum Event {
     ReproductionRequested(ReproductionRequested),
     ReproductionClaimed(ReproductionClaimed),
     Reproduced(Reproduced),
+    OutputPruned(OutputPruned),
 }
 
 /// A build was requested for the first time: the full normalized request.
@@ -87,14 +88,31 @@ pub struct StepFinished {
     pub exit_code: Option<i64>,
 }
 
-/// Lines a step printed (stdout and stderr as they came), coalesced into chunks so that a
-/// build writes tens of these, not thousands.
+/// Lines a step printed, as builds before the output table recorded them: in the log,
+/// coalesced into chunks. Still read (the log keeps them); no longer written: output now
+/// lives in the store's `build_output` table, outside the log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Output {
     pub attempt: u32,
     pub step: String,
     pub lines: Vec<String>,
+}
+
+/// Retention removed the output of attempts `1..=attempts` from the output table (see the
+/// store's `build_output`): from now on the build's progress stream and output say so
+/// instead of showing it. Output of the same attempts that older versions wrote into this
+/// log as `output` events is not affected (the log is never changed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputPruned {
+    /// The highest attempt whose output went (all earlier ones went too).
+    pub attempts: u32,
+    /// Chunks and bytes of output removed.
+    pub chunks: u64,
+    pub bytes: u64,
+    /// Why, e.g. "output of succeeded builds is kept for 30days".
+    pub reason: String,
 }
 
 /// Where a finished artifact lives and what it is.
@@ -298,10 +316,11 @@ pub enum EventType {
     ReproductionRequested,
     ReproductionClaimed,
     Reproduced,
+    OutputPruned,
 }
 
 impl EventType {
-    pub const ALL: [EventType; 15] = [
+    pub const ALL: [EventType; 16] = [
         EventType::Requested,
         EventType::Claimed,
         EventType::LeaseRenewed,
@@ -317,6 +336,7 @@ impl EventType {
         EventType::ReproductionRequested,
         EventType::ReproductionClaimed,
         EventType::Reproduced,
+        EventType::OutputPruned,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -336,6 +356,7 @@ impl EventType {
             EventType::ReproductionRequested => "reproduction_requested",
             EventType::ReproductionClaimed => "reproduction_claimed",
             EventType::Reproduced => "reproduced",
+            EventType::OutputPruned => "output_pruned",
         }
     }
 
@@ -356,7 +377,7 @@ impl fmt::Display for EventType {
 
 /// An unknown event type name.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown event type {0:?}; known types: requested, claimed, lease_renewed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up, artifact_deleted, reproduction_requested, reproduction_claimed, reproduced")]
+#[error("unknown event type {0:?}; known types: requested, claimed, lease_renewed, step_started, step_finished, output, succeeded, failed, requeued, cancelled, gave_up, artifact_deleted, reproduction_requested, reproduction_claimed, reproduced, output_pruned")]
 pub struct UnknownEventType(pub String);
 
 impl FromStr for EventType {
@@ -402,6 +423,7 @@ impl Event {
             Event::ReproductionRequested(_) => EventType::ReproductionRequested,
             Event::ReproductionClaimed(_) => EventType::ReproductionClaimed,
             Event::Reproduced(_) => EventType::Reproduced,
+            Event::OutputPruned(_) => EventType::OutputPruned,
         }
     }
 
@@ -422,7 +444,8 @@ impl Event {
             | Event::Cancelled(_)
             | Event::ReproductionRequested(_)
             | Event::ReproductionClaimed(_)
-            | Event::Reproduced(_) => None,
+            | Event::Reproduced(_)
+            | Event::OutputPruned(_) => None,
         }
     }
 
@@ -444,6 +467,7 @@ impl Event {
             Event::ReproductionRequested(e) => serde_json::to_value(e),
             Event::ReproductionClaimed(e) => serde_json::to_value(e),
             Event::Reproduced(e) => serde_json::to_value(e),
+            Event::OutputPruned(e) => serde_json::to_value(e),
         };
         // Serializing plain structs of strings, numbers and timestamps into a Value cannot fail.
         v.expect("event payloads serialize to JSON")
@@ -492,6 +516,9 @@ impl Event {
             }
             EventType::Reproduced => {
                 Event::Reproduced(serde_json::from_value(payload).map_err(err)?)
+            }
+            EventType::OutputPruned => {
+                Event::OutputPruned(serde_json::from_value(payload).map_err(err)?)
             }
         })
     }
@@ -660,6 +687,12 @@ mod tests {
                 builder_image_id: Some("sha256:ab".into()),
                 message: "GOAMD64: v1 here, v3 there".into(),
                 files: vec![],
+            }),
+            Event::OutputPruned(OutputPruned {
+                attempts: 2,
+                chunks: 40,
+                bytes: 123_456,
+                reason: "output of succeeded builds is kept for 30days".into(),
             }),
         ]
     }

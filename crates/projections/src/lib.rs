@@ -222,6 +222,8 @@ pub struct BuildState {
     pub built_by: Option<String>,
     /// The latest reproduction of the artifact, if one was ever asked for.
     pub reproduction: Option<Reproduction>,
+    /// Retention removed the output of attempts `1..=output_pruned` (0: none was removed).
+    pub output_pruned: u32,
 }
 
 impl BuildState {
@@ -325,6 +327,7 @@ pub fn apply(
                 queue_rank: r.rank,
                 built_by: None,
                 reproduction: None,
+                output_pruned: 0,
             }),
             Event::Requested(_) => Err(FoldError::SequenceGap {
                 key: key.clone(),
@@ -504,6 +507,22 @@ pub fn apply(
         }
         Event::ReproductionRequested(_) | Event::ReproductionClaimed(_) | Event::Reproduced(_) => {
             next.reproduction = Some(reproduce(prev, key, recorded_at, event)?);
+        }
+        Event::OutputPruned(p) => {
+            // Only attempts that ended, each once.
+            let running = prev.status == Status::Running;
+            let ended = if running {
+                p.attempts < prev.attempt
+            } else {
+                p.attempts <= prev.attempt
+            };
+            if !ended || p.attempts <= prev.output_pruned {
+                return Err(invalid());
+            }
+            next.output_pruned = p.attempts;
+            // Housekeeping, not activity: the build's age (which artifact retention and
+            // this one go by) stays.
+            next.updated_at = prev.updated_at;
         }
     }
     Ok(next)

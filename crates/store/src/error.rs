@@ -15,6 +15,9 @@ pub enum StoreError {
     Rejected(#[from] FoldError),
     #[error("build {0} does not exist")]
     NotFound(BuildKey),
+    /// Output of an attempt that is not running (any more): its lease was taken away.
+    #[error("build {key}: attempt {attempt} is not running; its output is refused")]
+    OutputFenced { key: BuildKey, attempt: u32 },
     /// A stored row cannot be read back (a bug or a manual edit).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -38,6 +41,7 @@ impl StoreError {
         matches!(
             self,
             StoreError::Rejected(FoldError::Fenced { .. } | FoldError::ReproductionFenced { .. })
+                | StoreError::OutputFenced { .. }
         )
     }
 }

@@ -39,8 +39,9 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Shared {
-    /// Newest known seq of each build somebody waits for.
-    builds: Mutex<HashMap<BuildKey, watch::Sender<u32>>>,
+    /// Newest known seq of each build somebody waits for, and a count of output
+    /// notifications seen for it.
+    builds: Mutex<HashMap<BuildKey, watch::Sender<(u32, u64)>>>,
     /// Bumped when a build may have become claimable.
     queue: watch::Sender<u64>,
     /// Bumped after every (re)connection: waiters re-read from the log.
@@ -50,7 +51,15 @@ struct Shared {
 }
 
 impl Shared {
-    fn dispatch(&self, key: &str, seq: u32, claimable: bool) {
+    fn dispatch(&self, key: &str, seq: u32, claimable: bool, output: bool) {
+        if output {
+            // New output, no new event: wakes the build's watchers only.
+            let builds = self.builds.lock().expect("hub map lock");
+            if let Some(tx) = builds.get(key) {
+                tx.send_modify(|known| known.1 = known.1.wrapping_add(1));
+            }
+            return;
+        }
         self.any.send_modify(|n| *n = n.wrapping_add(1));
         if claimable {
             self.queue.send_modify(|n| *n = n.wrapping_add(1));
@@ -58,9 +67,9 @@ impl Shared {
         let builds = self.builds.lock().expect("hub map lock");
         if let Some(tx) = builds.get(key) {
             tx.send_if_modified(|known| {
-                let newer = seq > *known;
+                let newer = seq > known.0;
                 if newer {
-                    *known = seq;
+                    known.0 = seq;
                 }
                 newer
             });
@@ -70,8 +79,8 @@ impl Shared {
     /// Parses a payload of `key:seq[:q]` entries; malformed entries are ignored (they can
     /// only come from someone else's NOTIFY on our channel).
     fn dispatch_payload(&self, payload: &str) {
-        for (key, seq, claimable) in entries(payload) {
-            self.dispatch(key, seq, claimable);
+        for (key, seq, flag) in entries(payload) {
+            self.dispatch(key, seq, flag == Flag::Claimable, flag == Flag::Output);
         }
     }
 
@@ -95,7 +104,7 @@ async fn either_changed<A, B>(a: &mut watch::Receiver<A>, b: &mut watch::Receive
 /// Waits for news of one build.
 #[derive(Debug)]
 pub struct BuildWaiter {
-    seq: watch::Receiver<u32>,
+    seq: watch::Receiver<(u32, u64)>,
     epoch: watch::Receiver<u64>,
 }
 
@@ -108,7 +117,7 @@ impl BuildWaiter {
 
     /// The newest sequence number the hub has seen for this build (0 if none yet).
     pub fn latest_seq(&self) -> u32 {
-        *self.seq.borrow()
+        self.seq.borrow().0
     }
 }
 
@@ -144,7 +153,7 @@ impl Hub {
         let mut builds = self.shared.builds.lock().expect("hub map lock");
         let seq = builds
             .entry(key.clone())
-            .or_insert_with(|| watch::Sender::new(0))
+            .or_insert_with(|| watch::Sender::new((0, 0)))
             .subscribe();
         BuildWaiter {
             seq,
@@ -298,7 +307,7 @@ async fn catch_up(
             if let Some(l) = losses.as_deref_mut() {
                 l.found(&e.key, e.seq);
             }
-            shared.dispatch(&e.key, e.seq, claimable);
+            shared.dispatch(&e.key, e.seq, claimable, false);
             cursor = e.cursor;
         }
         if n < TAIL_PAGE as usize {
@@ -311,12 +320,27 @@ async fn catch_up(
 }
 
 /// The entries of a payload of `key:seq[:q]` entries; malformed entries are skipped.
-fn entries(payload: &str) -> impl Iterator<Item = (&str, u32, bool)> {
+fn entries(payload: &str) -> impl Iterator<Item = (&str, u32, Flag)> {
     payload.split_ascii_whitespace().filter_map(|entry| {
         let mut parts = entry.split(':');
         let (key, seq) = (parts.next()?, parts.next()?.parse::<u32>().ok()?);
-        Some((key, seq, parts.next() == Some("q")))
+        let flag = match parts.next() {
+            Some("q") => Flag::Claimable,
+            Some("o") => Flag::Output,
+            _ => Flag::None,
+        };
+        Some((key, seq, flag))
     })
+}
+
+/// What a notification entry says besides the build's newest event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flag {
+    None,
+    /// The event made the build claimable.
+    Claimable,
+    /// New output after event `seq` (not a new event).
+    Output,
 }
 
 /// Tells which events reached this process only through the backstop read (their
@@ -374,8 +398,16 @@ mod tests {
 
     #[test]
     fn payload_entries_skip_malformed_ones() {
-        let got: Vec<_> = entries("a:1 b:2:q junk c:x d:4:z").collect();
-        assert_eq!(got, vec![("a", 1, false), ("b", 2, true), ("d", 4, false)]);
+        let got: Vec<_> = entries("a:1 b:2:q junk c:x d:4:z e:5:o").collect();
+        assert_eq!(
+            got,
+            vec![
+                ("a", 1, Flag::None),
+                ("b", 2, Flag::Claimable),
+                ("d", 4, Flag::None),
+                ("e", 5, Flag::Output)
+            ]
+        );
     }
 
     #[test]

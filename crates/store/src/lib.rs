@@ -35,6 +35,22 @@ pub use hub::{BuildWaiter, Hub, QueueWaiter};
 pub use queries::QueueStats;
 pub use rebuild::{Difference, RebuildReport};
 
+/// A chunk of a build's output (the `build_output` table): lines one step of one attempt
+/// printed, placed after the build's event `after_seq`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub attempt: u32,
+    /// 1, 2, 3, ... within the attempt.
+    pub seq: u32,
+    /// The build's last event when the chunk was written.
+    pub after_seq: u32,
+    pub step: String,
+    pub lines: Vec<String>,
+    /// The marker that ends the attempt's output at the cap.
+    pub truncated: bool,
+    pub recorded_at: chrono::DateTime<Utc>,
+}
+
 /// The result of asking for a build.
 #[derive(Debug, Clone)]
 pub struct RequestOutcome {
@@ -278,6 +294,115 @@ impl Store {
     pub async fn queue_position(&self, key: &BuildKey) -> Result<Option<u32>, StoreError> {
         let client = self.client().await?;
         queries::queue_position(&client, key).await
+    }
+
+    /// Appends a chunk of output of `attempt`, which must be running (else
+    /// [`StoreError::OutputFenced`]); returns the chunk's `(seq, after_seq)`.
+    pub async fn append_output(
+        &self,
+        key: &BuildKey,
+        attempt: u32,
+        step: &str,
+        lines: &[String],
+        truncated: bool,
+    ) -> Result<(u32, u32), StoreError> {
+        let client = self.client().await?;
+        let placed = queries::append_output(&client, key, attempt, step, lines, truncated)
+            .await?
+            .ok_or_else(|| StoreError::OutputFenced {
+                key: key.clone(),
+                attempt,
+            })?;
+        self.notifier.note_output(key, placed.1);
+        Ok(placed)
+    }
+
+    /// A build's events after `after_event` and the output chunks among them, read in one
+    /// snapshot: at most `limit` events, and the chunks placed from `chunks_from` (a place
+    /// `(after_seq, seq)`, inclusive) up to the last event returned (or `after_event` when
+    /// none), at most `limit`. A chunk placed after an event not yet returned waits for the
+    /// next read. `min_attempt` narrows the chunk scan to attempts the caller knows it is at.
+    pub async fn timeline(
+        &self,
+        key: &BuildKey,
+        after_event: u32,
+        chunks_from: (u32, u32),
+        min_attempt: u32,
+        limit: u32,
+    ) -> Result<(Vec<RecordedEvent>, Vec<OutputChunk>), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let events = queries::build_events(&tx, key, after_event, limit).await?;
+        let upto = events.last().map_or(after_event, |e| e.seq);
+        let chunks = queries::build_output(&tx, key, chunks_from, min_attempt, upto, limit).await?;
+        tx.commit().await?;
+        Ok((events, chunks))
+    }
+
+    /// A build's output chunks after `(attempt, seq)`, in order, at most `limit`.
+    pub async fn output(
+        &self,
+        key: &BuildKey,
+        after: (u32, u32),
+        limit: u32,
+    ) -> Result<Vec<OutputChunk>, StoreError> {
+        let client = self.client().await?;
+        queries::output_page(&client, key, after, limit).await
+    }
+
+    /// Finished builds in `statuses` whose output is kept and which did not change since
+    /// `cutoff`, oldest first, at most `limit`.
+    pub async fn output_to_prune(
+        &self,
+        statuses: &[&str],
+        cutoff: chrono::DateTime<Utc>,
+        limit: i64,
+    ) -> Result<Vec<BuildState>, StoreError> {
+        let client = self.client().await?;
+        queries::output_to_prune(&client, statuses, cutoff, limit).await
+    }
+
+    /// Removes the output of every ended attempt of the build `prev` describes and appends
+    /// the `output_pruned` event that says so, in one transaction: both happen or neither.
+    /// [`StoreError::Conflict`] if the build changed since `prev` was read.
+    pub async fn prune_output(
+        &self,
+        prev: &BuildState,
+        reason: &str,
+    ) -> Result<(BuildState, cbs_events::OutputPruned), StoreError> {
+        let attempts = if prev.status == cbs_projections::Status::Running {
+            prev.attempt.saturating_sub(1)
+        } else {
+            prev.attempt
+        };
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let (chunks, bytes) = queries::delete_output(&tx, &prev.key, attempts).await?;
+        let pruned = cbs_events::OutputPruned {
+            attempts,
+            chunks,
+            bytes,
+            reason: reason.to_owned(),
+        };
+        let event = Event::OutputPruned(pruned.clone());
+        let seq = prev.last_seq + 1;
+        let time = queries::db_now(&tx).await?.max(prev.updated_at);
+        let next = apply(Some(prev), &prev.key, seq, time, &event)?;
+        if !queries::append_event(&tx, prev.last_seq, &next, &event).await? {
+            // Dropping the transaction rolls the deletion back.
+            return Err(StoreError::Conflict {
+                key: prev.key.clone(),
+                expected_seq: seq,
+            });
+        }
+        tx.commit().await?;
+        self.notifier.note(&prev.key, seq, false);
+        Ok((next, pruned))
     }
 
     /// A build's events with `seq > after`, oldest first, at most `limit`.

@@ -47,6 +47,8 @@ struct Note {
     key: BuildKey,
     seq: u32,
     claimable: bool,
+    /// New output after event `seq` (the build's events did not change).
+    output: bool,
 }
 
 impl Notifier {
@@ -65,6 +67,17 @@ impl Notifier {
             key: key.clone(),
             seq,
             claimable,
+            output: false,
+        });
+    }
+
+    /// Announces a new chunk of output of build `key`, placed after its event `after_seq`.
+    pub(crate) fn note_output(&self, key: &BuildKey, after_seq: u32) {
+        let _ = self.tx.send(Note {
+            key: key.clone(),
+            seq: after_seq,
+            claimable: false,
+            output: true,
         });
     }
 }
@@ -77,13 +90,24 @@ async fn next_payload(
     rx: &mut mpsc::UnboundedReceiver<Note>,
     earliest: tokio::time::Instant,
 ) -> String {
-    let mut latest: HashMap<BuildKey, (u32, bool)> = HashMap::new();
+    // Per build: the newest event, claimable, and the newest place of output (if any).
+    #[derive(Default)]
+    struct Entry {
+        seq: Option<u32>,
+        claimable: bool,
+        output: Option<u32>,
+    }
+    let mut latest: HashMap<BuildKey, Entry> = HashMap::new();
     let mut urgent = false;
     let mut add = |n: Note, urgent: &mut bool| {
         *urgent |= n.claimable;
-        let e = latest.entry(n.key).or_insert((0, false));
-        e.0 = e.0.max(n.seq);
-        e.1 |= n.claimable;
+        let e = latest.entry(n.key).or_default();
+        if n.output {
+            e.output = e.output.max(Some(n.seq));
+        } else {
+            e.seq = e.seq.max(Some(n.seq));
+            e.claimable |= n.claimable;
+        }
     };
     add(first, &mut urgent);
     let lazy_deadline = (tokio::time::Instant::now() + LINGER).max(earliest);
@@ -107,15 +131,23 @@ async fn next_payload(
         size += 80;
     }
     let mut payload = String::with_capacity(latest.len() * 80);
-    for (key, (seq, claimable)) in latest {
+    let mut entry = |key: &BuildKey, seq: u32, flag: &str| {
         if !payload.is_empty() {
             payload.push(' ');
         }
         payload.push_str(key.as_str());
         payload.push(':');
         payload.push_str(&seq.to_string());
-        if claimable {
-            payload.push_str(":q");
+        payload.push_str(flag);
+    };
+    for (key, e) in &latest {
+        if let Some(seq) = e.seq {
+            entry(key, seq, if e.claimable { ":q" } else { "" });
+        }
+        // Output has its own entry, which listeners of older versions read as an event
+        // they already know (and ignore).
+        if let Some(after) = e.output {
+            entry(key, after, ":o");
         }
     }
     payload
@@ -176,6 +208,7 @@ mod tests {
                 key: k.clone(),
                 seq,
                 claimable: q,
+                output: false,
             })
             .unwrap();
         }
@@ -196,6 +229,7 @@ mod tests {
                 key: BuildKey::digest(&i.to_be_bytes()),
                 seq: u32::MAX,
                 claimable: true,
+                output: false,
             })
             .unwrap();
         }

@@ -22,7 +22,7 @@ pub(crate) const CHANNEL: &str = "cbs_events";
 /// Columns of a `builds` row; [`build_from_row`] reads them by name.
 const BUILD_COLUMNS: &str = "key, status, request, attempt, failures, owner, lease_expires_at, \
      available_at, current_step, last_error, artifact, last_seq, created_at, updated_at, client, \
-     queue_rank, built_by, reproduction";
+     queue_rank, built_by, reproduction, output_pruned";
 
 /// Columns of a `build_events` row; [`event_from_row`] reads them by name.
 const EVENT_COLUMNS: &str =
@@ -85,6 +85,7 @@ pub(crate) fn build_from_row(row: &Row) -> Result<BuildState, StoreError> {
         reproduction: reproduction
             .map(|v| from_json(v, "builds.reproduction"))
             .transpose()?,
+        output_pruned: to_u32(row.try_get("output_pruned")?, "builds.output_pruned")?,
         key,
     })
 }
@@ -218,7 +219,7 @@ pub(crate) async fn append_event(
                 UPDATE builds SET status = $3, attempt = $4, failures = $5, owner = $6,
                     lease_expires_at = $7, available_at = $8, current_step = $9,
                     last_error = $10, artifact = $11, last_seq = $12, updated_at = $13,
-                    built_by = $17, reproduction = $18
+                    built_by = $17, reproduction = $18, output_pruned = $19
                 WHERE key = $1 AND last_seq = $2
                 RETURNING key
             )
@@ -249,6 +250,7 @@ pub(crate) async fn append_event(
                 &Json(event.encode()),
                 &next.built_by,
                 &next.reproduction.as_ref().map(|r| Json(json(r))),
+                &to_i32(next.output_pruned, "output_pruned")?,
             ],
         )
         .await;
@@ -709,9 +711,9 @@ pub(crate) async fn overwrite_build(
     c.execute(
         "INSERT INTO builds (key, status, request, attempt, failures, owner, lease_expires_at,
             available_at, current_step, last_error, artifact, last_seq, created_at, updated_at,
-            client, queue_rank, built_by, reproduction)
+            client, queue_rank, built_by, reproduction, output_pruned)
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-            $18)
+            $18, $19)
          ON CONFLICT (key) DO UPDATE SET status = EXCLUDED.status, request = EXCLUDED.request,
             attempt = EXCLUDED.attempt, failures = EXCLUDED.failures, owner = EXCLUDED.owner,
             lease_expires_at = EXCLUDED.lease_expires_at, available_at = EXCLUDED.available_at,
@@ -719,7 +721,8 @@ pub(crate) async fn overwrite_build(
             artifact = EXCLUDED.artifact, last_seq = EXCLUDED.last_seq,
             created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at,
             client = EXCLUDED.client, queue_rank = EXCLUDED.queue_rank,
-            built_by = EXCLUDED.built_by, reproduction = EXCLUDED.reproduction",
+            built_by = EXCLUDED.built_by, reproduction = EXCLUDED.reproduction,
+            output_pruned = EXCLUDED.output_pruned",
         &[
             &s.key.as_str(),
             &s.status.as_str(),
@@ -739,6 +742,7 @@ pub(crate) async fn overwrite_build(
             &s.queue_rank,
             &s.built_by,
             &s.reproduction.as_ref().map(|r| Json(json(r))),
+            &to_i32(s.output_pruned, "output_pruned")?,
         ],
     )
     .await?;
@@ -1048,4 +1052,184 @@ pub(crate) async fn set_janitor_cursor(
         .await?;
     c.execute(&stmt, &[&name, &cursor]).await?;
     Ok(())
+}
+
+/// Columns of a `build_output` row; [`chunk_from_row`] reads them by name.
+const CHUNK_COLUMNS: &str = "attempt, seq, after_seq, step, body, truncated, recorded_at";
+
+/// Reads a `build_output` row selected with [`CHUNK_COLUMNS`].
+fn chunk_from_row(row: &Row) -> Result<crate::OutputChunk, StoreError> {
+    let body: String = row.try_get("body")?;
+    Ok(crate::OutputChunk {
+        attempt: to_u32(row.try_get("attempt")?, "build_output.attempt")?,
+        seq: to_u32(row.try_get("seq")?, "build_output.seq")?,
+        after_seq: to_u32(row.try_get("after_seq")?, "build_output.after_seq")?,
+        step: row.try_get("step")?,
+        lines: body.split('\n').map(str::to_owned).collect(),
+        truncated: row.try_get("truncated")?,
+        recorded_at: row.try_get("recorded_at")?,
+    })
+}
+
+/// Appends a chunk of output to `attempt` of a build, only while that attempt runs: the
+/// build's row is share-locked (no event can commit meanwhile) and the chunk is placed after
+/// the build's last event. Returns the chunk's `(seq, after_seq)`, or `None` when the
+/// attempt is not running (its lease was taken away, or it ended).
+pub(crate) async fn append_output(
+    c: &impl GenericClient,
+    key: &BuildKey,
+    attempt: u32,
+    step: &str,
+    lines: &[String],
+    truncated: bool,
+) -> Result<Option<(u32, u32)>, StoreError> {
+    let stmt = c
+        .prepare_cached(
+            "WITH b AS (
+                SELECT key, last_seq FROM builds
+                WHERE key = $1 AND status = 'running' AND attempt = $2
+                FOR SHARE
+            )
+            INSERT INTO build_output (build_key, attempt, seq, after_seq, step, body, lines,
+                truncated)
+            SELECT b.key, $2,
+                COALESCE((SELECT max(seq) FROM build_output
+                          WHERE build_key = $1 AND attempt = $2), 0) + 1,
+                b.last_seq, $3, $4, $5, $6
+            FROM b
+            RETURNING seq, after_seq",
+        )
+        .await?;
+    let body = lines.join("\n");
+    let count = i32::try_from(lines.len()).unwrap_or(i32::MAX);
+    let row = c
+        .query_opt(
+            &stmt,
+            &[
+                &key.as_str(),
+                &to_i32(attempt, "attempt")?,
+                &step,
+                &body,
+                &count,
+                &truncated,
+            ],
+        )
+        .await?;
+    row.map(|r| {
+        Ok((
+            to_u32(r.try_get(0)?, "build_output.seq")?,
+            to_u32(r.try_get(1)?, "build_output.after_seq")?,
+        ))
+    })
+    .transpose()
+}
+
+/// A build's output chunks from place `(after_seq, seq) >= from` up to chunks placed after
+/// event `upto`, in order, at most `limit`. `min_attempt` narrows the index range when the
+/// caller knows the attempt it is in.
+pub(crate) async fn build_output(
+    c: &impl GenericClient,
+    key: &BuildKey,
+    from: (u32, u32),
+    min_attempt: u32,
+    upto: u32,
+    limit: u32,
+) -> Result<Vec<crate::OutputChunk>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {CHUNK_COLUMNS} FROM build_output
+             WHERE build_key = $1 AND attempt >= $2 AND (after_seq, seq) >= ($3, $4)
+               AND after_seq <= $5
+             ORDER BY attempt, seq LIMIT $6"
+        ))
+        .await?;
+    let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let rows = c
+        .query(
+            &stmt,
+            &[
+                &key.as_str(),
+                &clamp(min_attempt),
+                &clamp(from.0),
+                &clamp(from.1),
+                &clamp(upto),
+                &i64::from(limit),
+            ],
+        )
+        .await?;
+    rows.iter().map(chunk_from_row).collect()
+}
+
+/// A build's output chunks after `(attempt, seq)` in order, at most `limit` (the output
+/// endpoint's pages).
+pub(crate) async fn output_page(
+    c: &impl GenericClient,
+    key: &BuildKey,
+    after: (u32, u32),
+    limit: u32,
+) -> Result<Vec<crate::OutputChunk>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {CHUNK_COLUMNS} FROM build_output
+             WHERE build_key = $1 AND (attempt, seq) > ($2, $3)
+             ORDER BY attempt, seq LIMIT $4"
+        ))
+        .await?;
+    let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let rows = c
+        .query(
+            &stmt,
+            &[
+                &key.as_str(),
+                &clamp(after.0),
+                &clamp(after.1),
+                &i64::from(limit),
+            ],
+        )
+        .await?;
+    rows.iter().map(chunk_from_row).collect()
+}
+
+/// Removes the output of attempts `1..=attempts` of a build; returns chunks and bytes.
+pub(crate) async fn delete_output(
+    c: &impl GenericClient,
+    key: &BuildKey,
+    attempts: u32,
+) -> Result<(u64, u64), StoreError> {
+    let row = c
+        .query_one(
+            "WITH d AS (DELETE FROM build_output WHERE build_key = $1 AND attempt <= $2
+                        RETURNING octet_length(body) AS bytes)
+             SELECT count(*), COALESCE(sum(bytes), 0)::bigint FROM d",
+            &[&key.as_str(), &to_i32(attempts, "attempt")?],
+        )
+        .await?;
+    let n: i64 = row.try_get(0)?;
+    let bytes: i64 = row.try_get(1)?;
+    Ok((
+        u64::try_from(n).unwrap_or(0),
+        u64::try_from(bytes).unwrap_or(0),
+    ))
+}
+
+/// Finished builds in `statuses` whose output is still kept and which have not changed
+/// since `cutoff`, oldest first (the `builds_output_kept` index: only such builds are in it).
+pub(crate) async fn output_to_prune(
+    c: &impl GenericClient,
+    statuses: &[&str],
+    cutoff: chrono::DateTime<chrono::Utc>,
+    limit: i64,
+) -> Result<Vec<BuildState>, StoreError> {
+    let stmt = c
+        .prepare_cached(&format!(
+            "SELECT {BUILD_COLUMNS} FROM builds
+             WHERE output_pruned < attempt
+               AND status IN ('succeeded', 'expired', 'failed', 'gave_up', 'cancelled')
+               AND status = ANY($1) AND updated_at < $2
+             ORDER BY updated_at LIMIT $3"
+        ))
+        .await?;
+    let statuses: Vec<String> = statuses.iter().map(|s| (*s).to_owned()).collect();
+    let rows = c.query(&stmt, &[&statuses, &cutoff, &limit]).await?;
+    rows.iter().map(build_from_row).collect()
 }

@@ -2,10 +2,13 @@
 //!
 //! Events (the caddyserver.com beta page's names): `step` `{step}`, `log` `{line}`,
 //! `result` `{success, error}`, and `state` `{status, ...}` for every state change. Every
-//! event has an id: `<seq>` for one stored event, `<seq>.<i>` for the i-th line of an
-//! output chunk. A client that reconnects with `Last-Event-ID` gets exactly what it missed,
+//! event has an id: `<seq>` for one stored event, `<seq>.<i>` for its further messages (the
+//! i-th line of an output event older versions wrote into the log, a result),
+//! `<seq>.<c>.<i>` for the i-th line of output chunk `c` written after event `seq` (the
+//! output table). A client that reconnects with `Last-Event-ID` gets exactly what it missed,
 //! then live events; keep-alive comments every 15 s; the stream ends after `result`, and a
-//! finished build's stream replays and ends.
+//! finished build's stream replays and ends. Where retention removed an attempt's output,
+//! the stream says so in its place.
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -23,28 +26,67 @@ use super::builds::parse_key;
 use super::error::ApiError;
 use super::ApiState;
 
-/// Parses an event id (`12` or `12.3`) into its place.
-fn parse_resume(s: &str) -> Option<(u32, Option<usize>)> {
-    let s = s.trim();
-    match s.split_once('.') {
-        Some((seq, sub)) => Some((seq.parse().ok()?, Some(sub.parse().ok()?))),
-        None => Some((s.parse().ok()?, None)),
+/// Events, and chunks of output, per read.
+const PAGE: u32 = 500;
+
+/// How often a waiting stream reads again without a notification (output notifications
+/// are not backed by the hub's own reads of the log).
+const OUTPUT_BACKSTOP: Duration = Duration::from_secs(10);
+
+/// Where in a stored event's or chunk's messages a message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    /// The event's messages: `None` the first, `Some(i)` the further ones.
+    Event(Option<usize>),
+    /// Line `i` of output chunk `c` (the chunk's number in its attempt).
+    Chunk(u32, usize),
+}
+
+/// An SSE message's place: after which event, and where there. Places order like the
+/// stream, so comparing them says what a client has already seen.
+type Place = (u32, Part);
+
+/// Parses an event id (`12`, `12.3` or `12.4.5`) into its place.
+fn parse_resume(s: &str) -> Option<Place> {
+    let mut parts = s.trim().split('.');
+    let seq = parts.next()?.parse().ok()?;
+    let place = match (parts.next(), parts.next(), parts.next()) {
+        (None, _, _) => (seq, Part::Event(None)),
+        (Some(i), None, _) => (seq, Part::Event(Some(i.parse().ok()?))),
+        (Some(c), Some(i), None) => (seq, Part::Chunk(c.parse().ok()?, i.parse().ok()?)),
+        _ => return None,
+    };
+    Some(place)
+}
+
+fn id_of((seq, part): Place) -> String {
+    match part {
+        Part::Event(None) => seq.to_string(),
+        Part::Event(Some(i)) => format!("{seq}.{i}"),
+        Part::Chunk(c, i) => format!("{seq}.{c}.{i}"),
     }
 }
 
-/// An SSE message's place: `(seq, None)` has id `seq`; `(seq, Some(i))` has id `seq.i`.
-/// Options order None first, so comparing places says what a client has already seen.
-type Place = (u32, Option<usize>);
-
-fn id_of((seq, sub): Place) -> String {
-    match sub {
-        Some(i) => format!("{seq}.{i}"),
-        None => seq.to_string(),
-    }
+/// The `log` messages of an output chunk.
+fn chunk_messages(c: &cbs_store::OutputChunk) -> Vec<(Place, Sse)> {
+    c.lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            let place = (c.after_seq, Part::Chunk(c.seq, i));
+            let m = StreamEvent::Log(LogData { line: line.clone() });
+            let sse = Sse::default()
+                .id(id_of(place))
+                .event(m.name())
+                .data(m.data());
+            (place, sse)
+        })
+        .collect()
 }
 
 /// The SSE messages of one stored event, and whether the stream ends with it.
-fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
+/// `output_pruned`: retention removed the output of attempts up to this one.
+fn messages(e: &RecordedEvent, output_pruned: u32) -> (Vec<(Place, Sse)>, bool) {
     let msg = |place: Place, m: StreamEvent| {
         (
             place,
@@ -54,15 +96,34 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
                 .data(m.data()),
         )
     };
-    let head = (e.seq, None);
-    let result = (e.seq, Some(1));
+    let head = (e.seq, Part::Event(None));
+    let result = (e.seq, Part::Event(Some(1)));
     let state = |s: StateData| msg(head, StreamEvent::State(s));
     let failure = |message: &str| msg(result, StreamEvent::Result(ResultData::failure(message)));
     let log = |place: Place, line: String| msg(place, StreamEvent::Log(LogData { line }));
     match &e.event {
         Event::Requested(_) => (vec![state(StateData::Queued)], false),
-        Event::Claimed(c) => (
-            vec![state(StateData::Running { attempt: c.attempt })],
+        Event::Claimed(c) => {
+            let mut out = vec![state(StateData::Running { attempt: c.attempt })];
+            if c.attempt <= output_pruned {
+                out.push(log(
+                    (e.seq, Part::Event(Some(0))),
+                    format!(
+                        "[the output of attempt {} is no longer kept: retention removed it (the build's history says when)]",
+                        c.attempt
+                    ),
+                ));
+            }
+            (out, false)
+        }
+        Event::OutputPruned(p) => (
+            vec![log(
+                head,
+                format!(
+                    "[the output of attempts up to {} was removed: {}]",
+                    p.attempts, p.reason
+                ),
+            )],
             false,
         ),
         // Heartbeats are for the janitor, not for people watching; reproductions happen
@@ -102,7 +163,7 @@ fn messages(e: &RecordedEvent) -> (Vec<(Place, Sse)>, bool) {
             o.lines
                 .iter()
                 .enumerate()
-                .map(|(i, line)| log((e.seq, Some(i)), line.clone()))
+                .map(|(i, line)| log((e.seq, Part::Event(Some(i))), line.clone()))
                 .collect(),
             false,
         ),
@@ -195,28 +256,38 @@ pub async fn events(
             }
         }
     }
-    // The last place the client has seen; (0, None) is before everything.
-    let mut seen: Place = from_header.or(from_query).unwrap_or((0, None));
+    // The last place the client has seen; (0, first) is before everything.
+    let mut seen: Place = from_header.or(from_query).unwrap_or((0, Part::Event(None)));
     // Subscribe first, then check the build exists and start reading.
     let mut waiter = state.app.hub.watch_build(&key);
     let Some(build) = state.app.store.build(&key).await? else {
         return Err(ApiError::not_found(format!("no build with key {key}")));
     };
     // A resume point past the build's last event (a client of another server, a forged
-    // id) means "from now on", not "from an event that will never come".
+    // id) means "from the last event on", not "from an event that will never come".
     if seen.0 > build.last_seq {
-        seen = (build.last_seq, Some(usize::MAX));
+        seen = (build.last_seq, Part::Event(Some(usize::MAX)));
     }
+    let output_pruned = build.output_pruned;
     let wait = super::open_wait(&state, client.as_deref(), "sse")?;
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
     let store = state.app.store.clone();
     tokio::spawn(async move {
         let _wait = wait; // open as long as the stream
-                          // Read from the event the client saw last (it may have seen only part of it).
+                          // Read from the event the client saw last (it may have seen only part of it), and
+                          // the output from the chunk it saw last.
         let mut read_after = seen.0.saturating_sub(1);
+        let mut chunks_from = match seen.1 {
+            Part::Chunk(c, _) => (seen.0, c),
+            Part::Event(_) => (seen.0, 0),
+        };
+        let mut min_attempt = 0;
         loop {
-            let events = match store.events(&key, read_after, 500).await {
-                Ok(e) => e,
+            let read = store
+                .timeline(&key, read_after, chunks_from, min_attempt, PAGE)
+                .await;
+            let (events, chunks) = match read {
+                Ok(r) => r,
                 // The database is away (a restart): the stream stays open (keep-alives go
                 // on) and reads again shortly, for as long as the client listens.
                 Err(e) => {
@@ -227,37 +298,78 @@ pub async fn events(
                     }
                 }
             };
-            let got = events.len();
+            // A full page of chunks may not hold every chunk before the page's later
+            // events: those events wait for the next read.
+            let horizon = if chunks.len() == PAGE as usize {
+                chunks.last().map_or(u32::MAX, |c| c.after_seq)
+            } else {
+                u32::MAX
+            };
+            let full = events.len() == PAGE as usize || chunks.len() == PAGE as usize;
+            let mut chunks = chunks.into_iter().peekable();
+            let send = |msgs: Vec<(Place, Sse)>, tx: &mpsc::Sender<_>| {
+                let fresh: Vec<Sse> = msgs
+                    .into_iter()
+                    .filter(|(place, _)| *place > seen)
+                    .map(|(_, m)| m)
+                    .collect();
+                let tx = tx.clone();
+                async move {
+                    for m in fresh {
+                        if tx.send(Ok(m)).await.is_err() {
+                            return false; // the client went away
+                        }
+                    }
+                    true
+                }
+            };
             for (i, e) in events.iter().enumerate() {
+                if e.seq > horizon {
+                    break;
+                }
+                // Output written before this event.
+                while let Some(c) = chunks.next_if(|c| c.after_seq < e.seq) {
+                    if !send(chunk_messages(&c), &tx).await {
+                        return;
+                    }
+                    chunks_from = (c.after_seq, c.seq + 1);
+                    min_attempt = c.attempt;
+                }
                 read_after = e.seq;
-                let (mut msgs, mut end) = messages(e);
+                let (mut msgs, mut end) = messages(e, output_pruned);
                 // A result that a later event superseded (a forced rebuild reopened the
                 // build) is not the stream's end: replay its state, not its result.
                 if end {
-                    let later = i + 1 < got
+                    let later = i + 1 < events.len()
                         || matches!(store.events(&key, e.seq, 1).await, Ok(more) if !more.is_empty());
                     if later {
-                        msgs.retain(|(place, _)| *place != (e.seq, Some(1)));
+                        msgs.retain(|(place, _)| *place != (e.seq, Part::Event(Some(1))));
                         end = false;
                     }
                 }
-                for (place, m) in msgs {
-                    if place <= seen {
-                        continue;
-                    }
-                    if tx.send(Ok(m)).await.is_err() {
-                        return; // the client went away
-                    }
+                if !send(msgs, &tx).await {
+                    return;
                 }
                 if end {
                     return;
                 }
             }
-            if got < 500 {
-                // Waiting for the next event; a client that hangs up ends the task now, not
-                // at the next event (which may never come).
+            // Output after the last event read.
+            for c in chunks {
+                if !send(chunk_messages(&c), &tx).await {
+                    return;
+                }
+                chunks_from = (c.after_seq, c.seq + 1);
+                min_attempt = c.attempt;
+            }
+            if !full {
+                // Waiting for the next event or output; a client that hangs up ends the
+                // task now, not at the next event (which may never come). Output
+                // notifications are not backed by the hub's read of the log, so a lost
+                // one is made up for by reading again now and then.
                 tokio::select! {
                     _ = waiter.changed() => {}
+                    _ = tokio::time::sleep(OUTPUT_BACKSTOP) => {}
                     _ = tx.closed() => return,
                 }
             }
@@ -282,20 +394,25 @@ mod tests {
 
         /// Any Last-Event-ID: a place in the stream or none; never a panic.
         #[test]
-        fn any_last_event_id(s in proptest::prop_oneof!["[0-9]{0,12}(\\.[0-9]{0,22})?", proptest::prelude::any::<String>()]) {
-            if let Some((seq, sub)) = parse_resume(&s) {
-                proptest::prop_assert_eq!(id_of((seq, sub)).parse::<String>().ok().and_then(|t| parse_resume(&t)), Some((seq, sub)));
+        fn any_last_event_id(s in proptest::prop_oneof!["[0-9]{0,12}(\\.[0-9]{0,22}){0,3}", proptest::prelude::any::<String>()]) {
+            if let Some(place) = parse_resume(&s) {
+                proptest::prop_assert_eq!(parse_resume(&id_of(place)), Some(place));
             }
         }
     }
 
     #[test]
     fn resume_ids_order_like_the_stream() {
-        assert_eq!(parse_resume("12"), Some((12, None)));
-        assert_eq!(parse_resume("12.3"), Some((12, Some(3))));
+        assert_eq!(parse_resume("12"), Some((12, Part::Event(None))));
+        assert_eq!(parse_resume("12.3"), Some((12, Part::Event(Some(3)))));
+        assert_eq!(parse_resume("12.4.5"), Some((12, Part::Chunk(4, 5))));
         assert_eq!(parse_resume("x"), None);
         assert_eq!(parse_resume("1.x"), None);
-        assert!((12, None) < (12, Some(0)));
-        assert!((12, Some(9)) < (13, None));
+        assert_eq!(parse_resume("1.2.3.4"), None);
+        assert!((12, Part::Event(None)) < (12, Part::Event(Some(0))));
+        // Output written after event 12 follows all of its messages, then event 13.
+        assert!((12, Part::Event(Some(9))) < (12, Part::Chunk(1, 0)));
+        assert!((12, Part::Chunk(1, 7)) < (12, Part::Chunk(2, 0)));
+        assert!((12, Part::Chunk(9, 9)) < (13, Part::Event(None)));
     }
 }

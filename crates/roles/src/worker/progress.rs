@@ -1,8 +1,8 @@
-//! The executor's progress as events: steps as they start and finish, output coalesced.
+//! The executor's progress: steps as events, output as chunks of the output table, capped.
 
 use std::time::Duration;
 
-use cbs_events::{Event, Output, StepFinished, StepStarted};
+use cbs_events::{Event, StepFinished, StepStarted};
 use cbs_executor::Progress;
 use cbs_projections::BuildState;
 use tokio::sync::mpsc;
@@ -11,13 +11,103 @@ use tracing::warn;
 
 use crate::App;
 
-/// Output lines are coalesced into one event per this many lines...
+/// Output lines are coalesced into one chunk per this many lines...
 const OUTPUT_LINES: usize = 64;
 /// ...or per this much time, whichever comes first.
 const OUTPUT_INTERVAL: Duration = Duration::from_millis(250);
 
-/// Turns progress into events: steps as they start and finish, output coalesced. Cancels
-/// `fenced` if the build's lease was taken away.
+/// An attempt's output on its way to the store: lines are coalesced into chunks and the
+/// attempt keeps at most `cap` bytes (counted as the lines' bytes plus one per line break).
+/// The first line that does not fit ends the kept output with a marker chunk; the lines from
+/// there on are counted, and a last marker says how many there were.
+struct OutputSink {
+    app: App,
+    key: cbs_domain::BuildKey,
+    attempt: u32,
+    cap: u64,
+    kept: u64,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+    /// The first marker was written.
+    marked: bool,
+    step: String,
+    pending: Vec<String>,
+    fenced: CancellationToken,
+}
+
+impl OutputSink {
+    fn line(&mut self, step: &str, line: String) {
+        let size = line.len() as u64 + 1;
+        if self.dropped_lines > 0 || self.kept + size > self.cap {
+            self.dropped_lines += 1;
+            self.dropped_bytes += size;
+            return;
+        }
+        self.kept += size;
+        step.clone_into(&mut self.step);
+        self.pending.push(line);
+    }
+
+    fn full(&self) -> bool {
+        self.pending.len() >= OUTPUT_LINES
+    }
+
+    /// Writes what is pending, and the marker once lines were left out; `false` when the
+    /// attempt was fenced off (stop the build).
+    async fn flush(&mut self) -> bool {
+        if !self.pending.is_empty() {
+            let lines = std::mem::take(&mut self.pending);
+            if !self.write(lines, false).await {
+                return false;
+            }
+        }
+        if self.dropped_lines > 0 && !self.marked {
+            self.marked = true;
+            let marker = format!(
+                "[output truncated: this attempt printed more than the {} bytes of output kept per attempt; the rest is counted, not kept]",
+                self.cap
+            );
+            return self.write(vec![marker], true).await;
+        }
+        true
+    }
+
+    /// Ends the attempt's output: what is pending, and how much was left out.
+    async fn finish(mut self) {
+        if !self.flush().await || self.dropped_lines == 0 {
+            return;
+        }
+        let marker = format!(
+            "[output truncated: {} more lines ({} bytes) were not kept]",
+            self.dropped_lines, self.dropped_bytes
+        );
+        self.write(vec![marker], true).await;
+    }
+
+    async fn write(&mut self, lines: Vec<String>, truncated: bool) -> bool {
+        let r = self
+            .app
+            .store
+            .append_output(&self.key, self.attempt, &self.step, &lines, truncated)
+            .await;
+        match r {
+            Ok(_) => true,
+            Err(e) if e.is_fenced() => {
+                warn!(error = %e, "lease lost; stopping the build");
+                self.fenced.cancel();
+                false
+            }
+            Err(e) => {
+                // Progress is best effort; the result is what counts.
+                warn!(error = %e, "cannot record build output");
+                true
+            }
+        }
+    }
+}
+
+/// Turns progress into events (steps as they start and finish) and output into chunks of
+/// the output table. Cancels `fenced` if the build's lease was taken away.
 pub(super) async fn record(
     app: App,
     build: BuildState,
@@ -26,8 +116,19 @@ pub(super) async fn record(
 ) {
     let key = build.key.clone();
     let attempt = build.attempt;
-    let mut pending: Vec<String> = Vec::new();
-    let mut pending_step = String::new();
+    let mut out = OutputSink {
+        app: app.clone(),
+        key: key.clone(),
+        attempt,
+        cap: app.config.worker.output_cap_bytes,
+        kept: 0,
+        dropped_lines: 0,
+        dropped_bytes: 0,
+        marked: false,
+        step: String::new(),
+        pending: Vec::new(),
+        fenced: fenced.clone(),
+    };
     let append = |event: Event| {
         let app = app.clone();
         let key = key.clone();
@@ -53,28 +154,17 @@ pub(super) async fn record(
         let progress = tokio::select! {
             p = rx.recv() => p,
             _ = tick.tick() => {
-                if !pending.is_empty() {
-                    let lines = std::mem::take(&mut pending);
-                    if !append(Event::Output(Output { attempt, step: pending_step.clone(), lines })).await {
-                        return;
-                    }
+                if !out.flush().await {
+                    return;
                 }
                 continue;
             }
         };
         let Some(progress) = progress else { break };
-        let flush_first = !matches!(progress, Progress::Line { .. }) && !pending.is_empty();
-        if flush_first {
-            let lines = std::mem::take(&mut pending);
-            if !append(Event::Output(Output {
-                attempt,
-                step: pending_step.clone(),
-                lines,
-            }))
-            .await
-            {
-                return;
-            }
+        // Output before a step's start or end is written before it, so that it is placed
+        // before the event.
+        if !matches!(progress, Progress::Line { .. }) && !out.flush().await {
+            return;
         }
         let event = match progress {
             Progress::StepStarted { step } => Event::StepStarted(StepStarted {
@@ -103,28 +193,16 @@ pub(super) async fn record(
                 })
             }
             Progress::Line { step, line } => {
-                pending_step = step.to_owned();
-                pending.push(line);
-                if pending.len() < OUTPUT_LINES {
-                    continue;
+                out.line(step, line);
+                if out.full() && !out.flush().await {
+                    return;
                 }
-                Event::Output(Output {
-                    attempt,
-                    step: step.to_owned(),
-                    lines: std::mem::take(&mut pending),
-                })
+                continue;
             }
         };
         if !append(event).await {
             return;
         }
     }
-    if !pending.is_empty() {
-        append(Event::Output(Output {
-            attempt,
-            step: pending_step,
-            lines: pending,
-        }))
-        .await;
-    }
+    out.finish().await;
 }
