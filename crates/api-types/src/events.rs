@@ -573,6 +573,42 @@ pub struct HistoryPage {
     pub next: Option<u32>,
 }
 
+/// One chunk of a build's output (`GET /api/build/{key}/output`): lines one step of one
+/// attempt printed, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OutputChunk {
+    /// The build's last event (its `seq`) when the chunk was written: the chunk comes
+    /// after that event in the build's progress.
+    pub after_seq: u32,
+    pub attempt: u32,
+    pub lines: Vec<String>,
+    /// 1, 2, 3, ... within the attempt.
+    pub seq: u32,
+    pub step: String,
+    pub time: DateTime<Utc>,
+    /// The marker of the per-attempt cap: output from here on was counted, not kept.
+    pub truncated: bool,
+}
+
+/// `result` of `GET /api/build/{key}/output[?after=<attempt>.<seq>&limit=<n>]`: a page of a
+/// build's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct OutputPage {
+    pub chunks: Vec<OutputChunk>,
+    /// The build key.
+    pub key: String,
+    /// The `after` of the next page (`<attempt>.<seq>`); `null` (not left out) on the last
+    /// page.
+    #[cfg_attr(feature = "openapi", schema(required))]
+    pub next: Option<String>,
+    /// Retention removed the output of attempts 1 to this one (0: none was removed; the
+    /// build's history has the `output_pruned` event). Output that builds of older versions
+    /// wrote into the history as `output` events is there, not here.
+    pub pruned_attempts: u32,
+}
+
 /// `result` of `GET /api/events[?after=<cursor>&limit=N&type=a,b]`: a page of the global
 /// audit feed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -40,8 +40,8 @@ pub use build::{
 pub use envelope::Envelope;
 pub use error::{ErrorBody, ErrorDetail};
 pub use events::{
-    EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, ReproductionOutcome,
-    ReproductionReason, RequeueReason, UnknownEventType,
+    EventData, EventType, FeedEvent, FeedPage, HistoryEvent, HistoryPage, OutputChunk, OutputPage,
+    ReproductionOutcome, ReproductionReason, RequeueReason, UnknownEventType,
 };
 pub use packages::{Package, PackageModule, PlatformOption, ServerOptions};
 pub use request::{
@@ -55,6 +55,8 @@ pub use stream::{LogData, ResultData, StateData, StepData, StreamEvent};
 pub type BuildResponse = Envelope<Build>;
 /// `GET /api/build/{key}/history`.
 pub type HistoryResponse = Envelope<HistoryPage>;
+/// `GET /api/build/{key}/output`.
+pub type OutputResponse = Envelope<OutputPage>;
 /// `GET /api/events`.
 pub type FeedResponse = Envelope<FeedPage>;
 /// `GET /api/packages`.

@@ -349,6 +349,39 @@ fn snapshots() {
     );
     check("history", &history_page());
     check(
+        "output",
+        &OutputResponse::new(OutputPage {
+            chunks: vec![
+                OutputChunk {
+                    after_seq: 4,
+                    attempt: 2,
+                    lines: vec![
+                        "go: downloading github.com/caddyserver/caddy/v2 v2.10.0".into(),
+                        "go: added github.com/acme/alpha v1.2.0".into(),
+                    ],
+                    seq: 1,
+                    step: "pin_versions".into(),
+                    time: t("2026-01-02T03:04:06.5Z"),
+                    truncated: false,
+                },
+                OutputChunk {
+                    after_seq: 7,
+                    attempt: 2,
+                    lines: vec![
+                        "[output truncated: 12 more lines (480 bytes) were not kept]".into(),
+                    ],
+                    seq: 2,
+                    step: "compile".into(),
+                    time: t("2026-01-02T03:05:01Z"),
+                    truncated: true,
+                },
+            ],
+            key: KEY.into(),
+            next: Some("2.2".into()),
+            pruned_attempts: 1,
+        }),
+    );
+    check(
         "history_full_page",
         &Envelope::new(HistoryPage {
             events: history_page().result.events[..2].to_vec(),

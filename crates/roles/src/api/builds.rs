@@ -635,6 +635,68 @@ pub async fn history(
     .into_response())
 }
 
+/// Output chunks a page holds at most (and by default).
+pub const OUTPUT_PAGE: u32 = 200;
+
+/// `GET /api/build/{key}/output[?after=<attempt>.<seq>&limit=<n>]`: the build's output
+/// chunks in order, a page at a time, and which attempts' output retention removed.
+pub async fn output(
+    State(state): State<ApiState>,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let key = parse_key(&key)?;
+    let mut after = (0u32, 0u32);
+    let mut limit = OUTPUT_PAGE;
+    for (k, v) in form_urlencoded::parse(query.as_deref().unwrap_or("").as_bytes()) {
+        match k.as_ref() {
+            "after" => {
+                after = v
+                    .split_once('.')
+                    .and_then(|(a, c)| Some((a.parse().ok()?, c.parse().ok()?)))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(
+                            "after must be <attempt>.<seq> of a chunk, like 1.20 (`next` of the previous page)",
+                        )
+                    })?
+            }
+            "limit" => limit = parse_limit(&v, OUTPUT_PAGE)?,
+            other => {
+                return Err(ApiError::bad_request(format!(
+                    "unknown parameter {:?}; known: after, limit",
+                    other.chars().take(40).collect::<String>()
+                )))
+            }
+        }
+    }
+    let Some(build) = state.app.store.build(&key).await? else {
+        return Err(ApiError::not_found(format!("no build with key {key}")));
+    };
+    let chunks = state.app.store.output(&key, after, limit).await?;
+    let next = (chunks.len() == limit as usize)
+        .then(|| chunks.last().map(|c| format!("{}.{}", c.attempt, c.seq)))
+        .flatten();
+    let chunks = chunks
+        .into_iter()
+        .map(|c| wire::OutputChunk {
+            after_seq: c.after_seq,
+            attempt: c.attempt,
+            lines: c.lines,
+            seq: c.seq,
+            step: c.step,
+            time: c.recorded_at,
+            truncated: c.truncated,
+        })
+        .collect();
+    Ok(Json(wire::Envelope::new(wire::OutputPage {
+        chunks,
+        key: key.as_str().to_owned(),
+        next,
+        pruned_attempts: build.output_pruned,
+    }))
+    .into_response())
+}
+
 /// Events a feed page holds at most.
 pub const FEED_PAGE: u32 = 1000;
 

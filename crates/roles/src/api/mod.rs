@@ -158,6 +158,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/api/build", post(builds::post_build))
         .route("/api/build/{key}", get(builds::get_build))
         .route("/api/build/{key}/history", get(builds::history))
+        .route("/api/build/{key}/output", get(builds::output))
         .route("/api/build/{key}/cancel", post(admin::cancel))
         .route("/api/build/{key}/reproduce", post(admin::reproduce))
         .route("/api/admin/queue", get(admin::queue))

@@ -655,6 +655,43 @@ impl Doc {
             ],
         );
 
+        self.op(
+            HttpMethod::Get,
+            "/api/build/{key}/output",
+            OperationBuilder::new()
+                .operation_id(Some("getBuildOutput"))
+                .tag("builds")
+                .summary(Some("A build's output, a page of chunks at a time"))
+                .description(Some("What the build's steps printed, in chunks of lines, in order; each attempt keeps at most `worker.output_cap_bytes` (a chunk marked `truncated` says how much more there was). `pruned_attempts` tells which attempts' output retention removed (`janitor.output_retention`)."))
+                .parameter(key_param())
+                .parameter(query(
+                    "after",
+                    string()
+                        .pattern(Some(r"^[0-9]{1,9}\.[0-9]{1,9}$"))
+                        .max_length(Some(19)),
+                    "The page starts after this chunk, `<attempt>.<seq>` (default: from the first); `next` of the previous page",
+                ))
+                .parameter(limit_param(
+                    super::builds::OUTPUT_PAGE,
+                    &format!(
+                        "Chunks per page, 1 to {} (the default)",
+                        super::builds::OUTPUT_PAGE
+                    ),
+                ))
+                .securities(Some(self.read_security())),
+            vec![
+                Answer::new(
+                    200,
+                    "A page of output; `next` is the `after` of the next page (null on the last).",
+                )
+                .json(named("OutputResponse")),
+                bad_key_or_params(", `after` or `limit` is malformed, or a parameter is unknown"),
+                self.read_401(),
+                not_found(),
+                unavailable("The database is unavailable"),
+            ],
+        );
+
         let event_types: Vec<&str> = wire::EventType::ALL.iter().map(|t| t.as_str()).collect();
         self.op(
             HttpMethod::Get,
@@ -1330,6 +1367,7 @@ impl Doc {
         add::<wire::BuildSubmission>(&mut schemas);
         add::<wire::Build>(&mut schemas);
         add::<wire::HistoryPage>(&mut schemas);
+        add::<wire::OutputPage>(&mut schemas);
         add::<wire::FeedPage>(&mut schemas);
         add::<wire::Package>(&mut schemas);
         add::<wire::QueueList>(&mut schemas);
@@ -1350,6 +1388,11 @@ impl Doc {
                 "HistoryResponse",
                 schema_ref::<wire::HistoryPage>(),
                 "A page of a build's history.",
+            ),
+            (
+                "OutputResponse",
+                schema_ref::<wire::OutputPage>(),
+                "A page of a build's output.",
             ),
             (
                 "FeedResponse",

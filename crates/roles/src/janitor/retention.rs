@@ -1,4 +1,7 @@
-//! Duty: retention of artifact storage.
+//! Duty: retention of artifact storage and of build output.
+//! - Build output (the output table) of builds finished longer ago than
+//!   `janitor.output_retention` (per outcome) is removed, with the `output_pruned` event
+//!   that says so, in one transaction.
 //! - The shared build cache (`buildcache/v1/`) is kept below
 //!   `worker.build_cache.shared_max_bytes`, oldest objects first.
 //! - Artifacts neither built nor downloaded for `janitor.retention` expire: the
@@ -43,6 +46,9 @@ pub(super) async fn run(app: &App, storage: &Storage) {
             warn!(error = %e, "artifact retention pass failed");
         }
     }
+    if let Err(e) = prune_output(app).await {
+        warn!(error = %e, "output retention pass failed");
+    }
     if let Err(e) = sweep(app, storage).await {
         warn!(error = %e, "removing unpublished attempts' files failed");
     }
@@ -85,6 +91,53 @@ async fn expire(app: &App, storage: &Storage) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Removes the output of builds finished longer ago than their outcome's retention.
+/// Returns how many builds' output went.
+pub async fn prune_output(app: &App) -> anyhow::Result<u64> {
+    let r = app.config.janitor.output_retention;
+    let mut pruned = 0u64;
+    let classes: [(&[&str], &str, Duration); 2] = [
+        (&["succeeded", "expired"], "succeeded", r.succeeded),
+        (&["failed", "gave_up", "cancelled"], "failed", r.failed),
+    ];
+    // Up to `PAGES` batches per class and pass, so that a backlog drains within hours.
+    const PAGES: usize = 50;
+    for (statuses, class, retention) in classes {
+        if retention.is_zero() {
+            continue;
+        }
+        let cutoff = Utc::now() - chrono::Duration::from_std(retention)?;
+        let reason = format!(
+            "output of {class} builds is kept for {}",
+            humantime::format_duration(retention)
+        );
+        for _ in 0..PAGES {
+            let due = app.store.output_to_prune(statuses, cutoff, BATCH).await?;
+            let full = due.len() == BATCH as usize;
+            for b in due {
+                match app.store.prune_output(&b, &reason).await {
+                    Ok((_, p)) => {
+                        pruned += 1;
+                        debug!(build.key = %b.key, chunks = p.chunks, bytes = p.bytes, "output removed");
+                    }
+                    // It changed meanwhile (a forced rebuild, say): the next pass decides.
+                    Err(StoreError::Conflict { .. } | StoreError::Rejected(_)) => {}
+                    Err(e) => {
+                        warn!(build.key = %b.key, error = %e, "cannot remove a build's output")
+                    }
+                }
+            }
+            if !full {
+                break;
+            }
+        }
+    }
+    if pruned > 0 {
+        info!(builds = pruned, "build output past retention removed");
+    }
+    Ok(pruned)
 }
 
 async fn expire_batch(app: &App, storage: &Storage, stale: Vec<BuildState>, retention: Duration) {
