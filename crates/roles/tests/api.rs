@@ -777,6 +777,102 @@ async fn sse_resumes_with_last_event_id_exactly_once_through_the_result() {
     let rest = read_sse(&mut from_mid, |_| false).await;
     let want: Vec<String> = all[mid + 1..].iter().map(|m| m.0.clone()).collect();
     assert_eq!(rest.iter().map(|m| m.0.clone()).collect::<Vec<_>>(), want);
+
+    // The output is in the output table (ids <event>.<chunk>.<line>), not in the event
+    // log, and the output endpoint has the same lines.
+    let chunk_lines: Vec<String> = all
+        .iter()
+        .filter(|m| m.0.matches('.').count() == 2)
+        .map(|m| {
+            serde_json::from_str::<Value>(&m.2).unwrap()["line"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    assert!(!chunk_lines.is_empty(), "{all:?}");
+    let k: cbs_domain::BuildKey = key.parse().unwrap();
+    let events = s.app.store.events(&k, 0, 1000).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event.event_type() != cbs_events::EventType::Output),
+        "no output events in the log"
+    );
+    let page: Value = c
+        .get(format!("{}/api/build/{key}/output", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let listed: Vec<String> = page["result"]["chunks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["lines"].as_array().unwrap().iter())
+        .map(|l| l.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(listed, chunk_lines);
+    assert_eq!(page["result"]["pruned_attempts"], 0);
+    for bad in ["after=1", "after=x.1", "limit=0", "attempt=1"] {
+        let resp = c
+            .get(format!("{}/api/build/{key}/output?{bad}", s.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400, "{bad}");
+    }
+
+    // Retention removes the output (with an event saying so); the stream then says so in
+    // its place, and everything else replays as before.
+    let build = s.app.store.build(&k).await.unwrap().unwrap();
+    let (_, pruned) = s
+        .app
+        .store
+        .prune_output(&build, "output of succeeded builds is kept for 1s")
+        .await
+        .unwrap();
+    assert!(pruned.chunks > 0 && pruned.bytes > 0, "{pruned:?}");
+    let mut replay = c.get(&url).send().await.unwrap();
+    let after_prune = read_sse(&mut replay, |_| false).await;
+    let kept: Vec<&(String, String, String)> = all
+        .iter()
+        .filter(|m| m.0.matches('.').count() != 2)
+        .collect();
+    let notice: Vec<&(String, String, String)> = after_prune
+        .iter()
+        .filter(|m| m.2.contains("no longer kept"))
+        .collect();
+    assert_eq!(notice.len(), 1, "{after_prune:?}");
+    assert_eq!(after_prune.len(), kept.len() + 1, "{after_prune:?}");
+    let page: Value = c
+        .get(format!("{}/api/build/{key}/output", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["result"]["chunks"], serde_json::json!([]));
+    assert_eq!(page["result"]["pruned_attempts"], 1);
+    let history: Value = c
+        .get(format!("{}/api/build/{key}/history", s.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = history["result"]["events"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    assert_eq!(last["type"], "output_pruned", "{last}");
+    assert_eq!(last["data"]["chunks"], pruned.chunks);
 }
 
 #[tokio::test(flavor = "multi_thread")]
