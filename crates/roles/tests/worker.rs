@@ -88,14 +88,17 @@ async fn history(app: &App, key: &BuildKey) -> Vec<Event> {
         .collect()
 }
 
-fn output(events: &[Event]) -> Vec<String> {
-    events
-        .iter()
-        .filter_map(|e| match e {
-            Event::Output(o) => Some(o.lines.clone()),
-            _ => None,
-        })
-        .flatten()
+/// The build's output chunks, in order.
+async fn chunks(app: &App, key: &BuildKey) -> Vec<cbs_store::OutputChunk> {
+    app.store.output(key, (0, 0), 10_000).await.unwrap()
+}
+
+/// The build's output lines, in order.
+async fn output(app: &App, key: &BuildKey) -> Vec<String> {
+    chunks(app, key)
+        .await
+        .into_iter()
+        .flat_map(|c| c.lines)
         .collect()
 }
 
@@ -117,11 +120,8 @@ async fn builds_verifies_and_publishes_and_fails_a_broken_plugin_permanently() {
     let b = finished(&s.app, &key).await;
     let events = history(&s.app, &key).await;
     assert_eq!(b.status, Status::Succeeded, "{b:?}\n{events:#?}");
-    let types: Vec<EventType> = events
-        .iter()
-        .map(Event::event_type)
-        .filter(|t| *t != EventType::Output)
-        .collect();
+    // Output is not in the log (it has its own table).
+    let types: Vec<EventType> = events.iter().map(Event::event_type).collect();
     use EventType::*;
     assert_eq!(
         types,
@@ -139,7 +139,7 @@ async fn builds_verifies_and_publishes_and_fails_a_broken_plugin_permanently() {
             Succeeded
         ]
     );
-    let out = output(&events);
+    let out = output(&s.app, &key).await;
     assert!(out.iter().any(|l| l == "go mod tidy -e"), "{out:?}");
     assert!(
         out.iter().any(|l| l.contains("go build -o caddy")),
@@ -204,13 +204,45 @@ async fn builds_verifies_and_publishes_and_fails_a_broken_plugin_permanently() {
         "{}",
         err.message
     );
-    let out = output(&history(&s.app, &key).await);
+    let out = output(&s.app, &key).await;
     assert!(
         out.iter()
             .any(|l| l.contains("undefined: undefinedFunction")),
         "{out:?}"
     );
 
+    s.shutdown.cancel();
+    s.worker.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn output_beyond_the_cap_is_counted_not_kept_and_the_build_goes_on() {
+    let db = TestDb::new().await;
+    let proxy = FixtureProxy::start().await;
+    const CAP: u64 = 150;
+    let s = start_worker_with(&db, &proxy.url(), "worker-cap", |c| {
+        c.worker.output_cap_bytes = CAP;
+    })
+    .await;
+    let key = request(&s.app, &proxy, &[("github.com/acme/alpha", None)]).await;
+    let b = finished(&s.app, &key).await;
+    assert_eq!(b.status, Status::Succeeded, "{b:?}");
+    let all = chunks(&s.app, &key).await;
+    let (markers, kept): (Vec<_>, Vec<_>) = all.iter().partition(|c| c.truncated);
+    let kept_bytes: u64 = kept
+        .iter()
+        .flat_map(|c| &c.lines)
+        .map(|l| l.len() as u64 + 1)
+        .sum();
+    assert!(kept_bytes <= CAP, "{kept_bytes} bytes kept: {all:#?}");
+    assert!(kept_bytes > 0, "{all:#?}");
+    // The first marker as soon as the cap was reached, the count at the end; nothing after.
+    assert_eq!(markers.len(), 2, "{all:#?}");
+    assert!(markers[0].lines[0].contains("the rest is counted, not kept"));
+    let last = all.last().unwrap();
+    assert!(last.truncated, "{all:#?}");
+    let count = &last.lines[0];
+    assert!(count.contains("more lines") && count.contains("were not kept"), "{count}");
     s.shutdown.cancel();
     s.worker.await.unwrap().unwrap();
 }
