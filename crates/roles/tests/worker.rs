@@ -242,7 +242,10 @@ async fn output_beyond_the_cap_is_counted_not_kept_and_the_build_goes_on() {
     let last = all.last().unwrap();
     assert!(last.truncated, "{all:#?}");
     let count = &last.lines[0];
-    assert!(count.contains("more lines") && count.contains("were not kept"), "{count}");
+    assert!(
+        count.contains("more lines") && count.contains("were not kept"),
+        "{count}"
+    );
     s.shutdown.cancel();
     s.worker.await.unwrap().unwrap();
 }

@@ -18,7 +18,7 @@ use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::sse::{Event as Sse, KeepAlive};
 use axum::response::{IntoResponse, Response};
 use cbs_api_types::{LogData, ResultData, StateData, StepData, StreamEvent};
-use cbs_events::{Event, FailureKind, RecordedEvent};
+use cbs_events::{Event, EventType, FailureKind, RecordedEvent};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -338,10 +338,13 @@ pub async fn events(
                 read_after = e.seq;
                 let (mut msgs, mut end) = messages(e, output_pruned);
                 // A result that a later event superseded (a forced rebuild reopened the
-                // build) is not the stream's end: replay its state, not its result.
+                // build) is not the stream's end: replay its state, not its result. Events
+                // that do not reopen (an artifact's expiry, a reproduction, output
+                // retention) leave it the end.
                 if end {
-                    let later = i + 1 < events.len()
-                        || matches!(store.events(&key, e.seq, 1).await, Ok(more) if !more.is_empty());
+                    let reopens = |e: &RecordedEvent| e.event.event_type() == EventType::Requeued;
+                    let later = events[i + 1..].iter().any(reopens)
+                        || matches!(store.events(&key, e.seq, PAGE).await, Ok(more) if more.iter().any(reopens));
                     if later {
                         msgs.retain(|(place, _)| *place != (e.seq, Part::Event(Some(1))));
                         end = false;
