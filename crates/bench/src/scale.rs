@@ -1,5 +1,6 @@
 //! `bench scale`: the database at a million builds. Loads `--builds` whole histories (about
-//! ten state events each, plus output events, as the worker writes them today) with the
+//! ten state events each, plus two chunks of output in the output table, as the worker
+//! writes them today) with the
 //! projection rows their fold gives, `--queued` of them still queued and `--running`
 //! running, then measures what must not grow with the log: a status read, one build's
 //! history, a page of the global feed (all types, and filtered), the claim with the queue
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use cbs_domain::{BuildKey, BuildRequest, Platform, Plugin};
 use cbs_events::{
-    Artifact, ArtifactDeleted, Claimed, Event, EventType, Failed, FailureKind, Output, Requested,
+    Artifact, ArtifactDeleted, Claimed, Event, EventType, Failed, FailureKind, Requested,
     RequeueReason, Requeued, StepFinished, StepStarted, Succeeded,
 };
 use chrono::{DateTime, Utc};
@@ -19,6 +20,7 @@ use rand::Rng;
 
 use crate::print_out;
 use cbs_roles::App;
+use cbs_store::BenchChunk;
 
 /// Options of `bench scale`.
 #[derive(Debug, clap::Args)]
@@ -35,7 +37,7 @@ pub struct ScaleArgs {
     /// Samples per measurement.
     #[arg(long, default_value_t = 2000)]
     pub samples: usize,
-    /// Output lines per build (two `output` events per build carry them).
+    /// Output lines per build (two chunks of the output table carry them).
     #[arg(long, default_value_t = 60)]
     pub output_lines: usize,
     /// Also time `rebuild-projections` over everything (minutes at a million builds).
@@ -85,7 +87,24 @@ fn request(i: u64) -> BuildRequest {
 
 /// What happened to build `i` of `n`: the newest are queued or running; of the rest, 2 %
 /// failed, 1 % expired, the others succeeded.
-fn history(i: u64, n: u64, args: &ScaleArgs, now: DateTime<Utc>) -> Vec<(DateTime<Utc>, Event)> {
+fn history(
+    i: u64,
+    n: u64,
+    args: &ScaleArgs,
+    now: DateTime<Utc>,
+) -> (Vec<(DateTime<Utc>, Event)>, Vec<BenchChunk>) {
+    let mut chunks = Vec::new();
+    let h = events(i, n, args, now, &mut chunks);
+    (h, chunks)
+}
+
+fn events(
+    i: u64,
+    n: u64,
+    args: &ScaleArgs,
+    now: DateTime<Utc>,
+    chunks: &mut Vec<BenchChunk>,
+) -> Vec<(DateTime<Utc>, Event)> {
     // Spread over the past, a build per second or so, the newest last.
     let start = now - chrono::Duration::seconds((n - i) as i64);
     let at = |s: i64| start + chrono::Duration::milliseconds(s * 200);
@@ -128,14 +147,13 @@ fn history(i: u64, n: u64, args: &ScaleArgs, now: DateTime<Utc>) -> Vec<(DateTim
             let lines = (0..args.output_lines / 2)
                 .map(|l| format!("go: downloading github.com/bench-org{}/module-{l} v1.{}.0 (line {l} of {step})", l % 97, i % 13))
                 .collect();
-            h.push((
-                t_at(&at, &mut t),
-                Event::Output(Output {
-                    attempt: 1,
-                    step: step.into(),
-                    lines,
-                }),
-            ));
+            chunks.push(BenchChunk {
+                attempt: 1,
+                after_seq: h.len() as u32,
+                step: step.into(),
+                lines,
+                at: t_at(&at, &mut t),
+            });
         }
         if running && step == "compile" {
             return h;
@@ -237,7 +255,10 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
         while first < args.builds {
             let last = (first + BATCH).min(args.builds);
             let batch: Vec<_> = (first..last)
-                .map(|i| (key(i), history(i, args.builds, &args, now)))
+                .map(|i| {
+                    let (h, c) = history(i, args.builds, &args, now);
+                    (key(i), h, c)
+                })
                 .collect();
             events += store
                 .load_histories_for_bench(&batch)
@@ -265,7 +286,7 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
         total += bytes;
     }
     out.push_str(&format!(
-        "database bytes per build (log, projection, indexes): {:.0}\n\n",
+        "database bytes per build (log, output, projection, indexes): {:.0}\n\n",
         total as f64 / args.builds as f64
     ));
 
@@ -275,6 +296,7 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     let mut history = Vec::new();
     let mut feed = Vec::new();
     let mut feed_typed = Vec::new();
+    let mut replay = Vec::new();
     for _ in 0..args.samples {
         let k = pick();
         let t = Instant::now();
@@ -283,6 +305,10 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let events = store.events(&k, 0, 1000).await?;
         history.push(t.elapsed());
+        // What a progress stream's replay reads: the events and the output among them.
+        let t = Instant::now();
+        store.timeline(&k, 0, (0, 0), 0, 500).await?;
+        replay.push(t.elapsed());
         // A page of the global feed from where this build's first event is.
         let cursor = events.first().context("a history")?.cursor();
         let t = Instant::now();
@@ -299,6 +325,10 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     out.push_str(&format!(
         "history of one build:                {}\n",
         summary(history)
+    ));
+    out.push_str(&format!(
+        "events and output of one build:      {}\n",
+        summary(replay)
     ));
     out.push_str(&format!(
         "feed page of 100, all types:         {}\n",
@@ -344,6 +374,34 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     out.push_str(&format!(
         "janitor scan:                        {}\n",
         summary(scans)
+    ));
+    // Output retention's scan (every retention check): finished builds whose output is
+    // still kept and older than the cutoff (none here are old enough: the index walk
+    // alone), and the same with every build old enough (a page of 200).
+    let mut retention = Vec::new();
+    let mut retention_due = Vec::new();
+    let month = Utc::now() - chrono::Duration::days(30);
+    let all = Utc::now() + chrono::Duration::days(1);
+    for _ in 0..args.samples.min(200) {
+        let t = Instant::now();
+        store
+            .output_to_prune(&["succeeded", "expired"], month, 200)
+            .await?;
+        retention.push(t.elapsed());
+        let t = Instant::now();
+        let due = store
+            .output_to_prune(&["succeeded", "expired"], all, 200)
+            .await?;
+        retention_due.push(t.elapsed());
+        anyhow::ensure!(due.len() == 200, "finished builds with output are due");
+    }
+    out.push_str(&format!(
+        "output retention scan, none due:     {}\n",
+        summary(retention)
+    ));
+    out.push_str(&format!(
+        "output retention scan, 200 due:      {}\n",
+        summary(retention_due)
     ));
     if args.rebuild {
         let t = Instant::now();

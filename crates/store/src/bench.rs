@@ -106,6 +106,17 @@ fn time(t: chrono::DateTime<Utc>) -> String {
 /// A build's events with their times, in order.
 pub type History = Vec<(chrono::DateTime<Utc>, Event)>;
 
+/// A chunk of a loaded build's output (its number is its place in the build's list).
+#[derive(Debug, Clone)]
+pub struct BenchChunk {
+    pub attempt: u32,
+    /// The event it follows.
+    pub after_seq: u32,
+    pub step: String,
+    pub lines: Vec<String>,
+    pub at: chrono::DateTime<Utc>,
+}
+
 impl Store {
     /// Loads whole build histories into an empty part of the database in one transaction
     /// (`COPY` of the events and of their folded projection rows): the data of the scale
@@ -113,13 +124,30 @@ impl Store {
     /// exactly what the live path would have written. Returns the events written.
     pub async fn load_histories_for_bench(
         &self,
-        histories: &[(BuildKey, History)],
+        histories: &[(BuildKey, History, Vec<BenchChunk>)],
     ) -> Result<u64, StoreError> {
         use futures::SinkExt;
         let mut events = String::new();
         let mut builds = String::new();
+        let mut output = String::new();
         let mut n = 0u64;
-        for (key, history) in histories {
+        for (key, history, chunks) in histories {
+            for (i, c) in chunks.iter().enumerate() {
+                copy_row(
+                    &mut output,
+                    &[
+                        Some(key.as_str()),
+                        Some(&c.attempt.to_string()),
+                        Some(&(i + 1).to_string()),
+                        Some(&c.after_seq.to_string()),
+                        Some(&c.step),
+                        Some(&c.lines.join("\n")),
+                        Some(&c.lines.len().to_string()),
+                        Some("f"),
+                        Some(&time(c.at)),
+                    ],
+                );
+            }
             let state = cbs_projections::replay(
                 key,
                 history
@@ -191,6 +219,11 @@ impl Store {
                  updated_at, client, queue_rank, built_by, reproduction) FROM STDIN",
                 builds,
             ),
+            (
+                "COPY build_output (build_key, attempt, seq, after_seq, step, body, lines, \
+                 truncated, recorded_at) FROM STDIN",
+                output,
+            ),
         ] {
             let sink = tx.copy_in(sql).await?;
             futures::pin_mut!(sink);
@@ -207,7 +240,8 @@ impl Store {
         let rows = client
             .query(
                 "SELECT t, pg_total_relation_size(t::regclass) AS bytes
-                 FROM unnest(ARRAY['build_events', 'builds', 'artifact_downloads']) AS t",
+                 FROM unnest(ARRAY['build_events', 'build_output', 'builds',
+                                   'artifact_downloads']) AS t",
                 &[],
             )
             .await?;
@@ -234,6 +268,7 @@ impl Store {
         // refuses.
         client.batch_execute("VACUUM ANALYZE build_events").await?;
         client.batch_execute("VACUUM ANALYZE builds").await?;
+        client.batch_execute("VACUUM ANALYZE build_output").await?;
         Ok(())
     }
 }

@@ -13,6 +13,8 @@
 
 #[cfg(feature = "bench")]
 mod bench;
+#[cfg(feature = "bench")]
+pub use bench::BenchChunk;
 mod connect;
 mod error;
 mod hub;
