@@ -37,6 +37,7 @@ async fn the_scale_benchmark_runs_on_a_small_database() {
         "build_output:",
         "feed page of 100, all types",
         "claim with 300 queued",
+        "claim, commit without WAL flush wait",
         "janitor scan",
         "database bytes per build",
         "rebuild-projections: 6000 builds",
