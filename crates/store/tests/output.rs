@@ -185,10 +185,8 @@ async fn output_is_placed_among_events_fenced_and_pruned_only_with_its_event() {
         .output_to_prune(&["succeeded"], far, 10)
         .await
         .unwrap();
-    assert_eq!(
-        due.iter().map(|b| b.key.clone()).collect::<Vec<_>>(),
-        [k.clone()]
-    );
+    assert_eq!(due.len(), 1);
+    assert_eq!(due[0].key, k);
     // Only builds older than the cutoff.
     let past = done.updated_at - chrono::Duration::seconds(1);
     assert!(store
