@@ -273,9 +273,10 @@ pub async fn events(
     let (tx, rx) = mpsc::channel::<Result<Sse, Infallible>>(256);
     let store = state.app.store.clone();
     tokio::spawn(async move {
-        let _wait = wait; // open as long as the stream
-                          // Read from the event the client saw last (it may have seen only part of it), and
-                          // the output from the chunk it saw last.
+        // Open as long as the stream.
+        let _wait = wait;
+        // Read from the event the client saw last (it may have seen only part of it), and
+        // the output from the chunk it saw last.
         let mut read_after = seen.0.saturating_sub(1);
         let mut chunks_from = match seen.1 {
             Part::Chunk(c, _) => (seen.0, c),
