@@ -541,6 +541,13 @@ async fn pick_two_plugins_build_watch_the_steps_and_download() {
         .collect();
     assert_eq!(types.first(), Some(&"requested"));
     assert!(types.contains(&"claimed") && types.contains(&"step_started"));
+    // Below the events, the build's output (its own table).
+    b.wait_for(
+        "the output",
+        "document.getElementById('output').textContent.includes('--- attempt 1 ---')",
+        DEADLINE,
+    )
+    .await;
     // The download page at a phone's width, with the selection from the link.
     b.goto(&format!(
         "{base}/?package=github.com/acme/alpha&package=github.com/Acme/Beta&os=linux&arch=arm64"
@@ -738,14 +745,12 @@ async fn the_build_page_resumes_after_an_api_restart_without_duplicates() {
         sha256_file(&file),
         ended["result"]["artifact"]["sha256"].as_str().unwrap()
     );
-    // Every output line of the build is on the page exactly as often as in the log.
-    let history = site.get(&format!("/api/build/{key}/history")).await;
+    // Every output line of the build is on the page exactly as often as it was stored.
+    let output = site.get(&format!("/api/build/{key}/output")).await;
     let mut want: HashMap<String, usize> = HashMap::new();
-    for e in history["result"]["events"].as_array().unwrap() {
-        if e["type"] == "output" {
-            for l in e["data"]["lines"].as_array().unwrap() {
-                *want.entry(l.as_str().unwrap().to_owned()).or_default() += 1;
-            }
+    for c in output["result"]["chunks"].as_array().unwrap() {
+        for l in c["lines"].as_array().unwrap() {
+            *want.entry(l.as_str().unwrap().to_owned()).or_default() += 1;
         }
     }
     assert!(!want.is_empty());
