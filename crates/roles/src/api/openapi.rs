@@ -52,9 +52,9 @@ pub async fn serve(State(state): State<ApiState>) -> Response {
 /// What `GET /metrics` answers (`cbs_metrics::CONTENT_TYPE`; the contract test compares).
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// An event id as the stream's `after` and `Last-Event-ID` take it: `<seq>` or `<seq>.<i>`
-/// (surrounding space and a `+` are read too).
-const EVENT_ID: &str = "^\\s*\\+?[0-9]+(\\.\\+?[0-9]+)?\\s*$";
+/// An event id as the stream's `after` and `Last-Event-ID` take it: `<seq>`, `<seq>.<i>` or
+/// `<seq>.<c>.<i>` (surrounding space and a `+` are read too).
+const EVENT_ID: &str = "^\\s*\\+?[0-9]+(\\.\\+?[0-9]+){0,2}\\s*$";
 
 /// The build key as a path parameter.
 const KEY_PATTERN: &str = "^[0-9a-f]{64}$";
@@ -857,7 +857,7 @@ impl Doc {
                 .operation_id(Some("getBuildEvents"))
                 .tag("builds")
                 .summary(Some("A build's progress as Server-Sent Events"))
-                .description(Some("Events: `state` (every state change), `step` (a step began), `log` (a line of output, or a step's summary), `result` (how the build ended; the stream ends after it). Each has an id, `<seq>` or `<seq>.<i>`; reconnect with `Last-Event-ID` (or `after`) to get exactly what was missed, then live events. Keep-alive comments every 15 s. A finished build's stream replays and ends."))
+                .description(Some("Events: `state` (every state change), `step` (a step began), `log` (a line of output, or a step's summary), `result` (how the build ended; the stream ends after it). Each has an id, `<seq>`, `<seq>.<i>` (a further message of event `seq`) or `<seq>.<c>.<i>` (line `i` of output chunk `c` after event `seq`); reconnect with `Last-Event-ID` (or `after`) to get exactly what was missed, then live events. Keep-alive comments every 15 s. A finished build's stream replays and ends."))
                 .parameter(key_param())
                 .parameter(query(
                     "after",
@@ -1668,7 +1668,7 @@ fn stream_event_schema() -> RefOr<Schema> {
                 .required("data")
                 .property(
                     "id",
-                    string().pattern(Some("^[0-9]{1,10}(\\.[0-9]{1,20})?$")),
+                    string().pattern(Some("^[0-9]{1,10}(\\.[0-9]{1,20}){0,2}$")),
                 )
                 .required("id"),
         );
