@@ -341,29 +341,11 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
 
     // The claim with the queue full: claim, then hand the build back (preempted, at its
     // old place), so the queue stays as long.
-    let mut claims = Vec::new();
-    for _ in 0..args.samples.min(args.queued as usize) {
-        let t = Instant::now();
-        let b = store
-            .claim("bench-claimer", Duration::from_secs(3600))
-            .await?
-            .context("a queued build")?;
-        claims.push(t.elapsed());
-        store
-            .append(
-                &b,
-                Event::Requeued(Requeued {
-                    attempt: b.attempt,
-                    reason: RequeueReason::Preempted,
-                    not_before: b.available_at,
-                }),
-            )
-            .await?;
-    }
+    let n = args.samples.min(args.queued as usize);
     out.push_str(&format!(
         "claim with {} queued:               {}\n",
         args.queued,
-        summary(claims)
+        summary(claims(store, n).await?)
     ));
     // The same claims on connections whose commits do not wait for the WAL flush: what is
     // left is the statement (the index walk, the lock, the fold); the difference is the
@@ -374,28 +356,9 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     db.url =
         cbs_config::DatabaseUrl::new(format!("{url}{sep}options=-c%20synchronous_commit%3Doff"));
     let async_store = cbs_store::Store::new(&db)?;
-    let mut async_claims = Vec::new();
-    for _ in 0..args.samples.min(args.queued as usize) {
-        let t = Instant::now();
-        let b = async_store
-            .claim("bench-claimer", Duration::from_secs(3600))
-            .await?
-            .context("a queued build")?;
-        async_claims.push(t.elapsed());
-        async_store
-            .append(
-                &b,
-                Event::Requeued(Requeued {
-                    attempt: b.attempt,
-                    reason: RequeueReason::Preempted,
-                    not_before: b.available_at,
-                }),
-            )
-            .await?;
-    }
     out.push_str(&format!(
         "claim, commit without WAL flush wait: {}\n",
-        summary(async_claims)
+        summary(claims(&async_store, n).await?)
     ));
     let mut scans = Vec::new();
     for _ in 0..args.samples.min(200) {
@@ -453,6 +416,31 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     }
     print_out(&out);
     Ok(())
+}
+
+/// Times `n` claims with the queue full; each claimed build is handed back (preempted, at
+/// its old place), so the queue stays as long.
+async fn claims(store: &cbs_store::Store, n: usize) -> anyhow::Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        let b = store
+            .claim("bench-claimer", Duration::from_secs(3600))
+            .await?
+            .context("a queued build")?;
+        times.push(t.elapsed());
+        store
+            .append(
+                &b,
+                Event::Requeued(Requeued {
+                    attempt: b.attempt,
+                    reason: RequeueReason::Preempted,
+                    not_before: b.available_at,
+                }),
+            )
+            .await?;
+    }
+    Ok(times)
 }
 
 fn summary(v: Vec<Duration>) -> String {
