@@ -216,15 +216,16 @@ async fn fleet(tiny: bool) {
     proxy.add_large(if tiny { Scale::TINY } else { Scale::CALIBRATED });
     let tmp = tempfile::tempdir().unwrap();
     println!(
-        "| fleet of 3, 30 builds | wall time | builds per hour | hit rate | fetched from shared |"
+        "| fleet of 3, 30 builds | wall time | builds per hour | hit rate | shared hits | fetched from shared |"
     );
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: |");
     let row = |what: &str, (t, r): (Duration, CacheReport)| {
         println!(
-            "| {what} | {:.0} s | {:.0} | {:.0}% | {:.1} MB |",
+            "| {what} | {:.0} s | {:.0} | {:.0}% | {} | {:.1} MB |",
             t.as_secs_f64(),
             30.0 * 3600.0 / t.as_secs_f64(),
             r.hit_rate() * 100.0,
+            r.shared_hits,
             r.fetched_bytes as f64 / 1e6
         );
     };
