@@ -581,7 +581,7 @@ impl DockerExecutor {
                 .build();
             let mut logs = self.docker.logs(id, Some(options));
             // Output arrives in chunks; split into lines, per stream.
-            let mut partial: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            let mut split = [LineSplitter::default(), LineSplitter::default()];
             while let Some(chunk) = logs.next().await {
                 let (i, bytes) = match chunk {
                     Ok(bollard::container::LogOutput::StdOut { message }) => (0, message),
@@ -592,16 +592,13 @@ impl DockerExecutor {
                         break;
                     }
                 };
-                partial[i].extend_from_slice(&bytes);
-                while let Some(nl) = partial[i].iter().position(|&b| b == b'\n') {
-                    let line: Vec<u8> = partial[i].drain(..=nl).collect();
-                    let _ =
-                        lines.send(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+                for line in split[i].push(&bytes) {
+                    let _ = lines.send(line);
                 }
             }
-            for rest in partial {
-                if !rest.is_empty() {
-                    let _ = lines.send(String::from_utf8_lossy(&rest).into_owned());
+            for s in split {
+                if let Some(rest) = s.finish() {
+                    let _ = lines.send(rest);
                 }
             }
         };
@@ -1211,9 +1208,99 @@ fn push_tail(tail: &mut std::collections::VecDeque<String>, line: String) {
     tail.push_back(line);
 }
 
+/// The longest line a container's output is passed on with: the rest of a longer line is
+/// dropped and the line says so, so that one hostile line (a generated identifier in a
+/// compiler error, a binary written to stdout) cannot fill memory, the output table or a
+/// failure message.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// Splits a stream of bytes into lines of at most [`MAX_LINE_BYTES`] (invalid UTF-8 is
+/// replaced).
+#[derive(Default)]
+struct LineSplitter {
+    partial: Vec<u8>,
+    /// Bytes of the current line dropped past the limit.
+    dropped: usize,
+}
+
+impl LineSplitter {
+    fn push(&mut self, mut bytes: &[u8]) -> Vec<String> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            let nl = bytes.iter().position(|&b| b == b'\n');
+            let (piece, ends) = match nl {
+                Some(n) => (&bytes[..n], true),
+                None => (bytes, false),
+            };
+            let room = MAX_LINE_BYTES - self.partial.len();
+            let keep = piece.len().min(room);
+            self.partial.extend_from_slice(&piece[..keep]);
+            self.dropped += piece.len() - keep;
+            if ends {
+                out.push(self.take());
+                bytes = &bytes[piece.len() + 1..];
+            } else {
+                bytes = &[];
+            }
+        }
+        out
+    }
+
+    fn take(&mut self) -> String {
+        let mut line = String::from_utf8_lossy(&self.partial).into_owned();
+        if self.dropped > 0 {
+            line.push_str(&format!(" [line cut: {} more bytes]", self.dropped));
+        }
+        self.partial.clear();
+        self.dropped = 0;
+        line
+    }
+
+    fn finish(mut self) -> Option<String> {
+        (!self.partial.is_empty() || self.dropped > 0).then(|| self.take())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_are_split_across_chunks_and_cut_at_the_limit() {
+        let mut s = LineSplitter::default();
+        assert!(s.push(b"go: downloading ").is_empty());
+        assert_eq!(
+            s.push(b"x v1\nnext\n\nla"),
+            ["go: downloading x v1", "next", ""]
+        );
+        assert_eq!(s.finish().as_deref(), Some("la"));
+
+        // One line of 1 MB arriving in pieces comes out as one line of the limit, saying
+        // how much went.
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for _ in 0..256 {
+            out.extend(s.push(&[b'a'; 4096]));
+        }
+        out.extend(s.push(b"\nafter\n"));
+        assert_eq!(
+            out.len(),
+            2,
+            "{:?}",
+            out.iter().map(|l| l.len()).collect::<Vec<_>>()
+        );
+        assert!(out[0].starts_with(&"a".repeat(MAX_LINE_BYTES)));
+        assert!(out[0].ends_with(&format!(
+            " [line cut: {} more bytes]",
+            256 * 4096 - MAX_LINE_BYTES
+        )));
+        assert_eq!(out[1], "after");
+        assert_eq!(s.finish(), None);
+
+        // Invalid UTF-8 is replaced, not an error.
+        let mut s = LineSplitter::default();
+        assert_eq!(s.push(b"\xff\xfeok\n"), ["\u{fffd}\u{fffd}ok"]);
+    }
 
     #[test]
     fn markers_need_the_nonce() {

@@ -23,6 +23,9 @@ use crate::App;
 
 /// Lines of output quoted in a failure message.
 const MESSAGE_TAIL: usize = 20;
+/// How much of each of those lines it shows: a failure message goes into the event log,
+/// which is never pruned, so it is bounded (20 lines of 300 bytes) whatever a build prints.
+const MESSAGE_LINE_BYTES: usize = 300;
 
 /// Why an attempt did not produce an artifact.
 struct Failure {
@@ -363,10 +366,28 @@ pub(super) fn step_failure(
     let shown = &tail[tail.len().saturating_sub(MESSAGE_TAIL)..];
     let mut message = format!("step {step} failed: `{command}` {how}");
     if !shown.is_empty() {
-        message.push_str("; its last output:\n");
-        message.push_str(&shown.join("\n"));
+        message.push_str("; its last output:");
+        for line in shown {
+            message.push('\n');
+            message.push_str(clip(line, MESSAGE_LINE_BYTES));
+            if clip(line, MESSAGE_LINE_BYTES).len() < line.len() {
+                message.push_str(" [...]");
+            }
+        }
     }
     message
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+fn clip(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn phase_of(plan: &BuildPlan, step: &str) -> cbs_domain::plan::Phase {
@@ -375,4 +396,17 @@ fn phase_of(plan: &BuildPlan, step: &str) -> cbs_domain::plan::Phase {
         .find(|s| s.name == step)
         .map(|s| s.phase)
         .unwrap_or(cbs_domain::plan::Phase::Resolve)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn clip_keeps_whole_characters() {
+        assert_eq!(clip("short", 300), "short");
+        assert_eq!(clip("ééé", 3), "é");
+        assert_eq!(clip("ééé", 4), "éé");
+        assert_eq!(clip(&"x".repeat(1000), 300).len(), 300);
+    }
 }
