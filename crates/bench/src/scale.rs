@@ -307,7 +307,7 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
         history.push(t.elapsed());
         // What a progress stream's replay reads: the events and the output among them.
         let t = Instant::now();
-        store.timeline(&k, 0, (0, 0), 0, 500).await?;
+        store.timeline(&k, 0, (0, 0), (0, 0), 500).await?;
         replay.push(t.elapsed());
         // A page of the global feed from where this build's first event is.
         let cursor = events.first().context("a history")?.cursor();
@@ -377,25 +377,29 @@ pub async fn scale(app: App, args: ScaleArgs) -> anyhow::Result<()> {
     let mut retention_due = Vec::new();
     let month = Utc::now() - chrono::Duration::days(30);
     let all = Utc::now() + chrono::Duration::days(1);
+    // One scan is what the janitor does per class: a page per status of the class.
+    let class_scan = |cutoff| async move {
+        let mut due = 0;
+        for status in ["succeeded", "expired"] {
+            due += store.output_to_prune(status, cutoff, 200).await?.len();
+        }
+        anyhow::Ok(due)
+    };
     for _ in 0..args.samples.min(200) {
         let t = Instant::now();
-        store
-            .output_to_prune(&["succeeded", "expired"], month, 200)
-            .await?;
+        class_scan(month).await?;
         retention.push(t.elapsed());
         let t = Instant::now();
-        let due = store
-            .output_to_prune(&["succeeded", "expired"], all, 200)
-            .await?;
+        let due = class_scan(all).await?;
         retention_due.push(t.elapsed());
-        anyhow::ensure!(due.len() == 200, "finished builds with output are due");
+        anyhow::ensure!(due >= 200, "finished builds with output are due");
     }
     out.push_str(&format!(
         "output retention scan, none due:     {}\n",
         summary(retention)
     ));
     out.push_str(&format!(
-        "output retention scan, 200 due:      {}\n",
+        "output retention scan, all due:      {}\n",
         summary(retention_due)
     ));
     if args.rebuild {

@@ -33,7 +33,7 @@ async fn the_scale_benchmark_runs_on_a_small_database() {
         "status read",
         "history of one build",
         "events and output of one build",
-        "output retention scan, 200 due",
+        "output retention scan, all due",
         "build_output:",
         "feed page of 100, all types",
         "claim with 300 queued",

@@ -323,13 +323,15 @@ impl Store {
     /// snapshot: at most `limit` events, and the chunks placed from `chunks_from` (a place
     /// `(after_seq, seq)`, inclusive) up to the last event returned (or `after_event` when
     /// none), at most `limit`. A chunk placed after an event not yet returned waits for the
-    /// next read. `min_attempt` narrows the chunk scan to attempts the caller knows it is at.
+    /// next read. `min_chunk` (attempt, seq), inclusive, narrows the chunk scan to where the
+    /// caller knows it is (the chunk after the last one it got), so that a read costs the
+    /// chunks it returns, not every chunk of the attempt before them; `(0, 0)` when unknown.
     pub async fn timeline(
         &self,
         key: &BuildKey,
         after_event: u32,
         chunks_from: (u32, u32),
-        min_attempt: u32,
+        min_chunk: (u32, u32),
         limit: u32,
     ) -> Result<(Vec<RecordedEvent>, Vec<OutputChunk>), StoreError> {
         let mut client = self.client().await?;
@@ -341,7 +343,7 @@ impl Store {
             .await?;
         let events = queries::build_events(&tx, key, after_event, limit).await?;
         let upto = events.last().map_or(after_event, |e| e.seq);
-        let chunks = queries::build_output(&tx, key, chunks_from, min_attempt, upto, limit).await?;
+        let chunks = queries::build_output(&tx, key, chunks_from, min_chunk, upto, limit).await?;
         tx.commit().await?;
         Ok((events, chunks))
     }
@@ -357,16 +359,16 @@ impl Store {
         queries::output_page(&client, key, after, limit).await
     }
 
-    /// Finished builds in `statuses` whose output is kept and which did not change since
+    /// Finished builds of `status` whose output is kept and which did not change since
     /// `cutoff`, oldest first, at most `limit`.
     pub async fn output_to_prune(
         &self,
-        statuses: &[&str],
+        status: &str,
         cutoff: chrono::DateTime<Utc>,
         limit: i64,
     ) -> Result<Vec<BuildState>, StoreError> {
         let client = self.client().await?;
-        queries::output_to_prune(&client, statuses, cutoff, limit).await
+        queries::output_to_prune(&client, status, cutoff, limit).await
     }
 
     /// Removes the output of every ended attempt of the build `prev` describes and appends

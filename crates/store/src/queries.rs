@@ -1125,21 +1125,21 @@ pub(crate) async fn append_output(
 }
 
 /// A build's output chunks from place `(after_seq, seq) >= from` up to chunks placed after
-/// event `upto`, in order, at most `limit`. `min_attempt` narrows the index range when the
-/// caller knows the attempt it is in.
+/// event `upto`, in order, at most `limit`. `min_chunk` (attempt, seq) starts the index
+/// range where the caller knows it is.
 pub(crate) async fn build_output(
     c: &impl GenericClient,
     key: &BuildKey,
     from: (u32, u32),
-    min_attempt: u32,
+    min_chunk: (u32, u32),
     upto: u32,
     limit: u32,
 ) -> Result<Vec<crate::OutputChunk>, StoreError> {
     let stmt = c
         .prepare_cached(&format!(
             "SELECT {CHUNK_COLUMNS} FROM build_output
-             WHERE build_key = $1 AND attempt >= $2 AND (after_seq, seq) >= ($3, $4)
-               AND after_seq <= $5
+             WHERE build_key = $1 AND (attempt, seq) >= ($2, $7)
+               AND (after_seq, seq) >= ($3, $4) AND after_seq <= $5
              ORDER BY attempt, seq LIMIT $6"
         ))
         .await?;
@@ -1149,11 +1149,12 @@ pub(crate) async fn build_output(
             &stmt,
             &[
                 &key.as_str(),
-                &clamp(min_attempt),
+                &clamp(min_chunk.0),
                 &clamp(from.0),
                 &clamp(from.1),
                 &clamp(upto),
                 &i64::from(limit),
+                &clamp(min_chunk.1),
             ],
         )
         .await?;
@@ -1212,11 +1213,12 @@ pub(crate) async fn delete_output(
     ))
 }
 
-/// Finished builds in `statuses` whose output is still kept and which have not changed
-/// since `cutoff`, oldest first (the `builds_output_kept` index: only such builds are in it).
+/// Finished builds of `status` whose output is still kept and which have not changed since
+/// `cutoff`, oldest first (the `builds_output_kept` index, keyed by status: only such
+/// builds are in it, so the scan reads due builds only).
 pub(crate) async fn output_to_prune(
     c: &impl GenericClient,
-    statuses: &[&str],
+    status: &str,
     cutoff: chrono::DateTime<chrono::Utc>,
     limit: i64,
 ) -> Result<Vec<BuildState>, StoreError> {
@@ -1225,11 +1227,10 @@ pub(crate) async fn output_to_prune(
             "SELECT {BUILD_COLUMNS} FROM builds
              WHERE output_pruned < attempt
                AND status IN ('succeeded', 'expired', 'failed', 'gave_up', 'cancelled')
-               AND status = ANY($1) AND updated_at < $2
+               AND status = $1 AND updated_at < $2
              ORDER BY updated_at LIMIT $3"
         ))
         .await?;
-    let statuses: Vec<String> = statuses.iter().map(|s| (*s).to_owned()).collect();
-    let rows = c.query(&stmt, &[&statuses, &cutoff, &limit]).await?;
+    let rows = c.query(&stmt, &[&status, &cutoff, &limit]).await?;
     rows.iter().map(build_from_row).collect()
 }

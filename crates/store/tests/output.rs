@@ -102,7 +102,7 @@ async fn output_is_placed_among_events_fenced_and_pruned_only_with_its_event() {
     );
 
     // Events and chunks in one read, placed: chunk 1 after event 2, chunks 2 and 3 after 3.
-    let (events, chunks) = store.timeline(&k, 0, (0, 0), 0, 500).await.unwrap();
+    let (events, chunks) = store.timeline(&k, 0, (0, 0), (0, 0), 500).await.unwrap();
     assert_eq!(events.len(), 3);
     let placed: Vec<(u32, u32, u32)> = chunks
         .iter()
@@ -115,12 +115,18 @@ async fn output_is_placed_among_events_fenced_and_pruned_only_with_its_event() {
     assert_eq!(chunks[2].lines, ["", "x"]);
     assert!(chunks[2].truncated && !chunks[1].truncated);
     // A read that returns only event 1 returns no chunk placed after a later event.
-    let (events, chunks) = store.timeline(&k, 0, (0, 0), 0, 1).await.unwrap();
+    let (events, chunks) = store.timeline(&k, 0, (0, 0), (0, 0), 1).await.unwrap();
     assert_eq!((events.len(), chunks.len()), (1, 0));
     // From the middle: chunks from place (3, 3) on.
-    let (events, chunks) = store.timeline(&k, 2, (3, 3), 1, 500).await.unwrap();
+    let (events, chunks) = store.timeline(&k, 2, (3, 3), (1, 0), 500).await.unwrap();
     assert_eq!(events.len(), 1);
     assert_eq!(chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
+    // Knowing the chunk it is at (attempt 1, chunk 3) gives the same.
+    let (_, chunks) = store.timeline(&k, 2, (3, 3), (1, 3), 500).await.unwrap();
+    assert_eq!(chunks.iter().map(|c| c.seq).collect::<Vec<_>>(), [3]);
+    // Past the last chunk: none.
+    let (_, chunks) = store.timeline(&k, 2, (3, 3), (1, 4), 500).await.unwrap();
+    assert!(chunks.is_empty());
 
     // The lease is taken away: the old attempt's output is refused and nothing is written.
     store
@@ -174,23 +180,20 @@ async fn output_is_placed_among_events_fenced_and_pruned_only_with_its_event() {
     let running = store.build(&k).await.unwrap().unwrap();
     let far = Utc::now() + chrono::Duration::days(1);
     assert!(store
-        .output_to_prune(&["succeeded"], far, 10)
+        .output_to_prune("succeeded", far, 10)
         .await
         .unwrap()
         .is_empty());
     let done = store.append_latest(&k, succeeded(2)).await.unwrap();
     assert_eq!(done.status, Status::Succeeded);
     assert!(running.attempt == 2);
-    let due = store
-        .output_to_prune(&["succeeded"], far, 10)
-        .await
-        .unwrap();
+    let due = store.output_to_prune("succeeded", far, 10).await.unwrap();
     assert_eq!(due.len(), 1);
     assert_eq!(due[0].key, k);
     // Only builds older than the cutoff.
     let past = done.updated_at - chrono::Duration::seconds(1);
     assert!(store
-        .output_to_prune(&["succeeded"], past, 10)
+        .output_to_prune("succeeded", past, 10)
         .await
         .unwrap()
         .is_empty());
@@ -222,7 +225,7 @@ async fn output_is_placed_among_events_fenced_and_pruned_only_with_its_event() {
     );
     // Pruned builds leave the retention scan, and a second pruning is refused.
     assert!(store
-        .output_to_prune(&["succeeded"], far, 10)
+        .output_to_prune("succeeded", far, 10)
         .await
         .unwrap()
         .is_empty());

@@ -113,24 +113,26 @@ pub async fn prune_output(app: &App) -> anyhow::Result<u64> {
             "output of {class} builds is kept for {}",
             humantime::format_duration(retention)
         );
-        for _ in 0..PAGES {
-            let due = app.store.output_to_prune(statuses, cutoff, BATCH).await?;
-            let full = due.len() == BATCH as usize;
-            for b in due {
-                match app.store.prune_output(&b, &reason).await {
-                    Ok((_, p)) => {
-                        pruned += 1;
-                        debug!(build.key = %b.key, chunks = p.chunks, bytes = p.bytes, "output removed");
-                    }
-                    // It changed meanwhile (a forced rebuild, say): the next pass decides.
-                    Err(StoreError::Conflict { .. } | StoreError::Rejected(_)) => {}
-                    Err(e) => {
-                        warn!(build.key = %b.key, error = %e, "cannot remove a build's output")
+        for status in statuses {
+            for _ in 0..PAGES {
+                let due = app.store.output_to_prune(status, cutoff, BATCH).await?;
+                let full = due.len() == BATCH as usize;
+                for b in due {
+                    match app.store.prune_output(&b, &reason).await {
+                        Ok((_, p)) => {
+                            pruned += 1;
+                            debug!(build.key = %b.key, chunks = p.chunks, bytes = p.bytes, "output removed");
+                        }
+                        // It changed meanwhile (a forced rebuild, say): the next pass decides.
+                        Err(StoreError::Conflict { .. } | StoreError::Rejected(_)) => {}
+                        Err(e) => {
+                            warn!(build.key = %b.key, error = %e, "cannot remove a build's output")
+                        }
                     }
                 }
-            }
-            if !full {
-                break;
+                if !full {
+                    break;
+                }
             }
         }
     }
