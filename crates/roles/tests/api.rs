@@ -847,6 +847,34 @@ async fn sse_resumes_with_last_event_id_exactly_once_through_the_result() {
         .collect();
     assert_eq!(notice.len(), 1, "{after_prune:?}");
     assert_eq!(after_prune.len(), kept.len() + 1, "{after_prune:?}");
+    // A client that was in the middle of that output when it went resumes to a notice
+    // with the id it resumed from (its resume point stays), then the rest.
+    let mut from_mid = c
+        .get(&url)
+        .header("last-event-id", &all[mid].0)
+        .send()
+        .await
+        .unwrap();
+    let rest = read_sse(&mut from_mid, |_| false).await;
+    assert_eq!(rest[0].0, all[mid].0, "{rest:?}");
+    assert!(rest[0].2.contains("no longer kept"), "{rest:?}");
+    let want: Vec<&String> = all[mid + 1..]
+        .iter()
+        .filter(|m| m.0.matches('.').count() != 2)
+        .map(|m| &m.0)
+        .collect();
+    assert_eq!(rest[1..].iter().map(|m| &m.0).collect::<Vec<_>>(), want);
+    // A Last-Event-ID that is not text is refused, not taken for "from the start".
+    let resp = c
+        .get(&url)
+        .header(
+            "last-event-id",
+            reqwest::header::HeaderValue::from_bytes(b"1\xff").unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
     let page: Value = c
         .get(format!("{}/api/build/{key}/output", s.base))
         .send()

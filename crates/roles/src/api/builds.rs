@@ -669,10 +669,12 @@ pub async fn output(
             }
         }
     }
+    // The chunks first, then the build: a prune that commits between the two reads shows as
+    // chunks with a note that they are pruned, never as no output and no note.
+    let chunks = state.app.store.output(&key, after, limit).await?;
     let Some(build) = state.app.store.build(&key).await? else {
         return Err(ApiError::not_found(format!("no build with key {key}")));
     };
-    let chunks = state.app.store.output(&key, after, limit).await?;
     let next = (chunks.len() == limit as usize)
         .then(|| chunks.last().map(|c| format!("{}.{}", c.attempt, c.seq)))
         .flatten();

@@ -84,6 +84,39 @@ fn chunk_messages(c: &cbs_store::OutputChunk) -> Vec<(Place, Sse)> {
         .collect()
 }
 
+fn pruned_line(attempt: u32) -> String {
+    format!(
+        "[the output of attempt {attempt} is no longer kept: retention removed it (the build's history says when)]"
+    )
+}
+
+/// A `log` message at `place`.
+fn notice(place: Place, line: String) -> Sse {
+    let m = StreamEvent::Log(LogData { line });
+    Sse::default()
+        .id(id_of(place))
+        .event(m.name())
+        .data(m.data())
+}
+
+/// The attempt whose output a client at `place` was reading: the last claim at or before
+/// it, and the claim's seq. `None` before the first claim or when the log cannot be read.
+async fn attempt_at(
+    store: &cbs_store::Store,
+    key: &cbs_domain::BuildKey,
+    place: Place,
+) -> Option<(u32, u32)> {
+    let events = store.events(key, 0, PAGE).await.ok()?;
+    events
+        .iter()
+        .take_while(|e| e.seq <= place.0)
+        .filter_map(|e| match &e.event {
+            Event::Claimed(c) => Some((c.attempt, e.seq)),
+            _ => None,
+        })
+        .last()
+}
+
 /// The SSE messages of one stored event, and whether the stream ends with it.
 /// `output_pruned`: retention removed the output of attempts up to this one.
 fn messages(e: &RecordedEvent, output_pruned: u32) -> (Vec<(Place, Sse)>, bool) {
@@ -106,13 +139,7 @@ fn messages(e: &RecordedEvent, output_pruned: u32) -> (Vec<(Place, Sse)>, bool) 
         Event::Claimed(c) => {
             let mut out = vec![state(StateData::Running { attempt: c.attempt })];
             if c.attempt <= output_pruned {
-                out.push(log(
-                    (e.seq, Part::Event(Some(0))),
-                    format!(
-                        "[the output of attempt {} is no longer kept: retention removed it (the build's history says when)]",
-                        c.attempt
-                    ),
-                ));
+                out.push(log((e.seq, Part::Event(Some(0))), pruned_line(c.attempt)));
             }
             (out, false)
         }
@@ -231,11 +258,14 @@ pub async fn events(
     let key = parse_key(&key)?;
     let from_header = headers
         .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
         .map(|v| {
+            let v = v.to_str().map_err(|_| {
+                ApiError::bad_request("Last-Event-ID must be an event id like 12, 12.3 or 12.4.5")
+            })?;
             parse_resume(v).ok_or_else(|| {
                 ApiError::bad_request(format!(
-                    "Last-Event-ID {v:?} is not an event id of this stream"
+                    "Last-Event-ID {:?} is not an event id of this stream (like 12, 12.3 or 12.4.5)",
+                    v.chars().take(40).collect::<String>()
                 ))
             })
         })
@@ -245,7 +275,7 @@ pub async fn events(
         match k.as_ref() {
             "after" => {
                 from_query = Some(parse_resume(&v).ok_or_else(|| {
-                    ApiError::bad_request("after must be an event id like 12 or 12.3")
+                    ApiError::bad_request("after must be an event id like 12, 12.3 or 12.4.5")
                 })?)
             }
             other => {
@@ -282,10 +312,27 @@ pub async fn events(
             Part::Chunk(c, _) => (seen.0, c),
             Part::Event(_) => (seen.0, 0),
         };
-        let mut min_attempt = 0;
+        let mut min_chunk = (0, 0);
+        // A client resuming inside an attempt whose output retention removed since: the
+        // lines it would have got next are gone, and it is told so (with the id it resumed
+        // from: its resume point stays where it was).
+        if output_pruned > 0 && seen > (0, Part::Event(None)) {
+            if let Some((attempt, claimed)) = attempt_at(&store, &key, seen).await {
+                // (Before the claim's own notice, the replay says it.)
+                if attempt <= output_pruned
+                    && seen >= (claimed, Part::Event(Some(0)))
+                    && tx
+                        .send(Ok(notice(seen, pruned_line(attempt))))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+            }
+        }
         loop {
             let read = store
-                .timeline(&key, read_after, chunks_from, min_attempt, PAGE)
+                .timeline(&key, read_after, chunks_from, min_chunk, PAGE)
                 .await;
             let (events, chunks) = match read {
                 Ok(r) => r,
@@ -334,7 +381,7 @@ pub async fn events(
                         return;
                     }
                     chunks_from = (c.after_seq, c.seq + 1);
-                    min_attempt = c.attempt;
+                    min_chunk = (c.attempt, c.seq + 1);
                 }
                 read_after = e.seq;
                 let (mut msgs, mut end) = messages(e, output_pruned);
@@ -351,6 +398,20 @@ pub async fn events(
                         end = false;
                     }
                 }
+                // Retention that ran while this stream replayed took output it had not
+                // sent yet: say so before the result (its place `seq.0` is free).
+                if end {
+                    if let Ok(Some(now)) = store.build(&key).await {
+                        if now.output_pruned > output_pruned {
+                            let place = (e.seq, Part::Event(Some(0)));
+                            let line = format!(
+                                "[the output of attempts up to {} was removed by retention while this stream was sent; what is missing above is gone]",
+                                now.output_pruned
+                            );
+                            msgs.insert(1.min(msgs.len()), (place, notice(place, line)));
+                        }
+                    }
+                }
                 if !send(msgs, &tx).await {
                     return;
                 }
@@ -364,7 +425,7 @@ pub async fn events(
                     return;
                 }
                 chunks_from = (c.after_seq, c.seq + 1);
-                min_attempt = c.attempt;
+                min_chunk = (c.attempt, c.seq + 1);
             }
             if !full {
                 // Waiting for the next event or output; a client that hangs up ends the
