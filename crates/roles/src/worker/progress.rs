@@ -15,6 +15,8 @@ use crate::App;
 const OUTPUT_LINES: usize = 64;
 /// ...or per this much time, whichever comes first.
 const OUTPUT_INTERVAL: Duration = Duration::from_millis(250);
+/// Tries per chunk while the store is away (pauses of 0.2, 0.8, 3.2 s between them).
+const WRITE_TRIES: u32 = 4;
 
 /// An attempt's output on its way to the store: lines are coalesced into chunks and the
 /// attempt keeps at most `cap` bytes (counted as the lines' bytes plus one per line break).
@@ -30,6 +32,8 @@ struct OutputSink {
     dropped_bytes: u64,
     /// The first marker was written.
     marked: bool,
+    /// Lines the store could not take (it was away longer than the retries).
+    lost_lines: u64,
     step: String,
     pending: Vec<String>,
     fenced: CancellationToken,
@@ -74,7 +78,19 @@ impl OutputSink {
 
     /// Ends the attempt's output: what is pending, and how much was left out.
     async fn finish(mut self) {
-        if !self.flush().await || self.dropped_lines == 0 {
+        if !self.flush().await {
+            return;
+        }
+        if self.lost_lines > 0 {
+            let marker = format!(
+                "[{} lines of output could not be recorded: the database was unavailable]",
+                self.lost_lines
+            );
+            if !self.write(vec![marker], true).await {
+                return;
+            }
+        }
+        if self.dropped_lines == 0 {
             return;
         }
         let marker = format!(
@@ -84,25 +100,37 @@ impl OutputSink {
         self.write(vec![marker], true).await;
     }
 
+    /// Writes one chunk, trying again while the store is away (a database restart);
+    /// `false` when the attempt was fenced off. Lines the store never took are counted, and
+    /// the attempt's output ends saying how many.
     async fn write(&mut self, lines: Vec<String>, truncated: bool) -> bool {
-        let r = self
-            .app
-            .store
-            .append_output(&self.key, self.attempt, &self.step, &lines, truncated)
-            .await;
-        match r {
-            Ok(_) => true,
-            Err(e) if e.is_fenced() => {
-                warn!(error = %e, "lease lost; stopping the build");
-                self.fenced.cancel();
-                false
-            }
-            Err(e) => {
-                // Progress is best effort; the result is what counts.
-                warn!(error = %e, "cannot record build output");
-                true
+        let mut pause = Duration::from_millis(200);
+        for tries_left in (0..WRITE_TRIES).rev() {
+            let r = self
+                .app
+                .store
+                .append_output(&self.key, self.attempt, &self.step, &lines, truncated)
+                .await;
+            match r {
+                Ok(_) => return true,
+                Err(e) if e.is_fenced() => {
+                    warn!(error = %e, "lease lost; stopping the build");
+                    self.fenced.cancel();
+                    return false;
+                }
+                Err(e) if tries_left > 0 => {
+                    warn!(error = %e, "cannot record build output; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+                Err(e) => {
+                    // Progress is best effort; the result is what counts.
+                    warn!(error = %e, lines = lines.len(), "cannot record build output");
+                    self.lost_lines += lines.len() as u64;
+                }
             }
         }
+        true
     }
 }
 
@@ -125,6 +153,7 @@ pub(super) async fn record(
         dropped_lines: 0,
         dropped_bytes: 0,
         marked: false,
+        lost_lines: 0,
         step: String::new(),
         pending: Vec::new(),
         fenced: fenced.clone(),
