@@ -5,6 +5,7 @@ use std::time::Duration;
 use cbs_events::{Event, StepFinished, StepStarted};
 use cbs_executor::Progress;
 use cbs_projections::BuildState;
+use cbs_store::StoreError;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -15,7 +16,7 @@ use crate::App;
 const OUTPUT_LINES: usize = 64;
 /// ...or per this much time, whichever comes first.
 const OUTPUT_INTERVAL: Duration = Duration::from_millis(250);
-/// Tries per chunk while the store is away (pauses of 0.2, 0.8, 3.2 s between them).
+/// Tries per chunk while no database connection can be had (pauses of 0.2, 0.8, 3.2 s).
 const WRITE_TRIES: u32 = 4;
 
 /// An attempt's output on its way to the store: lines are coalesced into chunks and the
@@ -100,7 +101,7 @@ impl OutputSink {
         self.write(vec![marker], true).await;
     }
 
-    /// Writes one chunk, trying again while the store is away (a database restart);
+    /// Writes one chunk, trying again while no database connection can be had (a restart);
     /// `false` when the attempt was fenced off. Lines the store never took are counted, and
     /// the attempt's output ends saying how many.
     async fn write(&mut self, lines: Vec<String>, truncated: bool) -> bool {
@@ -118,7 +119,10 @@ impl OutputSink {
                     self.fenced.cancel();
                     return false;
                 }
-                Err(e) if tries_left > 0 => {
+                // Only when no connection could be had: the chunk was never sent. Any other
+                // error may follow a commit whose answer was lost, and a second append
+                // would store the lines twice.
+                Err(e @ StoreError::Pool(_)) if tries_left > 0 => {
                     warn!(error = %e, "cannot record build output; trying again");
                     tokio::time::sleep(pause).await;
                     pause *= 4;
